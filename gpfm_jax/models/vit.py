@@ -1,0 +1,343 @@
+"""Vision Transformer in DINOv2 layout: the GPFM student, and (configured) the UNI, Phikon and CONCH trunks.
+
+Parameter names follow timm (`patch_embed/proj`, `blocks_{i}/attn/qkv`, `ls1`, `mlp/fc1`, `norm`) so that weight
+conversion is a mechanical rename + transpose. With `scan_layers=True` the blocks live under one `blocks` scope with a
+leading layer axis (compile time independent of depth); `gpfm_jax.convert.layout` converts between the two layouts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gpfm_jax.models.pos_embed import needs_resampling, resample_patch_pos_embed
+
+DROP_PATH_MODES = ("auto", "sample", "subset")
+FFN_TYPES = ("mlp", "swiglu")
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    """Architecture + compute settings. JSON-serialisable (dtypes are strings) so it can live in an encoder bundle."""
+
+    img_size: int = 224  # the grid the learned pos_embed is stored for: img_size // patch_size per side
+    patch_size: int = 14
+    in_chans: int = 3
+    embed_dim: int = 1024
+    depth: int = 24
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    ffn: str = "mlp"  # "mlp" (fc1 -> GELU -> fc2) or "swiglu" (DINOv2 ViT-g: packed fc1 -> SiLU gate -> fc2)
+    qkv_bias: bool = True
+    proj_bias: bool = True
+    ffn_bias: bool = True
+    layerscale_init: float | None = 1e-5  # None: no LayerScale (timm default ViT, HF ViT)
+    num_register_tokens: int = 0
+    ln_eps: float = 1e-6
+    gelu_approximate: bool = False  # False: exact erf GELU (DINOv2, timm, HF)
+    use_mask_token: bool = True
+    pos_embed_rule: str = "dinov2"  # see models/pos_embed.py
+    pos_embed_offset: float = 0.1
+    drop_path_rate: float = 0.0  # uniform over blocks, as GPFM/DINOv2 (drop_path_uniform)
+    drop_path_mode: str = "auto"  # "auto": batch-subset above 0.1 (DINOv2's rule), per-sample otherwise
+    scan_layers: bool = False
+    remat_policy: str = "none"  # "none", "full", or a jax.checkpoint_policies name, e.g. "dots_saveable"
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+        if self.ffn not in FFN_TYPES:
+            raise ValueError(f"ffn must be one of {FFN_TYPES}, got {self.ffn!r}")
+        if self.drop_path_mode not in DROP_PATH_MODES:
+            raise ValueError(f"drop_path_mode must be one of {DROP_PATH_MODES}, got {self.drop_path_mode!r}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def mlp_hidden_dim(self) -> int:
+        hidden = int(self.embed_dim * self.mlp_ratio)
+        if self.ffn == "swiglu":  # DINOv2 SwiGLUFFNFused sizing
+            hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
+        return hidden
+
+    def replace(self, **changes: Any) -> "ViTConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ViTConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown ViTConfig fields {unknown}")
+        return cls(**values)
+
+
+def _partitioned(init: Callable, names: tuple[str | None, ...]) -> Callable:
+    return nn.with_logical_partitioning(init, names)
+
+
+TRUNC_NORMAL = nn.initializers.truncated_normal(stddev=0.02)
+TORCH_CONV_DEFAULT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")  # U(+-1/sqrt(fan_in))
+
+
+def _dense(features: int, names: tuple[str | None, str | None], use_bias: bool, cfg: ViTConfig, name: str) -> nn.Dense:
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        kernel_init=_partitioned(TRUNC_NORMAL, names),
+        bias_init=_partitioned(nn.initializers.zeros_init(), (names[1],)),
+        name=name,
+    )
+
+
+def _layer_norm(cfg: ViTConfig, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=cfg.ln_eps,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        scale_init=_partitioned(nn.initializers.ones_init(), ("embed",)),
+        bias_init=_partitioned(nn.initializers.zeros_init(), ("embed",)),
+        name=name,
+    )
+
+
+class PatchProj(nn.Module):
+    """Conv p x p stride p as one matmul over non-overlapping patches; kernel (p, p, C, D) as a flax Conv's."""
+
+    cfg: ViTConfig
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        cfg, p = self.cfg, self.cfg.patch_size
+        kernel = self.param(
+            "kernel",
+            _partitioned(TORCH_CONV_DEFAULT, (None, None, None, "embed")),
+            (p, p, cfg.in_chans, cfg.embed_dim),
+            cfg.param_dtype,
+        )
+        fan_in = p * p * cfg.in_chans
+        bias_init = nn.initializers.uniform(scale=2.0 / fan_in**0.5)
+        bias = self.param(
+            "bias",
+            _partitioned(lambda k, s, d: bias_init(k, s, d) - 1.0 / fan_in**0.5, ("embed",)),
+            (cfg.embed_dim,),
+            cfg.param_dtype,
+        )
+        b, h, w, c = images.shape
+        gh, gw = h // p, w // p
+        patches = images[:, : gh * p, : gw * p].reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
+        patches = patches.reshape(b, gh * gw, p * p * c).astype(cfg.dtype)
+        out = patches @ kernel.reshape(p * p * c, cfg.embed_dim).astype(cfg.dtype)
+        return out + bias.astype(cfg.dtype)
+
+
+class Attention(nn.Module):
+    cfg: ViTConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        b, n, d = x.shape
+        head_dim = d // cfg.num_heads
+        qkv = _dense(3 * d, ("embed", "qkv"), cfg.qkv_bias, cfg, "qkv")(x)
+        qkv = qkv.reshape(b, n, 3, cfg.num_heads, head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        out = jax.nn.dot_product_attention(q, k, v)  # (b, n, heads, head_dim), softmax(q k^T / sqrt(hd)) v
+        out = nn.with_logical_constraint(out.reshape(b, n, d), ("batch", "tokens", "heads"))
+        return _dense(d, ("heads", "embed"), cfg.proj_bias, cfg, "proj")(out)
+
+
+class FeedForward(nn.Module):
+    cfg: ViTConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg, hidden = self.cfg, self.cfg.mlp_hidden_dim
+        if cfg.ffn == "swiglu":
+            gate_up = _dense(2 * hidden, ("embed", "mlp"), cfg.ffn_bias, cfg, "fc1")(x)
+            gate, up = jnp.split(gate_up, 2, axis=-1)
+            h = nn.silu(gate) * up
+        else:
+            h = nn.gelu(_dense(hidden, ("embed", "mlp"), cfg.ffn_bias, cfg, "fc1")(x), approximate=cfg.gelu_approximate)
+        h = nn.with_logical_constraint(h, ("batch", "tokens", "mlp"))
+        return _dense(cfg.embed_dim, ("mlp", "embed"), cfg.ffn_bias, cfg, "fc2")(h)
+
+
+class LayerScale(nn.Module):
+    cfg: ViTConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init_value = self.cfg.layerscale_init
+        gamma = self.param(
+            "gamma",
+            _partitioned(lambda k, s, d: jnp.full(s, init_value, d), ("embed",)),
+            (self.cfg.embed_dim,),
+            self.cfg.param_dtype,
+        )
+        return x * gamma.astype(x.dtype)
+
+
+def drop_path_mode(rate: float, mode: str) -> str:
+    """DINOv2 switches to batch-subset stochastic depth when the rate exceeds 0.1."""
+    if mode == "auto":
+        return "subset" if rate > 0.1 else "sample"
+    return mode
+
+
+def add_residual(
+    x: jax.Array, branch: Callable[[jax.Array], jax.Array], rate: float, mode: str, rng: jax.Array | None
+) -> jax.Array:
+    """x + branch(x) with stochastic depth.
+
+    "sample": each sample's branch is kept with p = 1 - rate and rescaled by 1 / p.
+    "subset": the branch is computed only on a random subset of max(int(B (1 - rate)), 1) samples and added back
+    scaled by B / subset, which also saves that share of the compute (DINOv2).
+    """
+    if rate == 0.0 or rng is None:
+        return x + branch(x)
+    batch = x.shape[0]
+    if drop_path_mode(rate, mode) == "subset":
+        subset = max(int(batch * (1.0 - rate)), 1)
+        index = jax.random.permutation(rng, batch)[:subset]
+        residual = branch(x[index])
+        return x.at[index].add(residual * jnp.asarray(batch / subset, residual.dtype))
+    keep_prob = 1.0 - rate
+    keep = jax.random.bernoulli(rng, keep_prob, (batch,) + (1,) * (x.ndim - 1))
+    return x + branch(x) * (keep.astype(x.dtype) / jnp.asarray(keep_prob, x.dtype))
+
+
+class Block(nn.Module):
+    """Pre-norm block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))), each with stochastic depth."""
+
+    cfg: ViTConfig
+    train: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, _: Any = None) -> tuple[jax.Array, None]:
+        cfg = self.cfg
+        norm1, attn = _layer_norm(cfg, "norm1"), Attention(cfg, name="attn")
+        norm2, mlp = _layer_norm(cfg, "norm2"), FeedForward(cfg, name="mlp")
+        if cfg.layerscale_init is not None:
+            ls1, ls2 = LayerScale(cfg, name="ls1"), LayerScale(cfg, name="ls2")
+        else:
+            ls1 = ls2 = lambda y: y
+        rate = cfg.drop_path_rate if self.train else 0.0
+        rngs = (self.make_rng("drop_path"), self.make_rng("drop_path")) if rate > 0.0 else (None, None)
+        x = add_residual(x, lambda y: ls1(attn(norm1(y))), rate, cfg.drop_path_mode, rngs[0])
+        x = add_residual(x, lambda y: ls2(mlp(norm2(y))), rate, cfg.drop_path_mode, rngs[1])
+        return nn.with_logical_constraint(x, ("batch", "tokens", "embed")), None
+
+
+def _block_class(cfg: ViTConfig) -> type[nn.Module]:
+    block = Block
+    if cfg.remat_policy != "none":
+        policy = None if cfg.remat_policy == "full" else getattr(jax.checkpoint_policies, cfg.remat_policy)
+        block = nn.remat(block, policy=policy, prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+        block = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "drop_path": True},
+            in_axes=nn.broadcast,
+            length=cfg.depth,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+    return block
+
+
+class VisionTransformer(nn.Module):
+    """images f32[B, H, W, C] (normalised, NHWC) [+ masks bool[B, gh*gw]] -> {"cls", "patch", "registers", "tokens"}.
+
+    All outputs are after the final LayerNorm: "cls" [B, D] (the GPFM feature, also what KoLeo uses), "patch"
+    [B, gh*gw, D], "registers" [B, R, D] and "tokens" [B, 1 + R + gh*gw, D] (everything, for attentional pooling).
+    `masks` (True = masked) replace patch embeddings by the mask token BEFORE the position embedding is added.
+    Stochastic depth needs `train=True` and a "drop_path" rng.
+    """
+
+    cfg: ViTConfig
+
+    @nn.compact
+    def __call__(self, images: jax.Array, masks: jax.Array | None = None, train: bool = False) -> dict[str, jax.Array]:
+        cfg = self.cfg
+        x = _PatchEmbed(cfg, name="patch_embed")(images)
+        b, n, d = x.shape
+        gh, gw = images.shape[1] // cfg.patch_size, images.shape[2] // cfg.patch_size
+        if cfg.use_mask_token:
+            mask_token = self.param(
+                "mask_token", _partitioned(nn.initializers.zeros_init(), (None, "embed")), (1, d), cfg.param_dtype
+            )
+        if masks is not None:
+            if not cfg.use_mask_token:
+                raise ValueError("this encoder has no mask_token (use_mask_token=False) but masks were given")
+            if masks.shape != (b, n):
+                raise ValueError(f"masks must have shape {(b, n)} for this input, got {masks.shape}")
+            x = jnp.where(masks[..., None], mask_token.astype(x.dtype), x)
+
+        cls_token = self.param(
+            "cls_token", _partitioned(nn.initializers.normal(1e-6), (None, None, "embed")), (1, 1, d), cfg.param_dtype
+        )
+        pos_embed = self.param(
+            "pos_embed",
+            _partitioned(TRUNC_NORMAL, (None, "tokens", "embed")),
+            (1, 1 + cfg.num_patches, d),
+            cfg.param_dtype,
+        )
+        patch_pos = pos_embed[:, 1:]
+        if needs_resampling(cfg.num_patches, (gh, gw), cfg.pos_embed_rule):
+            patch_pos = resample_patch_pos_embed(patch_pos, (gh, gw), cfg.pos_embed_rule, cfg.pos_embed_offset)
+        x = jnp.concatenate([jnp.broadcast_to(cls_token.astype(x.dtype), (b, 1, d)), x], axis=1)
+        x = x + jnp.concatenate([pos_embed[:, :1], patch_pos], axis=1).astype(x.dtype)
+        if cfg.num_register_tokens:
+            registers = self.param(
+                "register_tokens",
+                _partitioned(nn.initializers.normal(1e-6), (None, None, "embed")),
+                (1, cfg.num_register_tokens, d),
+                cfg.param_dtype,
+            )
+            registers = jnp.broadcast_to(registers.astype(x.dtype), (b, cfg.num_register_tokens, d))
+            x = jnp.concatenate([x[:, :1], registers, x[:, 1:]], axis=1)
+        x = nn.with_logical_constraint(x, ("batch", "tokens", "embed"))
+
+        block_cls = _block_class(cfg)
+        if cfg.scan_layers:
+            x, _ = block_cls(cfg, train, name="blocks")(x, None)
+        else:
+            for i in range(cfg.depth):
+                x, _ = block_cls(cfg, train, name=f"blocks_{i}")(x)
+
+        x = _layer_norm(cfg, "norm")(x)
+        r = cfg.num_register_tokens
+        return {"cls": x[:, 0], "registers": x[:, 1 : 1 + r], "patch": x[:, 1 + r :], "tokens": x}
+
+
+class _PatchEmbed(nn.Module):
+    cfg: ViTConfig
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        if images.ndim != 4 or images.shape[-1] != self.cfg.in_chans:
+            raise ValueError(f"images must be NHWC with {self.cfg.in_chans} channels, got shape {images.shape}")
+        x = PatchProj(self.cfg, name="proj")(images)
+        return nn.with_logical_constraint(x, ("batch", "tokens", "embed"))
