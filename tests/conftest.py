@@ -1,0 +1,58 @@
+"""Shared test fixtures: real H&E images shipped in tests/data (see tests/data/README.md) and reference helpers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+DATA_DIR = Path(__file__).parent / "data"
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def real_rgb_tiles() -> list[np.ndarray]:
+    """uint8 HWC H&E tiles: four 500x500 quarters of tiatoolbox's target image and wsidicom-data's test tile."""
+    from PIL import Image
+
+    big = np.asarray(Image.open(DATA_DIR / "tiatoolbox_target_image.png").convert("RGB"))
+    quarters = [big[y : y + 500, x : x + 500] for y in (0, 500) for x in (0, 500)]
+    small = np.asarray(Image.open(DATA_DIR / "wsidicom_test_tile.png").convert("RGB"))
+    return quarters + [small]
+
+
+def normalised_batch(height: int = 224, width: int | None = None, count: int | None = None) -> np.ndarray:
+    """f32[N, H, W, 3]: real tiles, bicubic-resized (PIL) and ImageNet-normalised, as the GPFM preprocessing."""
+    from PIL import Image
+
+    width = width or height
+    tiles = real_rgb_tiles()[:count]
+    out = []
+    for tile in tiles:
+        resized = np.asarray(Image.fromarray(tile).resize((width, height), Image.BICUBIC), np.float32) / 255.0
+        out.append((resized - IMAGENET_MEAN) / IMAGENET_STD)
+    return np.stack(out)
+
+
+def randomize_torch_params_(model, seed: int = 0) -> None:
+    """Gives every parameter non-trivial random values (LayerScale 1e-5 at init would hide the blocks)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("gamma", "norm1.weight", "norm2.weight", "norm.weight")) or ".layernorm" in name and name.endswith("weight"):
+                p.copy_(0.5 + torch.rand(p.shape, generator=gen))
+            elif name.endswith("bias"):
+                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _quiet_threads():
+    # Both frameworks on 2 cores: avoid oversubscription noise in timings, results are unaffected.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    yield
