@@ -221,6 +221,17 @@ class SlideTileSource:
         return {"image": img, "path": path, "coords": np.array([x, y], np.int64), "slide": s}
 
 
+_skips_logged = 0
+
+
+def _warn_skip(e: BadImageError) -> None:
+    """Log the first few skips of this process, then every 1000th: visible, but never a flood."""
+    global _skips_logged
+    _skips_logged += 1
+    if _skips_logged <= 5 or _skips_logged % 1000 == 0:
+        log.warning("skipping unreadable tile (%d so far in this process): %s", _skips_logged, e)
+
+
 class RobustSource:
     """Wraps a source: a BadImageError at index i is replaced by the record at i + k*stride (k = 1, 2, ...), a pure
     function of i, so resumed runs see the same substitutions. The record gets "num_skipped" = k.
@@ -249,8 +260,7 @@ class RobustSource:
                 rec = dict(self.source[j])
             except BadImageError as e:
                 tried.append(str(e))
-                if len(tried) <= 3 or len(tried) % 100 == 0:
-                    log.warning("skipping unreadable tile %s", e)
+                _warn_skip(e)
                 continue
             rec["num_skipped"] = k
             return rec

@@ -1,0 +1,159 @@
+"""The grain pipeline: source -> per-host shard -> shuffle/repeat -> multi-crop -> batch (view-major) -> masks.
+
+Every random draw is a pure function of (seed, shard, position in the repeated, shuffled stream), so the n-th batch is
+the same whether the run started at step 0 or was restored from an iterator checkpoint, and with any worker count.
+
+Batch (per host, B = global_batch_size / process_count):
+  global_crops f32[2B, G, G, 3]  view-major: all samples' view 1, then all samples' view 2 (DINOv2's collate)
+  local_crops  f32[N*B, L, L, 3] view-major likewise
+  masks        bool[2B, (G/patch)^2] iBOT masks, row i belongs to global_crops[i]
+  num_skipped  int32[]           unreadable records replaced while building this batch (a metric)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+
+from gpfm_jax.data.augment import MultiCropConfig, multi_crop
+from gpfm_jax.data.masking import MaskingConfig, batch_masks
+from gpfm_jax.data.sources import RobustSource, TileSource
+
+_AUGMENT_STREAM = 0
+_MASK_STREAM = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    global_batch_size: int = 1536
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = None  # None: repeat forever
+    patch_size: int = 14
+    worker_count: int = 0  # grain mp_prefetch processes; 0 = threads in this process
+    worker_buffer_size: int = 2  # batches each worker prepares ahead
+    read_threads: int = 2  # threads per process preparing records
+    prefetch_records: int = 64  # records read ahead per process
+    max_read_retries: int = 32  # consecutive bad records tolerated before the source is declared broken
+    multicrop: MultiCropConfig = MultiCropConfig()
+    masking: MaskingConfig = MaskingConfig()
+
+    def validate(self, process_count: int = 1) -> None:
+        g, p = self.multicrop.global_size, self.patch_size
+        if g % p:
+            raise ValueError(f"global crop size {g} is not a multiple of patch size {p}")
+        if tuple(self.masking.grid) != (g // p, g // p):
+            raise ValueError(f"masking.grid {self.masking.grid} != global crop grid {(g // p, g // p)}")
+        if self.global_batch_size % process_count:
+            raise ValueError(f"global_batch_size {self.global_batch_size} not divisible by {process_count} hosts")
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng([int(k) for k in key])
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentRecord(grain.transforms.MapWithIndex):
+    """record -> multi-crop record, seeded by (seed, shard, index): deterministic and resumable."""
+
+    cfg: MultiCropConfig
+    seed: int
+    shard: int
+
+    def map_with_index(self, index: int, record: dict[str, Any]) -> dict[str, Any]:
+        out = multi_crop(record["image"], _rng(self.seed, self.shard, _AUGMENT_STREAM, index), self.cfg)
+        out["num_skipped"] = int(record.get("num_skipped", 0))
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class CollateViewMajor:
+    """Stack B multi-crop records straight into view-major arrays (no separate transpose copy)."""
+
+    def __call__(self, records: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+        out = {}
+        B = len(records)
+        for key in ("global_crops", "local_crops"):
+            v, *shape = records[0][key].shape
+            arr = np.empty((v, B, *shape), records[0][key].dtype)
+            for b, r in enumerate(records):
+                arr[:, b] = r[key]
+            out[key] = arr.reshape(v * B, *shape)
+        out["num_skipped"] = np.int32(sum(r["num_skipped"] for r in records))
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class AddMasks(grain.transforms.MapWithIndex):
+    """Batch-level iBOT masks (they need the whole batch: which crops are masked and the ratio bins)."""
+
+    cfg: MaskingConfig
+    seed: int
+    shard: int
+
+    def map_with_index(self, index: int, batch: dict[str, Any]) -> dict[str, Any]:
+        n = batch["global_crops"].shape[0]
+        batch["masks"] = batch_masks(n, _rng(self.seed, self.shard, _MASK_STREAM, index), self.cfg)
+        return batch
+
+
+def host_shard() -> grain.sharding.ShardOptions:
+    """This host's share of the data (jax.process_index() of jax.process_count())."""
+    return grain.sharding.ShardByJaxProcess(drop_remainder=True)
+
+
+def make_dataset(
+    source: TileSource,
+    cfg: PipelineConfig,
+    shard: grain.sharding.ShardOptions | None = None,
+) -> grain.IterDataset:
+    """The full per-host pipeline as a grain IterDataset; iterate it or call make_iterator()."""
+    shard = shard if shard is not None else grain.sharding.NoSharding()
+    cfg.validate(shard.shard_count)
+    per_host = cfg.global_batch_size // shard.shard_count
+    ds = grain.MapDataset.source(RobustSource(source, cfg.max_read_retries))
+    ds = ds[shard.shard_index :: shard.shard_count]
+    if len(ds) < per_host:
+        raise ValueError(f"{source!r}: {len(ds)} records for this host, fewer than its batch of {per_host}")
+    if cfg.shuffle:
+        ds = ds.shuffle(seed=cfg.seed)
+    ds = ds.repeat(cfg.num_epochs)
+    ds = ds.map_with_index(AugmentRecord(cfg.multicrop, cfg.seed, shard.shard_index))
+    ds = ds.batch(per_host, drop_remainder=True, batch_fn=CollateViewMajor())
+    ds = ds.map_with_index(AddMasks(cfg.masking, cfg.seed, shard.shard_index))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch_records))
+    if cfg.worker_count > 0:
+        it = it.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer_size)
+        )
+    return it
+
+
+def make_iterator(source: TileSource, cfg: PipelineConfig, shard: grain.sharding.ShardOptions | None = None
+                  ) -> grain.DatasetIterator:
+    """A checkpointable iterator over batches (get_state()/set_state(), or orbax via checkpoint_args())."""
+    return iter(make_dataset(source, cfg, shard))
+
+
+def get_state(iterator: grain.DatasetIterator) -> bytes:
+    """The iterator's position as JSON bytes (small: a few counters), to store next to a model checkpoint."""
+    return json.dumps(iterator.get_state()).encode()
+
+
+def set_state(iterator: grain.DatasetIterator, state: bytes | str | dict) -> None:
+    """Restore a position saved by get_state(); the next batch is the one that followed the save."""
+    if isinstance(state, (bytes, str)):
+        state = json.loads(state)
+    iterator.set_state(state)
+
+
+def checkpoint_args(iterator: grain.DatasetIterator, restore: bool = False):
+    """orbax CheckpointArgs for the iterator, to put in ocp.args.Composite(..., data=checkpoint_args(it)).
+
+    grain 0.2.18 ships its orbax handler as grain.checkpoint.CheckpointSave / CheckpointRestore (per-process JSON).
+    """
+    return grain.checkpoint.CheckpointRestore(iterator) if restore else grain.checkpoint.CheckpointSave(iterator)
