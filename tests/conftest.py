@@ -51,6 +51,25 @@ def randomize_torch_params_(model, seed: int = 0) -> None:
                 p.copy_(0.02 * torch.randn(p.shape, generator=gen))
 
 
+@pytest.fixture(scope="session")
+def vitl(tmp_path_factory):
+    """(timm model, bundle dir, .pth path) for a randomly initialised ViT-L/14 DINOv2."""
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_large_patch14_dinov2", img_size=224, init_values=1e-5, num_classes=0)
+    randomize_torch_params_(model, seed=0)
+    model.eval()
+    tmp = tmp_path_factory.mktemp("vitl")
+    pth = tmp / "timm_vitl.pth"
+    torch.save(model.state_dict(), pth)
+    from tools.convert_from_pytorch import main as convert_main
+
+    assert convert_main(["--torch", str(pth), "--out", str(tmp / "bundle"), "--arch", "vit_large_patch14"]) == 0
+    return model, tmp / "bundle", pth
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _quiet_threads():
     # Both frameworks on 2 cores: avoid oversubscription noise in timings, results are unaffected.

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import normalised_batch, randomize_torch_params_
+from conftest import normalised_batch
 from gpfm_jax.encoders import load_encoder
 
 timm = pytest.importorskip("timm")
@@ -26,22 +26,6 @@ def _report(name: str, ours: np.ndarray, ref: np.ndarray) -> float:
     rel = err / float(np.max(np.abs(ref)))
     print(f"{name}: max abs err {err:.2e}, relative to max |ref| {rel:.2e}")
     return err
-
-
-@pytest.fixture(scope="module")
-def vitl(tmp_path_factory):
-    """(timm model, bundle dir, .pth path) for a randomly initialised ViT-L/14 DINOv2."""
-    torch.manual_seed(0)
-    model = timm.create_model("vit_large_patch14_dinov2", img_size=224, init_values=1e-5, num_classes=0)
-    randomize_torch_params_(model, seed=0)
-    model.eval()
-    tmp = tmp_path_factory.mktemp("vitl")
-    pth = tmp / "timm_vitl.pth"
-    torch.save(model.state_dict(), pth)
-    from tools.convert_from_pytorch import main as convert_main
-
-    assert convert_main(["--torch", str(pth), "--out", str(tmp / "bundle"), "--arch", "vit_large_patch14"]) == 0
-    return model, tmp / "bundle", pth
 
 
 def _torch_reference(model, images_nhwc: np.ndarray, masks: np.ndarray | None, mask_token: torch.Tensor) -> np.ndarray:
