@@ -61,6 +61,6 @@ def sinkhorn_knopp(
     k = t.shape[-1]
     q = q / jnp.sum(q)
     for _ in range(n_iterations):
-        q = q / jnp.sum(q, axis=0, keepdims=True) / k  # each prototype gets mass 1/K
+        q = q / jnp.maximum(jnp.sum(q, axis=0, keepdims=True), 1e-30) / k  # each prototype gets mass 1/K
         q = q / jnp.maximum(jnp.sum(q, axis=1, keepdims=True), 1e-30) / n  # each sample gets mass 1/N
     return (q * n).reshape(teacher_logits.shape)
