@@ -75,7 +75,6 @@ def canonical_keys(state: Mapping[str, Any], source: str) -> tuple[dict[str, np.
             continue
         name = key[len("backbone.") :] if key.startswith("backbone.") else key
         name = _CHUNKED.sub(r"blocks.\2.", name)
-        name = {"reg_token": "register_tokens"}.get(name, name)
         for old, new in _RENAMES:
             name = name.replace(old, new)
         if not isinstance(value, np.ndarray):
@@ -263,11 +262,11 @@ def vit_params_to_torch(params: Mapping[str, Any], cfg: ViTConfig) -> dict[str, 
 
 
 def to_timm_state(canonical: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """timm's ViT has no mask_token and calls the registers reg_token."""
-    out = {k: v for k, v in canonical.items() if k != "mask_token"}
-    if "register_tokens" in out:
-        out["reg_token"] = out.pop("register_tokens")
-    return out
+    """timm's ViT has no mask_token (dropped). Register models are refused: timm's register ViTs keep no position
+    for the class token (no_embed_class), so DINOv2-layout registers have no exact timm equivalent."""
+    if "register_tokens" in canonical:
+        raise CheckpointError("timm format: models with register tokens are not exported exactly; use --format gpfm")
+    return {k: v for k, v in canonical.items() if k != "mask_token"}
 
 
 def to_gpfm_state(canonical: Mapping[str, np.ndarray], depth: int, block_chunks: int = 4) -> dict[str, Any]:
