@@ -44,6 +44,13 @@ def test_centered_softmax_and_center_update():
     valid = np.array([1, 0, 1, 1, 0, 0], bool)
     np.testing.assert_allclose(losses.batch_mean(t, valid), t[valid].mean(0), **TOL)
     assert losses.init_center(32).shape == (32,) and not np.any(losses.init_center(32))
+    # the dispatching helper: this step's targets use the OLD center, the new one is for the next step
+    probs2, new2 = losses.teacher_targets(t, jnp.asarray(c), 0.04, "centering", 0.9)
+    np.testing.assert_allclose(probs2, probs, **TOL)
+    np.testing.assert_allclose(new2, new, **TOL)
+    sk, same = losses.teacher_targets(t, jnp.asarray(c), 0.04, "sinkhorn_knopp")
+    np.testing.assert_allclose(sk, np_sinkhorn(t, 0.04), **TOL)
+    np.testing.assert_array_equal(same, c)
 
 
 def np_sinkhorn(t, temp, iters=3):

@@ -1,6 +1,13 @@
 """GPFM objective as pure functions: teacher targets, DINO, iBOT, KoLeo, expert distillation, weighted total."""
 
-from gpfm_jax.losses.centering import batch_mean, centered_softmax, init_center, sinkhorn_knopp, update_center
+from gpfm_jax.losses.centering import (
+    batch_mean,
+    centered_softmax,
+    init_center,
+    sinkhorn_knopp,
+    teacher_targets,
+    update_center,
+)
 from gpfm_jax.losses.dino import dino_loss, pair_cross_entropy, split_views
 from gpfm_jax.losses.distill import (
     cosine_loss,
@@ -34,6 +41,7 @@ __all__ = [
     "sinkhorn_knopp",
     "smooth_l1",
     "split_views",
+    "teacher_targets",
     "update_center",
     "upsample_patch_grid",
     "weighted_total",

@@ -64,3 +64,21 @@ def sinkhorn_knopp(
         q = q / jnp.maximum(jnp.sum(q, axis=0, keepdims=True), 1e-30) / k  # each prototype gets mass 1/K
         q = q / jnp.maximum(jnp.sum(q, axis=1, keepdims=True), 1e-30) / n  # each sample gets mass 1/N
     return (q * n).reshape(teacher_logits.shape)
+
+
+def teacher_targets(
+    teacher_logits: jax.Array,
+    center: jax.Array,
+    temperature: float | jax.Array,
+    method: str = "centering",
+    momentum: float = 0.9,
+    n_iterations: int = 3,
+    valid: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """(targets, next center) by the configured method; Sinkhorn-Knopp leaves the center as it is (DINOv2)."""
+    if method == "centering":
+        return centered_softmax(teacher_logits, center, temperature), update_center(
+            center, batch_mean(teacher_logits, valid), momentum)
+    if method == "sinkhorn_knopp":
+        return sinkhorn_knopp(teacher_logits, temperature, n_iterations, valid), center
+    raise ValueError(f"unknown centering method {method!r}")
