@@ -105,25 +105,36 @@ def rrc_params(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _crop_resize(img: Image.Image, box: tuple[int, int, int, int], size: int) -> np.ndarray:
-    top, left, h, w = box
-    return np.asarray(img.crop((left, top, left + w, top + h)).resize((size, size), Image.BICUBIC))
+@dataclasses.dataclass
+class CropPlan:
+    """The geometric decisions for n crops of one image, drawn before any pixel work (cheap to test)."""
+
+    boxes: list[tuple[int, int, int, int]]  # (top, left, h, w) in source pixels
+    hflip: np.ndarray  # bool [n]
+    vflip: np.ndarray  # bool [n]
+    rot90: np.ndarray  # int [n], quarter turns
 
 
-def _geometric(
-    img: Image.Image, rng: np.random.Generator, n: int, size: int, scale: tuple[float, float], cfg: MultiCropConfig
-) -> np.ndarray:
-    """n random resized crops (+ flips / rotations), uint8 [n, size, size, 3]."""
-    out = np.empty((n, size, size, 3), np.uint8)
-    H, W = img.height, img.width
-    for k in range(n):
-        crop = _crop_resize(img, rrc_params(rng, H, W, scale, cfg.ratio), size)
-        if rng.random() < cfg.hflip_p:
+def draw_crop_plan(
+    rng: np.random.Generator, height: int, width: int, n: int, scale: tuple[float, float], cfg: MultiCropConfig
+) -> CropPlan:
+    boxes = [rrc_params(rng, height, width, scale, cfg.ratio) for _ in range(n)]
+    u = rng.random((n, 2))
+    rot = rng.integers(0, 4, n) if cfg.rot90 else np.zeros(n, np.int64)
+    return CropPlan(boxes, u[:, 0] < cfg.hflip_p, u[:, 1] < cfg.vflip_p, rot)
+
+
+def apply_crop_plan(img: Image.Image, plan: CropPlan, size: int) -> np.ndarray:
+    """uint8 [n, size, size, 3]: crop, bicubic resize (PIL, antialiased like torchvision on PIL images), flips."""
+    out = np.empty((len(plan.boxes), size, size, 3), np.uint8)
+    for k, (top, left, h, w) in enumerate(plan.boxes):
+        crop = np.asarray(img.crop((left, top, left + w, top + h)).resize((size, size), Image.BICUBIC))
+        if plan.hflip[k]:
             crop = crop[:, ::-1]
-        if cfg.vflip_p > 0 and rng.random() < cfg.vflip_p:
+        if plan.vflip[k]:
             crop = crop[::-1]
-        if cfg.rot90:
-            crop = np.rot90(crop, int(rng.integers(0, 4)))
+        if plan.rot90[k]:
+            crop = np.rot90(crop, int(plan.rot90[k]))
         out[k] = crop
     return out
 
@@ -228,7 +239,7 @@ _JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue
 
 
 @dataclasses.dataclass
-class _ColorPlan:
+class ColorPlan:
     """The random decisions for one group of crops, drawn before any pixel work so they are cheap to test."""
 
     jitter: np.ndarray  # bool [n]
@@ -244,7 +255,7 @@ class _ColorPlan:
 
 def draw_color_plan(
     rng: np.random.Generator, blur_p: np.ndarray, solarize_p: np.ndarray, cfg: MultiCropConfig
-) -> _ColorPlan:
+) -> ColorPlan:
     """Draw the colour decisions of n crops (blur_p / solarize_p: per-crop probabilities, shape [n])."""
     n = len(blur_p)
     u = rng.random((n, 6))
@@ -261,7 +272,7 @@ def draw_color_plan(
     sigma = rng.uniform(cfg.blur_sigma[0], cfg.blur_sigma[1], n)
     blur = u[:, 2] < blur_p
     s = cfg.hed_sigma
-    return _ColorPlan(
+    return ColorPlan(
         jitter=u[:, 0] < cfg.jitter_p,
         order=order,
         factors=factors,
@@ -274,7 +285,7 @@ def draw_color_plan(
     )
 
 
-def apply_color_plan(crops: np.ndarray, plan: _ColorPlan, cfg: MultiCropConfig) -> np.ndarray:
+def apply_color_plan(crops: np.ndarray, plan: ColorPlan, cfg: MultiCropConfig) -> np.ndarray:
     """uint8 [n, H, W, 3] -> normalised float32 [n, H, W, 3] (work is done planar, see _gray)."""
     x = crops.transpose(0, 3, 1, 2).astype(np.float32, order="C")
     x *= np.float32(1.0 / 255.0)
@@ -310,8 +321,9 @@ def multi_crop(image: np.ndarray | Image.Image, rng: np.random.Generator, cfg: M
     img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
     if img.mode != "RGB":
         img = img.convert("RGB")
-    g = _geometric(img, rng, 2, cfg.global_size, cfg.global_scale, cfg)
-    loc = _geometric(img, rng, cfg.num_local_crops, cfg.local_size, cfg.local_scale, cfg)
+    H, W = img.height, img.width
+    g = apply_crop_plan(img, draw_crop_plan(rng, H, W, 2, cfg.global_scale, cfg), cfg.global_size)
+    loc = apply_crop_plan(img, draw_crop_plan(rng, H, W, cfg.num_local_crops, cfg.local_scale, cfg), cfg.local_size)
     g_plan = draw_color_plan(
         rng, np.array([cfg.blur_p_global1, cfg.blur_p_global2]), np.array([0.0, cfg.solarize_p_global2]), cfg
     )
