@@ -51,3 +51,14 @@ def load_encoder(directory: str | Path, **overrides: Any) -> tuple[nn.Module, di
     if isinstance(module, VisionTransformer):
         params = to_layout(params, module.cfg.scan_layers)
     return module, params, meta
+
+
+@register_encoder("vit_attnpool")
+def _build_vit_attnpool(meta: dict[str, Any], overrides: dict[str, Any]) -> nn.Module:
+    """ViT trunk + attentional pool head (CONCH teacher bundles); params {"trunk": ..., "pooler": ...}."""
+    from gpfm_jax.models.pooling import PooledViT, PoolerConfig
+
+    cfg = vit_config(meta, **overrides)
+    if cfg.scan_layers:  # load_encoder converts the layout of plain ViT params only
+        raise ValueError("scan_layers for a vit_attnpool bundle: load it with gpfm_jax.teachers.load_teacher")
+    return PooledViT(cfg, PoolerConfig.from_dict(meta["pooler"]))

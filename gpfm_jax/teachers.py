@@ -1,0 +1,284 @@
+"""The frozen expert teachers of GPFM (UNI, Phikon, CONCH): registry, loading, and the training targets.
+
+Every teacher is the one `VisionTransformer` of `gpfm_jax.models.vit`, configured (CONCH adds the attentional pool
+head of `gpfm_jax.models.pooling`). The registry `TEACHERS` maps a name to a `TeacherSpec`: architecture, which
+output is the CLS target and which the patch target, their widths (the distillation heads' output dims), the source
+checkpoint format and the teacher's own preprocessing. The training config names teachers and points each at an
+encoder bundle written by `tools/port_teacher.py`, or at "standin" (a tiny random teacher with the same interface,
+for tests and demos):
+
+    teachers, params = load_teachers({"uni": "bundles/uni", "phikon": "bundles/phikon", "conch": "bundles/conch"},
+                                     dtype="bfloat16")
+    targets = teacher_targets(teachers, params, global_crops)   # inside the jitted train step
+    # {"uni": {"cls": [B, 1024], "patch": [B, 256, 1024]}, "phikon": {...768}, "conch": {"cls": [B, 512]}}
+
+All teachers get the student's augmented, ImageNet-normalised 224x224 global crops as they are (SPEC: no per-teacher
+resize or re-normalisation); the 14x14 teacher patch grids are upsampled to the student grid with PyTorch's bicubic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gpfm_jax.models.pooling import PooledViT, PoolerConfig
+from gpfm_jax.models.vit import ViTConfig, VisionTransformer
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # conch.open_clip_custom.constants
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+STANDIN = "standin"
+# ViTConfig fields that are compute settings, not architecture (free to differ between a bundle and the registry).
+COMPUTE_FIELDS = ("drop_path_rate", "drop_path_mode", "scan_layers", "remat_policy", "dtype", "param_dtype")
+# Outputs of `PooledViT` whose width is the pooler's (not the trunk's).
+_POOLER_OUTPUTS = ("pooled", "projected", "image_embedding")
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherSpec:
+    """Everything the training step and the porting tool need to know about one teacher."""
+
+    name: str
+    vit: ViTConfig
+    pooler: PoolerConfig | None = None
+    cls_output: str = "cls"  # module output used as the CLS target
+    patch_output: str | None = "patch"  # module output used as the patch target (None: no patch target)
+    source_format: str = "timm_vit"  # see gpfm_jax.convert.teacher_keys.FORMATS
+    reference: str = ""  # the PyTorch code this reproduces
+    native_size: int = 224
+    native_mean: tuple[float, float, float] = IMAGENET_MEAN
+    native_std: tuple[float, float, float] = IMAGENET_STD
+    fixed_input_size: int | None = None  # the reference refuses other input sizes (HF ViT without interpolation)
+
+    def __post_init__(self):
+        if self.cls_output in _POOLER_OUTPUTS and self.pooler is None:
+            raise ValueError(f"teacher {self.name}: CLS output {self.cls_output!r} needs a pooler")
+
+    @property
+    def encoder_kind(self) -> str:
+        return "vit" if self.pooler is None else "vit_attnpool"
+
+    @property
+    def cls_dim(self) -> int:
+        if self.cls_output in _POOLER_OUTPUTS:
+            return self.pooler.dim if self.cls_output == "pooled" else self.pooler.out_dim
+        return self.vit.embed_dim
+
+    @property
+    def patch_dim(self) -> int | None:
+        return None if self.patch_output is None else self.vit.embed_dim
+
+    @property
+    def outputs(self) -> dict[str, int]:
+        out = {"cls": self.vit.embed_dim, "patch": self.vit.embed_dim, "tokens": self.vit.embed_dim}
+        if self.pooler is not None:
+            out.update(pooled=self.pooler.dim, projected=self.pooler.out_dim, image_embedding=self.pooler.out_dim)
+        return out
+
+    def replace(self, **changes: Any) -> "TeacherSpec":
+        return dataclasses.replace(self, **changes)
+
+
+TEACHERS: dict[str, TeacherSpec] = {
+    "uni": TeacherSpec(
+        name="uni",
+        vit=ViTConfig(img_size=224, patch_size=16, embed_dim=1024, depth=24, num_heads=16, layerscale_init=1e-5,
+                      ln_eps=1e-6, use_mask_token=False, pos_embed_rule="timm"),
+        source_format="timm_vit",
+        reference="timm.create_model('vit_large_patch16_224', img_size=224, patch_size=16, init_values=1e-5, "
+                  "num_classes=0, dynamic_img_size=True).forward_features",
+    ),
+    "phikon": TeacherSpec(
+        name="phikon",
+        vit=ViTConfig(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, layerscale_init=None,
+                      ln_eps=1e-12, use_mask_token=False, pos_embed_rule="timm"),
+        source_format="hf_vit",
+        reference="transformers.ViTModel (ViT-B/16, layer_norm_eps 1e-12).last_hidden_state; pooler unused",
+        fixed_input_size=224,
+    ),
+    "conch": TeacherSpec(
+        name="conch",
+        vit=ViTConfig(img_size=448, patch_size=16, embed_dim=768, depth=12, num_heads=12, layerscale_init=None,
+                      ln_eps=1e-6, use_mask_token=False, pos_embed_rule="timm"),
+        pooler=PoolerConfig(dim=512, context_dim=768, num_heads=8, num_queries=1, ln_eps=1e-5, proj_dim=512),
+        cls_output="image_embedding",
+        patch_output=None,
+        source_format="conch_coca",
+        reference="conch.open_clip_custom CoCa('conch_ViT-B-16').encode_image(x) (proj_contrast, L2-normalised)",
+        native_size=448,
+        native_mean=OPENAI_CLIP_MEAN,
+        native_std=OPENAI_CLIP_STD,
+    ),
+}
+
+
+def teacher_spec(name: str) -> TeacherSpec:
+    if name not in TEACHERS:
+        raise ValueError(f"unknown teacher {name!r}; known: {sorted(TEACHERS)}")
+    return TEACHERS[name]
+
+
+def standin_spec(name: str, embed_dim: int = 64, depth: int = 2, num_heads: int = 4, pooler_dim: int = 32) -> TeacherSpec:
+    """A tiny random teacher with the same structure and output interface as `name` (smaller widths)."""
+    spec = teacher_spec(name)
+    vit = spec.vit.replace(embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                           layerscale_init=None if spec.vit.layerscale_init is None else 0.1)
+    pooler = None
+    if spec.pooler is not None:
+        pooler = spec.pooler.replace(dim=pooler_dim, context_dim=embed_dim, num_heads=num_heads,
+                                     proj_dim=None if spec.pooler.proj_dim is None else pooler_dim)
+    return spec.replace(vit=vit, pooler=pooler, reference=f"random stand-in for {name}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+    """A built teacher: its spec and the Flax module (compute settings applied)."""
+
+    spec: TeacherSpec
+    module: nn.Module
+
+    def apply(self, params: Any, images: jax.Array) -> dict[str, jax.Array]:
+        size = self.spec.fixed_input_size
+        if size is not None and images.shape[1:3] != (size, size):
+            raise ValueError(f"teacher {self.spec.name} takes {size}x{size} input only (as its reference), "
+                             f"got {images.shape[1]}x{images.shape[2]}")
+        return self.module.apply({"params": params}, images)
+
+    def init_params(self, rng: jax.Array) -> dict[str, Any]:
+        """Random params (stand-ins, benchmarks)."""
+        size = self.spec.fixed_input_size or 224
+        variables = self.module.init(rng, jnp.zeros((1, size, size, self.spec.vit.in_chans), jnp.float32))
+        return nn.meta.unbox(variables)["params"]
+
+
+def build_teacher(spec: TeacherSpec, **overrides: Any) -> Teacher:
+    """Module for `spec` with ViTConfig compute overrides (dtype, param_dtype, scan_layers, remat_policy)."""
+    unknown = sorted(set(overrides) - set(COMPUTE_FIELDS))
+    if unknown:
+        raise ValueError(f"only compute settings {COMPUTE_FIELDS} may be overridden, got {unknown}")
+    vit = spec.vit.replace(**overrides)
+    module = VisionTransformer(vit) if spec.pooler is None else PooledViT(vit, spec.pooler)
+    return Teacher(spec.replace(vit=vit), module)
+
+
+def _trunk_layout(params: Mapping[str, Any], spec: TeacherSpec, scanned: bool) -> dict[str, Any]:
+    from gpfm_jax.convert.layout import to_layout
+
+    if spec.pooler is None:
+        return to_layout(dict(params), scanned)
+    return {**params, "trunk": to_layout(dict(params["trunk"]), scanned)}
+
+
+def spec_from_meta(meta: Mapping[str, Any]) -> TeacherSpec:
+    """The registry spec of the bundle's teacher, checked against the architecture stored in the bundle."""
+    name = meta.get("teacher")
+    if name not in TEACHERS:
+        raise ValueError(f"bundle is not a teacher bundle of a known teacher (teacher={name!r}; known {sorted(TEACHERS)})")
+    spec = TEACHERS[name]
+    stored = ViTConfig.from_dict(meta["vit"])
+    arch = {k: v for k, v in stored.to_dict().items() if k not in COMPUTE_FIELDS}
+    expected = {k: v for k, v in spec.vit.to_dict().items() if k not in COMPUTE_FIELDS}
+    diff = sorted(k for k in expected if arch[k] != expected[k])
+    if diff:
+        raise ValueError(f"bundle of teacher {name!r} has a different architecture than the registry: {diff}")
+    stored_pooler = PoolerConfig.from_dict(meta["pooler"]) if meta.get("pooler") else None
+    if stored_pooler != spec.pooler:
+        raise ValueError(f"bundle of teacher {name!r} has pooler {stored_pooler}, registry says {spec.pooler}")
+    return spec
+
+
+def load_teacher(name: str, bundle: str | Path | None, rng: jax.Array | None = None, **overrides: Any) -> tuple[Teacher, Any]:
+    """(Teacher, params in the module's layout) from a bundle folder, or a random stand-in if bundle is None/"standin"."""
+    if bundle is None or str(bundle) == STANDIN:
+        teacher = build_teacher(standin_spec(name), **overrides)
+        return teacher, teacher.init_params(jax.random.key(0) if rng is None else rng)
+    from gpfm_jax.convert.bundle import load_bundle
+
+    params, meta = load_bundle(bundle)
+    spec = spec_from_meta(meta)
+    if spec.name != name:
+        raise ValueError(f"{bundle}: this bundle holds the {spec.name!r} teacher, but it is configured as {name!r}")
+    teacher = build_teacher(spec, **overrides)
+    params = _trunk_layout(params, teacher.spec, teacher.spec.vit.scan_layers)
+    dtype = teacher.spec.vit.param_dtype
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
+    return teacher, params
+
+
+def load_teachers(
+    bundles: Mapping[str, str | Path | None], seed: int = 0, **overrides: Any
+) -> tuple[dict[str, Teacher], dict[str, Any]]:
+    """{name: bundle dir or "standin"} -> ({name: Teacher}, {name: params}). Order is kept."""
+    teachers, params = {}, {}
+    for i, (name, bundle) in enumerate(bundles.items()):
+        teachers[name], params[name] = load_teacher(name, bundle, jax.random.key(seed + i), **overrides)
+    return teachers, params
+
+
+def teacher_dims(teachers: Mapping[str, Teacher | TeacherSpec]) -> dict[str, int]:
+    """Output dims of the distillation heads (the same head maps CLS and patches, so both targets share it)."""
+    dims = {}
+    for name, t in teachers.items():
+        spec = t.spec if isinstance(t, Teacher) else t
+        if spec.patch_dim is not None and spec.patch_dim != spec.cls_dim:
+            raise ValueError(f"teacher {name}: CLS dim {spec.cls_dim} != patch dim {spec.patch_dim}")
+        dims[name] = spec.cls_dim
+    return dims
+
+
+def upsample_patch_tokens(tokens: jax.Array, src_grid: tuple[int, int], dst_grid: tuple[int, int]) -> jax.Array:
+    """[B, h*w, D] -> [B, gh*gw, D] (row-major grids), in f32 with PyTorch's bicubic:
+    `F.interpolate(x, size=dst_grid, mode='bicubic', align_corners=False)` (a = -0.75, no antialias)."""
+    b, n, d = tokens.shape
+    if n != src_grid[0] * src_grid[1]:
+        raise ValueError(f"{n} tokens do not form a {src_grid[0]}x{src_grid[1]} grid")
+    x = tokens.astype(jnp.float32).reshape(b, src_grid[0], src_grid[1], d)
+    if tuple(src_grid) != tuple(dst_grid):
+        x = jax.image.resize(x, (b, dst_grid[0], dst_grid[1], d), method=jax.image.ResizeMethod.CUBIC_PYTORCH,
+                             antialias=False)
+    return x.reshape(b, dst_grid[0] * dst_grid[1], d)
+
+
+def teacher_targets(
+    teachers: Mapping[str, Teacher],
+    params: Mapping[str, Any],
+    global_crops: jax.Array,
+    student_grid: tuple[int, int] = (16, 16),
+) -> dict[str, dict[str, jax.Array]]:
+    """The distillation targets for the student's unmasked global crops f32[B, H, W, 3] (ImageNet-normalised, NHWC).
+
+    Returns {name: {"cls": f32[B, D_t], "patch": f32[B, gh*gw, D_t]}} ("patch" only for teachers with a patch
+    target, upsampled from the teacher grid to `student_grid`). Each teacher computes in its module's dtype
+    (`build_teacher(..., dtype="bfloat16")`); targets come back in f32, under stop_gradient. Call inside jit.
+    """
+    out = {}
+    for name, teacher in teachers.items():
+        spec = teacher.spec
+        frozen = jax.lax.stop_gradient(params[name])
+        images = jax.lax.stop_gradient(global_crops).astype(spec.vit.dtype)
+        outputs = teacher.apply(frozen, images)
+        targets = {"cls": outputs[spec.cls_output].astype(jnp.float32)}
+        if spec.patch_output is not None:
+            p = spec.vit.patch_size
+            src = (global_crops.shape[1] // p, global_crops.shape[2] // p)
+            targets["patch"] = upsample_patch_tokens(outputs[spec.patch_output], src, tuple(student_grid))
+        out[name] = jax.tree_util.tree_map(jax.lax.stop_gradient, targets)
+    return out
+
+
+def split_targets(targets: Mapping[str, Mapping[str, jax.Array]]) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    """-> (cls_targets, patch_targets) as `gpfm_jax.losses.total.distill_terms` takes them."""
+    cls_t = {k: v["cls"] for k, v in targets.items()}
+    patch_t = {k: v["patch"] for k, v in targets.items() if "patch" in v}
+    return cls_t, patch_t
+
+
+def cast_params(params: Any, dtype: str) -> Any:
+    """Teacher params stored in another dtype (e.g. bf16 on accelerators, halving their memory)."""
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
