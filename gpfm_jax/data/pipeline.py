@@ -101,6 +101,15 @@ class AddMasks(grain.transforms.MapWithIndex):
         return batch
 
 
+def _ensure_absl_flags_parsed() -> None:
+    """grain's multiprocessing reads absl flags; outside an absl.app program they are unparsed and it raises
+    UnparsedFlagAccessError. Marking them parsed keeps every flag at its default."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
 def host_shard() -> grain.sharding.ShardOptions:
     """This host's share of the data (jax.process_index() of jax.process_count())."""
     return grain.sharding.ShardByJaxProcess(drop_remainder=True)
@@ -127,6 +136,7 @@ def make_dataset(
     ds = ds.map_with_index(AddMasks(cfg.masking, cfg.seed, shard.shard_index))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch_records))
     if cfg.worker_count > 0:
+        _ensure_absl_flags_parsed()
         it = it.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer_size)
         )
