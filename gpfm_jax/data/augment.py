@@ -179,8 +179,8 @@ def adjust_hue(x: np.ndarray, delta: np.ndarray) -> np.ndarray:
     mx = np.maximum(np.maximum(r, g), b)
     mn = np.minimum(np.minimum(r, g), b)
     c = mx - mn
-    inv = np.ones_like(c)
-    np.divide(1.0, c, out=inv, where=c > 0)
+    inv = np.maximum(c, 1e-12)  # chroma 0: numerators are 0 too, and out = mn whatever h is
+    np.divide(1.0, inv, out=inv)
     h = r - g
     h *= inv
     h += 4.0  # max == b
@@ -303,17 +303,18 @@ def apply_color_plan(crops: np.ndarray, plan: ColorPlan, cfg: MultiCropConfig) -
                 x[idx] = _JITTER_OPS[op](x[idx], f if op == 3 else f.reshape(-1, 1, 1, 1))
     if plan.gray.any():
         idx = np.flatnonzero(plan.gray)
-        x[idx] = grayscale(x[idx])
+        x[idx] = _gray(x[idx])  # broadcasts over the 3 channels
     for i in np.flatnonzero(plan.blur_sigma > 0):
         x[i] = gaussian_blur(x[i], float(plan.blur_sigma[i]), cfg.blur_kernel)
     if plan.solarize.any():
         idx = np.flatnonzero(plan.solarize)
         x[idx] = solarize(x[idx], cfg.solarize_threshold)
-    scale = (1.0 / np.asarray(cfg.std, np.float32)).reshape(1, 3, 1, 1)
-    shift = (-np.asarray(cfg.mean, np.float32) / np.asarray(cfg.std, np.float32)).reshape(1, 3, 1, 1)
-    x *= scale
-    x += shift
-    return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    # Normalise while transposing back to NHWC: one strided pass instead of a normalise pass plus a copy.
+    std = np.asarray(cfg.std, np.float32)
+    out = np.empty((x.shape[0], x.shape[2], x.shape[3], 3), np.float32)
+    np.multiply(x.transpose(0, 2, 3, 1), 1.0 / std, out=out)
+    out += -np.asarray(cfg.mean, np.float32) / std
+    return out
 
 
 def multi_crop(image: np.ndarray | Image.Image, rng: np.random.Generator, cfg: MultiCropConfig) -> dict[str, np.ndarray]:
