@@ -1,0 +1,5 @@
+import sys
+
+from gpfm_jax.extract.cli import main
+
+sys.exit(main())

@@ -1,0 +1,107 @@
+"""gpfm-extract command line (also `python -m gpfm_jax.extract`).
+
+Exit status: 0 all done (or already done), 1 some slides failed (the others are written), 2 nothing could start
+(bad encoder path, empty or missing input, bad options).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from gpfm_jax.extract.encoder import DTYPES
+from gpfm_jax.extract.inputs import INPUT_KINDS
+
+log = logging.getLogger("gpfm_jax.extract")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gpfm-extract",
+        description="Extract one feature vector per tile with an encoder bundle (or a training checkpoint's EMA "
+                    "teacher): a tile folder / JSON index -> one .h5 (features, paths); slides -> one .h5 per "
+                    "slide (features, coords; CLAM layout).")
+    p.add_argument("--encoder", required=True, help="encoder bundle folder or gpfm-train checkpoint folder")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (training checkpoints; default latest)")
+    p.add_argument("--input", required=True,
+                   help="tile folder, JSON index {slide_dir: [files]}, slide file, folder of slides, or .txt list")
+    p.add_argument("--input-kind", choices=INPUT_KINDS, default="auto",
+                   help="force tiles/slides (a folder of .tif files is taken for tiles unless 'slides')")
+    p.add_argument("--out", required=True, help="FILE.h5 (tiles, or a single slide) or a folder (slides)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (features are saved as float32)")
+    p.add_argument("--output", default=None, help="model output used as the feature (default: the bundle's, 'cls')")
+    p.add_argument("--tile-size", type=int, default=256, help="slide tile size in pixels at --magnification")
+    p.add_argument("--magnification", type=float, default=20.0)
+    p.add_argument("--stride", type=int, default=None, help="tile stride at --magnification (default: tile size)")
+    p.add_argument("--min-tissue", type=float, default=0.5, help="minimum tissue fraction of a kept tile")
+    p.add_argument("--default-magnification", type=float, default=None,
+                   help="objective power to assume for slides whose metadata has neither power nor mpp")
+    p.add_argument("--cache-dir", default=None, help="cache tissue grids here")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="tile reader threads")
+    p.add_argument("--prefetch", type=int, default=2, help="batches prepared ahead of the encoder")
+    p.add_argument("--overwrite", action="store_true", help="redo a tile-input output file that already exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _log_to_stderr() -> None:
+    """Our own handler: libraries imported before us (absl via orbax) may already own the root logger."""
+    if not any(getattr(h, "_gpfm_extract", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._gpfm_extract = True
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _log_to_stderr()
+    from gpfm_jax.convert.torch_io import CheckpointError
+    from gpfm_jax.extract import runner
+    from gpfm_jax.extract.encoder import load_feature_encoder
+    from gpfm_jax.extract.inputs import SlideInput, resolve_input
+
+    loader = runner.LoaderOptions(workers=args.workers, depth=args.prefetch, progress=not args.no_progress)
+    try:
+        spec = resolve_input(args.input, args.input_kind)  # cheap checks before loading the encoder
+        if isinstance(spec, SlideInput):
+            runner.slide_outputs(spec.slides, args.out)
+        encoder = load_feature_encoder(args.encoder, batch_size=args.batch_size, dtype=args.dtype,
+                                       output=args.output, step=args.step)
+    except (CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
+        print(f"gpfm-extract: error: {e}", file=sys.stderr)
+        return 2
+    log.info("encoder %s: %s, %d-d, input %d px, batch %d, %s", encoder.name, encoder.output, encoder.feature_dim,
+             encoder.input_size, encoder.batch_size, encoder.dtype)
+
+    if not isinstance(spec, SlideInput):
+        out = Path(args.out)
+        if out.suffix.lower() != ".h5":
+            out = out / f"{Path(spec.origin).stem or 'tiles'}.h5"
+        try:
+            result = runner.extract_tiles(encoder, spec, out, loader, overwrite=args.overwrite)
+        except ValueError as e:
+            print(f"gpfm-extract: error: {e}", file=sys.stderr)
+            return 2
+        if not result.skipped:
+            rate = result.num_tiles / max(result.seconds, 1e-9)
+            print(f"{result.num_tiles} tiles -> {result.out} ({rate:.1f} tiles/s); "
+                  f"{len(result.failed)} unreadable skipped")
+        return 0
+
+    tiling = runner.SlideOptions(tile_size=args.tile_size, magnification=args.magnification, stride=args.stride,
+                                 min_tissue=args.min_tissue, default_magnification=args.default_magnification,
+                                 cache_dir=args.cache_dir)
+    report = runner.extract_slides(encoder, spec.slides, args.out, tiling, loader)
+    rate = report.num_tiles / max(report.seconds, 1e-9)
+    print(f"slides: {len(report.done)} done ({report.num_tiles} tiles, {rate:.1f} tiles/s), "
+          f"{len(report.skipped)} already done, {len(report.failed)} failed")
+    for slide, reason in report.failed:
+        print(f"  FAILED {slide}: {reason}")
+    return 1 if report.failed else 0

@@ -1,0 +1,119 @@
+"""An encoder bundle or a training checkpoint -> a jitted function from a uint8 tile batch to float32 features.
+
+Normalisation (/255, mean/std from the bundle JSON) runs inside the jitted function, so the host only resizes and
+the device receives uint8 (4x less to transfer than float32). Batches are padded to one fixed shape so XLA compiles
+once per run; `dispatch` returns without waiting, so the caller can prepare the next batch while this one computes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gpfm_jax.convert.bundle import IMAGENET_MEAN, IMAGENET_STD, load_meta, preprocessing
+from gpfm_jax.convert.torch_io import CheckpointError
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass
+class FeatureEncoder:
+    """What extraction needs from an encoder: its input contract and a batched feature function."""
+
+    name: str  # the folder name, recorded in the HDF5 attributes
+    source: str  # the absolute path it was loaded from
+    output: str  # which model output is the feature ("cls" for the GPFM student)
+    feature_dim: int
+    input_size: int
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    dtype: str
+    batch_size: int
+    _forward: Callable[[np.ndarray], jax.Array]
+
+    def dispatch(self, tiles: np.ndarray) -> jax.Array:
+        """uint8 [n <= batch_size, S, S, 3] -> device float32 [batch_size, D] (padded rows at the end). Async."""
+        n = tiles.shape[0]
+        if n > self.batch_size or tiles.shape[1:] != (self.input_size, self.input_size, 3):
+            raise ValueError(f"expected <= {self.batch_size} tiles of {self.input_size}x{self.input_size}x3, "
+                             f"got {tiles.shape}")
+        if n < self.batch_size:
+            pad = np.zeros((self.batch_size - n, *tiles.shape[1:]), np.uint8)
+            tiles = np.concatenate([tiles, pad])
+        return self._forward(tiles)
+
+    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+        """Blocking convenience: uint8 [n, S, S, 3] -> float32 [n, D]."""
+        return np.asarray(self.dispatch(tiles))[: tiles.shape[0]]
+
+    def attrs(self) -> dict[str, Any]:
+        """Provenance for the output files."""
+        return {"encoder": self.name, "encoder_path": self.source, "feature": self.output,
+                "feature_dim": self.feature_dim, "input_size": self.input_size, "interpolation": self.interpolation,
+                "mean": list(self.mean), "std": list(self.std), "compute_dtype": self.dtype}
+
+
+def is_training_checkpoint(directory: Path) -> bool:
+    """A gpfm-train checkpoint folder: encoder.json next to numbered orbax step folders."""
+    return (directory / "encoder.json").is_file() and any(
+        p.is_dir() and p.name.isdigit() for p in directory.iterdir())
+
+
+def _load_module(path: Path, dtype: str, step: int | None):
+    """(module, params, meta) from a bundle (any registered encoder kind) or a training checkpoint's EMA teacher."""
+    if not path.is_dir():
+        raise CheckpointError(f"--encoder {path}: no such folder (expected an encoder bundle or a training checkpoint)")
+    if is_training_checkpoint(path):
+        from gpfm_jax.convert.student import load_student_encoder
+        from gpfm_jax.models.vit import VisionTransformer
+
+        params, cfg = load_student_encoder(path, step)
+        return VisionTransformer(cfg.replace(dtype=dtype)), params, load_meta(path)
+    if step is not None:
+        raise CheckpointError(f"--encoder {path}: --step given, but this is not a training checkpoint")
+    if not (path / "encoder.json").is_file():
+        raise CheckpointError(f"--encoder {path}: not an encoder bundle (no encoder.json) nor a training checkpoint; "
+                              "convert weights first with tools/convert_from_pytorch.py")
+    from gpfm_jax.encoders import load_encoder
+
+    return load_encoder(path, dtype=dtype)
+
+
+def load_feature_encoder(path: str | Path, *, batch_size: int = 64, dtype: str = "float32",
+                         output: str | None = None, step: int | None = None) -> FeatureEncoder:
+    """Loads the encoder and compiles its batched forward for (batch_size, S, S, 3) uint8 input."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    path = Path(path).absolute()
+    module, params, meta = _load_module(path, dtype, step)
+    prep = meta.get("preprocessing") or preprocessing(module.cfg.img_size if hasattr(module, "cfg") else 224)
+    size = int(prep["input_size"])
+    mean = tuple(float(v) for v in prep.get("mean", IMAGENET_MEAN))
+    std = tuple(float(v) for v in prep.get("std", IMAGENET_STD))
+    output = output or meta.get("feature", "cls")
+    params = jax.device_put(params)
+    mean_a, std_a = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
+
+    def forward(p, tiles_uint8):
+        x = (tiles_uint8.astype(jnp.float32) / 255.0 - mean_a) / std_a
+        out = module.apply({"params": p}, x.astype(dtype))
+        if output not in out:
+            raise KeyError(f"encoder {path.name} has no output {output!r}; it has {sorted(out)}")
+        return out[output].astype(jnp.float32)
+
+    probe = jax.eval_shape(forward, params, jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.uint8))
+    if len(probe.shape) != 2:
+        raise ValueError(f"output {output!r} has shape {probe.shape}; a per-tile feature must be [B, D]")
+    jitted = jax.jit(forward)
+    return FeatureEncoder(
+        name=path.name, source=str(path), output=output, feature_dim=int(probe.shape[1]), input_size=size,
+        interpolation=str(prep.get("interpolation", "bicubic")), mean=mean, std=std, dtype=dtype,
+        batch_size=batch_size, _forward=lambda tiles: jitted(params, tiles))
