@@ -6,6 +6,7 @@ the host copies batch k-1's features into the HDF5 file only after batch k has b
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -106,15 +107,16 @@ def extract_tiles(encoder: FeatureEncoder, tiles: TileInput, out: str | os.PathL
         h5.create("paths", (), h5py.string_dtype())
         batches = prefetch_batches(tiles.paths, _preprocessed(encoder, read_image_file), encoder.batch_size,
                                    workers=loader.workers, depth=loader.depth, skip=(BadImageError,))
-        for batch, feats in encode_stream(encoder, batches):
-            h5.append("features", feats)
-            h5.append("paths", [os.path.relpath(tiles.paths[p], tiles.root) for p in batch.positions])
-            for p, reason in batch.failures:
-                failed.append((tiles.paths[p], reason))
-                if len(failed) <= 5:
-                    log.warning("unreadable tile skipped: %s", reason)
-            written += len(batch.positions)
-            bar.update(len(batch.positions) + len(batch.failures))
+        with contextlib.closing(batches):  # on error: stop the reader threads now, not at garbage collection
+            for batch, feats in encode_stream(encoder, batches):
+                h5.append("features", feats)
+                h5.append("paths", [os.path.relpath(tiles.paths[p], tiles.root) for p in batch.positions])
+                for p, reason in batch.failures:
+                    failed.append((tiles.paths[p], reason))
+                    if len(failed) <= 5:
+                        log.warning("unreadable tile skipped: %s", reason)
+                written += len(batch.positions)
+                bar.update(len(batch.positions) + len(batch.failures))
         if written == 0:
             raise ValueError(f"{tiles.origin}: none of the {len(tiles.paths)} tiles could be read")
         h5.create("failed_paths", (), h5py.string_dtype())
@@ -141,10 +143,11 @@ def extract_slide(encoder: FeatureEncoder, slide: str | os.PathLike, out: str | 
         h5.create("coords", (2,), np.int64, attrs=coords_attrs)
         batches = prefetch_batches(range(n), _preprocessed(encoder, reader), encoder.batch_size,
                                    workers=loader.workers, depth=loader.depth)
-        for batch, feats in encode_stream(encoder, batches):
-            h5.append("features", feats)
-            h5.append("coords", plan.coords[batch.positions])
-            bar.update(len(batch.positions))
+        with contextlib.closing(batches):  # reader threads must stop before the slide handle is closed
+            for batch, feats in encode_stream(encoder, batches):
+                h5.append("features", feats)
+                h5.append("coords", plan.coords[batch.positions])
+                bar.update(len(batch.positions))
     return n
 
 
