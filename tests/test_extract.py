@@ -28,14 +28,17 @@ CFG = ViTConfig(img_size=SIZE, patch_size=14, embed_dim=48, depth=2, num_heads=3
 
 
 def _random_params(cfg: ViTConfig, seed: int = 0) -> dict:
+    """Random non-trivial params of the right shapes (eval_shape: no eager init, which costs ~15 s on this CPU)."""
     import flax.linen as nn
 
-    params = nn.meta.unbox(VisionTransformer(cfg).init(jax.random.key(seed), np.zeros((1, SIZE, SIZE, 3))))
-    # Non-trivial values everywhere (zero biases / unit norms would hide layout mistakes).
-    leaves, tree = jax.tree_util.tree_flatten(params["params"])
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    leaves = [np.asarray(x + 0.05 * jax.random.normal(k, x.shape), np.float32) for x, k in zip(leaves, keys)]
-    return jax.tree_util.tree_unflatten(tree, leaves)
+    shapes = jax.eval_shape(VisionTransformer(cfg).init, jax.random.key(0), np.zeros((1, SIZE, SIZE, 3), np.float32))
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        noise = rng.standard_normal(leaf.shape).astype(np.float32)
+        return 1.0 + 0.1 * noise if jax.tree_util.keystr(path).endswith("['scale']") else 0.05 * noise
+
+    return jax.tree_util.tree_map_with_path(draw, nn.meta.unbox(shapes)["params"])
 
 
 @pytest.fixture(scope="module")
