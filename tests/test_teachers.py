@@ -81,9 +81,11 @@ def _targets_and_outputs(name, teacher, params, images):
 @pytest.fixture(scope="module")
 def uni(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("uni")
-    torch.manual_seed(0)
-    model = timm.create_model("vit_large_patch16_224", pretrained=False, img_size=224, patch_size=16,
-                              init_values=1e-5, num_classes=0, dynamic_img_size=True)
+    with torch.device("meta"):  # skip timm's init (seconds for ViT-L): every parameter is set right below
+        model = timm.create_model("vit_large_patch16_224", pretrained=False, img_size=224, patch_size=16,
+                                  init_values=1e-5, num_classes=0, dynamic_img_size=True)
+    model = model.to_empty(device="cpu")
+    assert not list(model.buffers())
     _randomize(model, seed=1)
     model.eval()
     path = tmp / "pytorch_model.bin"
@@ -232,25 +234,32 @@ def _coca_model():
 def conch(tmp_path_factory):
     pytest.importorskip("conch.open_clip_custom")
     tmp = tmp_path_factory.mktemp("conch")
-    torch.manual_seed(0)
-    model = _coca_model()
-    _randomize(model, seed=3)
+    with torch.device("meta"):  # skip CoCa's init (~400M params); every parameter is set right below
+        model = _coca_model()
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():  # text tower, text decoder, logit_scale: in the file, unused by the images
+            p.zero_()
+    _randomize(model.visual, seed=3)
     model.eval()
     path = tmp / "pytorch_model.bin"
     torch.save(model.state_dict(), path)  # the whole CoCa model, as MahmoodLab/CONCH ships it
+    captured = {}
+    model.visual.trunk.register_forward_hook(lambda m, i, o: captured.__setitem__("tokens", o))
+    model.visual.ln_contrast.register_forward_hook(lambda m, i, o: captured.__setitem__("pooled", o))
     refs = {}
     for size, count in ((224, 3), (448, 2)):
         images = normalised_batch(size, count=count)
-        x = _nchw(images)
         with torch.no_grad():
+            embedding = model.encode_image(_nchw(images))  # normalize=True, proj_contrast=True: CONCH's default
             refs[size] = {
                 "images": images,
-                "image_embedding": model.encode_image(x).numpy(),  # normalize=True, proj_contrast=True
-                "projected": model.encode_image(x, normalize=False).numpy(),
-                "pooled": model.encode_image(x, normalize=False, proj_contrast=False).numpy(),
-                "tokens": model.visual.trunk.forward_features(x).numpy(),
+                "image_embedding": embedding.numpy(),
+                "projected": (captured["pooled"] @ model.visual.proj_contrast).numpy(),  # as VisualModel.forward
+                "pooled": captured["pooled"].numpy(),  # = encode_image(proj_contrast=False, normalize=False)
+                "tokens": captured["tokens"].numpy(),  # trunk.forward_features: all tokens after the final norm
             }
-    del model
+    del model, captured
     gc.collect()
     assert _port("conch", path, tmp / "bundle") == 0
     path.unlink()
