@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gpfm_jax.models.pooling import PooledViT, PoolerConfig
 from gpfm_jax.models.vit import ViTConfig, VisionTransformer
@@ -150,11 +151,35 @@ class Teacher:
                              f"got {images.shape[1]}x{images.shape[2]}")
         return self.module.apply({"params": params}, images)
 
-    def init_params(self, rng: jax.Array) -> dict[str, Any]:
-        """Random params (stand-ins, benchmarks)."""
+    def init_params(self, seed: int = 0) -> dict[str, Any]:
+        """Random params (stand-ins, benchmarks); see `random_params`."""
         size = self.spec.fixed_input_size or 224
-        variables = self.module.init(rng, jnp.zeros((1, size, size, self.spec.vit.in_chans), jnp.float32))
-        return nn.meta.unbox(variables)["params"]
+        return random_params(self.module, (1, size, size, self.spec.vit.in_chans), seed, self.spec.vit.param_dtype)
+
+
+def random_params(module: nn.Module, input_shape: tuple[int, ...], seed: int = 0, dtype: str = "float32") -> dict:
+    """Random params of a ViT / PooledViT filled with numpy from the param shapes (no compile): LayerNorm scale 1,
+    biases 0, LayerScale gammas 0.1, the pooler projection N(0, 1/dim), everything else N(0, 0.02)."""
+    images = jax.ShapeDtypeStruct(input_shape, jnp.float32)
+    shapes = nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), images))["params"]
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = path[-1].key
+        parent = path[-2].key if len(path) > 1 else ""
+        if name == "scale":
+            value = np.ones(leaf.shape, np.float32)
+        elif name == "bias":
+            value = np.zeros(leaf.shape, np.float32)
+        elif name == "gamma":
+            value = np.full(leaf.shape, 0.1, np.float32)
+        elif name == "proj" and parent == "pooler":
+            value = rng.standard_normal(leaf.shape, np.float32) * leaf.shape[0] ** -0.5
+        else:
+            value = 0.02 * rng.standard_normal(leaf.shape, np.float32)
+        return jnp.asarray(value, dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def build_teacher(spec: TeacherSpec, **overrides: Any) -> Teacher:
@@ -193,11 +218,11 @@ def spec_from_meta(meta: Mapping[str, Any]) -> TeacherSpec:
     return spec
 
 
-def load_teacher(name: str, bundle: str | Path | None, rng: jax.Array | None = None, **overrides: Any) -> tuple[Teacher, Any]:
+def load_teacher(name: str, bundle: str | Path | None, seed: int = 0, **overrides: Any) -> tuple[Teacher, Any]:
     """(Teacher, params in the module's layout) from a bundle folder, or a random stand-in if bundle is None/"standin"."""
     if bundle is None or str(bundle) == STANDIN:
         teacher = build_teacher(standin_spec(name), **overrides)
-        return teacher, teacher.init_params(jax.random.key(0) if rng is None else rng)
+        return teacher, teacher.init_params(seed)
     from gpfm_jax.convert.bundle import load_bundle
 
     params, meta = load_bundle(bundle)
@@ -217,7 +242,7 @@ def load_teachers(
     """{name: bundle dir or "standin"} -> ({name: Teacher}, {name: params}). Order is kept."""
     teachers, params = {}, {}
     for i, (name, bundle) in enumerate(bundles.items()):
-        teachers[name], params[name] = load_teacher(name, bundle, jax.random.key(seed + i), **overrides)
+        teachers[name], params[name] = load_teacher(name, bundle, seed + i, **overrides)
     return teachers, params
 
 
