@@ -161,7 +161,7 @@ class Attention(nn.Module):
         b, n, d = x.shape
         head_dim = d // cfg.num_heads
         qkv = _dense(3 * d, ("embed", "qkv"), cfg.qkv_bias, cfg, "qkv")(x)
-        qkv = qkv.reshape(b, n, 3, cfg.num_heads, head_dim)
+        qkv = nn.with_logical_constraint(qkv, ("batch", "tokens", "qkv")).reshape(b, n, 3, cfg.num_heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         out = jax.nn.dot_product_attention(q, k, v)  # (b, n, heads, head_dim), softmax(q k^T / sqrt(hd)) v
         out = nn.with_logical_constraint(out.reshape(b, n, d), ("batch", "tokens", "heads"))
@@ -221,7 +221,7 @@ def add_residual(
     if drop_path_mode(rate, mode) == "subset":
         subset = max(int(batch * (1.0 - rate)), 1)
         index = jax.random.permutation(rng, batch)[:subset]
-        residual = branch(x[index])
+        residual = branch(nn.with_logical_constraint(x[index], ("batch", "tokens", "embed")))
         return x.at[index].add(residual * jnp.asarray(batch / subset, residual.dtype))
     keep_prob = 1.0 - rate
     keep = jax.random.bernoulli(rng, keep_prob, (batch,) + (1,) * (x.ndim - 1))

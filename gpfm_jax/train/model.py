@@ -1,0 +1,69 @@
+"""The modules of GPFM pretraining in one place: student backbone + DINO/iBOT head + distillation heads, the EMA
+teacher (same modules, no stochastic depth), and the frozen expert teachers.
+
+Param trees: student `{"backbone", "dino_head", "distill_heads": {teacher: ...}}`; EMA teacher
+`{"backbone", "dino_head"}`; experts `{teacher: ...}`. All plain (unboxed) pytrees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gpfm_jax.models.heads import DINOHead, DistillHeads
+from gpfm_jax.models.vit import ViTConfig, VisionTransformer
+from gpfm_jax.teachers import Teacher, teacher_dims
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadConfig:
+    out_dim: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    nlayers: int = 3
+    distill_bottleneck_dim: int = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class GPFMModel:
+    """Modules only (no params): built once from the config, closed over by the jitted step."""
+
+    vit: ViTConfig
+    heads: HeadConfig
+    experts: Mapping[str, Teacher]
+
+    @property
+    def backbone(self) -> VisionTransformer:
+        return VisionTransformer(self.vit)
+
+    @property
+    def dino_head(self) -> DINOHead:
+        h = self.heads
+        return DINOHead(h.out_dim, h.hidden_dim, h.bottleneck_dim, h.nlayers, dtype=self.vit.dtype,
+                        param_dtype=self.vit.param_dtype)
+
+    @property
+    def distill_heads(self) -> DistillHeads:
+        return DistillHeads(teacher_dims(self.experts), self.heads.distill_bottleneck_dim, dtype=self.vit.dtype,
+                            param_dtype=self.vit.param_dtype)
+
+    def init_student(self, rng: jax.Array) -> dict[str, Any]:
+        """Random student params (DINOv2 init); the EMA teacher starts as a copy of backbone + DINO head."""
+        k_backbone, k_head, k_distill = jax.random.split(rng, 3)
+        size = self.vit.img_size
+        images = jnp.zeros((1, size, size, self.vit.in_chans), jnp.float32)
+        tokens = jnp.zeros((1, self.vit.embed_dim), jnp.float32)
+        return {
+            "backbone": nn.meta.unbox(self.backbone.init(k_backbone, images))["params"],
+            "dino_head": nn.meta.unbox(self.dino_head.init(k_head, tokens))["params"],
+            "distill_heads": nn.meta.unbox(self.distill_heads.init(k_distill, tokens))["params"],
+        }
+
+
+def ema_subset(student: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of the student that the EMA teacher mirrors (the distillation heads are student-only)."""
+    return {"backbone": student["backbone"], "dino_head": student["dino_head"]}

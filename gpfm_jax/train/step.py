@@ -1,0 +1,186 @@
+"""One GPFM training step: student (masked globals + locals), EMA teacher, expert teachers, DINO + iBOT + KoLeo +
+distillation losses, AdamW update, EMA update, center updates — one jitted function, sharded by its arguments.
+
+Batch layout (sample-major, so each device holds all views of its samples):
+  global_crops f32[B, 2, H, W, 3], local_crops f32[B, n_local, h, w, 3], masks bool[B, 2, gh*gw].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from gpfm_jax import losses
+from gpfm_jax.teachers import split_targets, teacher_targets
+from gpfm_jax.train import sharding
+from gpfm_jax.train.model import GPFMModel, ema_subset
+from gpfm_jax.train.optim import ema_update, grad_norms
+from gpfm_jax.train.schedules import Schedules, schedule_values
+
+
+class TrainState(NamedTuple):
+    """Everything that changes during training (the expert teachers are frozen and live outside)."""
+
+    step: jax.Array  # int32, the 0-based iteration the next update is
+    params: dict[str, Any]  # student: backbone, dino_head, distill_heads
+    teacher: dict[str, Any]  # EMA: backbone, dino_head
+    opt_state: Any
+    centers: dict[str, jax.Array]  # "dino", "ibot": f32[K]
+    rng: jax.Array  # root key; the step's key is fold_in(rng, step)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    n_global: int = 2
+    n_local: int = 8
+    max_masked: int = 0  # buffer for the gathered masked tokens; 0 = all 2B * N patches (small configs)
+    koleo_groups: int = 1  # KoLeo neighbours within this many contiguous groups of the batch (reference: per GPU)
+    loss: losses.LossConfig = losses.LossConfig()
+
+
+def init_state(model: GPFMModel, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+    init_rng, state_rng = jax.random.split(rng)
+    params = model.init_student(init_rng)
+    k = model.heads.out_dim
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        teacher=jax.tree_util.tree_map(jnp.copy, ema_subset(params)),
+        opt_state=tx.init(params),
+        centers={"dino": losses.init_center(k), "ibot": losses.init_center(k)},
+        rng=state_rng,
+    )
+
+
+def _views_first(x: jax.Array, batch: int, n_views: int) -> jax.Array:
+    """[B * V, ...] (sample-major) -> [V, B, ...] as the losses take them."""
+    return jnp.swapaxes(x.reshape((batch, n_views) + x.shape[1:]), 0, 1)
+
+
+def make_train_step(
+    model: GPFMModel, schedules: Schedules, tx: optax.GradientTransformation, cfg: StepConfig
+) -> Callable[[TrainState, Mapping[str, jax.Array], Mapping[str, Any]], tuple[TrainState, dict[str, jax.Array]]]:
+    """train_step(state, batch, expert_params) -> (new state, metrics); not jitted (see `jit_train_step`)."""
+    backbone, dino_head, distill_heads = model.backbone, model.dino_head, model.distill_heads
+    loss_cfg = cfg.loss
+    weights = losses.loss_weights(loss_cfg)
+
+    def train_step(state: TrainState, batch: Mapping[str, jax.Array], expert_params: Mapping[str, Any]):
+        b = batch["global_crops"].shape[0]
+        n_g, n_l = cfg.n_global, cfg.n_local
+        global_crops = batch["global_crops"].reshape((b * n_g,) + batch["global_crops"].shape[2:])
+        local_crops = batch["local_crops"].reshape((b * n_l,) + batch["local_crops"].shape[2:])
+        masks = batch["masks"].reshape(b * n_g, -1)
+        max_masked = cfg.max_masked or masks.size
+        step = state.step
+        key_global, key_local = jax.random.split(jax.random.fold_in(state.rng, step))
+        tau = schedules.teacher_temp(step)
+
+        # EMA teacher on the unmasked global crops: CLS targets and the patch targets at the masked positions.
+        t_out = backbone.apply({"params": state.teacher["backbone"]}, global_crops)
+        t_cls_logits = dino_head.apply({"params": state.teacher["dino_head"]}, t_out["cls"])
+        t_tokens, _, valid = losses.select_masked(t_out["patch"], masks, max_masked)
+        t_patch_logits = dino_head.apply({"params": state.teacher["dino_head"]}, t_tokens)
+        dino_probs, dino_center = losses.teacher_targets(
+            t_cls_logits, state.centers["dino"], tau, loss_cfg.centering, loss_cfg.center_momentum,
+            loss_cfg.sinkhorn_iterations)
+        ibot_probs, ibot_center = losses.teacher_targets(
+            t_patch_logits, state.centers["ibot"], tau, loss_cfg.centering, loss_cfg.center_momentum,
+            loss_cfg.sinkhorn_iterations, valid=valid)
+        dino_probs, ibot_probs = jax.lax.stop_gradient((dino_probs, ibot_probs))
+
+        grid = (global_crops.shape[1] // model.vit.patch_size, global_crops.shape[2] // model.vit.patch_size)
+        targets = teacher_targets(model.experts, expert_params, global_crops, student_grid=grid)
+        cls_targets, patch_targets = split_targets(targets)
+
+        def loss_fn(params):
+            s_global = backbone.apply({"params": params["backbone"]}, global_crops, masks, train=True,
+                                      rngs={"drop_path": key_global})
+            s_local = backbone.apply({"params": params["backbone"]}, local_crops, train=True,
+                                     rngs={"drop_path": key_local})
+            head = lambda x: dino_head.apply({"params": params["dino_head"]}, x)  # noqa: E731
+            dino = losses.dino_loss(
+                _views_first(head(s_global["cls"]), b, n_g), _views_first(dino_probs, b, n_g),
+                _views_first(head(s_local["cls"]), b, n_l), student_temp=loss_cfg.student_temp)
+            s_tokens, token_weights, _ = losses.select_masked(s_global["patch"], masks, max_masked)
+            ibot = losses.ibot_loss(head(s_tokens), ibot_probs, token_weights, b * n_g, loss_cfg.student_temp)
+            koleo = losses.koleo_global_views(_views_first(s_global["cls"], b, n_g), cfg.koleo_groups,
+                                              loss_cfg.koleo_eps)
+            distill = lambda x: distill_heads.apply({"params": params["distill_heads"]}, x)  # noqa: E731
+            terms = {"dino": dino, "ibot": ibot, "koleo": koleo}
+            terms |= losses.distill_terms(distill(s_global["cls"]), cls_targets, distill(s_global["patch"]),
+                                          patch_targets, loss_cfg)
+            return losses.weighted_total(terms, weights)
+
+        (_, loss_metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        momentum = schedules.momentum(step)
+        teacher = ema_update(state.teacher, ema_subset(params), momentum)
+        masked_count = jnp.sum(masks.astype(jnp.int32))
+        metrics = {
+            **loss_metrics,
+            **schedule_values(schedules, step),
+            **grad_norms(opt_state),
+            "masked_fraction": masked_count / masks.size,
+            "masked_overflow": jnp.maximum(masked_count - max_masked, 0),
+        }
+        new_state = TrainState(step + 1, params, teacher, opt_state, {"dino": dino_center, "ibot": ibot_center},
+                               state.rng)
+        return new_state, metrics
+
+    return train_step
+
+
+def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
+    """FSDP shardings for the train state (arrays or ShapeDtypeStructs); scalars (step, rng) come out replicated."""
+    return sharding.state_shardings(state, mesh)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedStep:
+    """The jitted step bound to a mesh: FSDP state/expert shardings, batch split over (data, fsdp), state donated."""
+
+    jitted: Any
+    mesh: Mesh
+
+    def __call__(self, state: TrainState, batch: Mapping[str, jax.Array], expert_params: Mapping[str, Any]):
+        with jax.set_mesh(self.mesh):
+            return self.jitted(state, batch, expert_params)
+
+    def lower(self, *args: Any):
+        """For compile-time, memory and cost analysis (`.compile().memory_analysis()`)."""
+        with jax.set_mesh(self.mesh):
+            return self.jitted.lower(*args)
+
+
+def jit_train_step(train_step: Callable, mesh: Mesh, state: Any, expert_params: Any) -> ShardedStep:
+    """`state` / `expert_params` may be arrays or ShapeDtypeStructs: only their structure and shapes are used."""
+    rules = sharding.logical_rules()
+
+    def step_in_mesh(state, batch, expert_params):
+        with nn.logical_axis_rules(rules):
+            return train_step(state, batch, expert_params)
+
+    jitted = jax.jit(
+        step_in_mesh,
+        in_shardings=(state_shardings(state, mesh), sharding.batch_sharding(mesh),
+                      sharding.state_shardings(expert_params, mesh)),
+        out_shardings=(state_shardings(state, mesh), sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+    return ShardedStep(jitted, mesh)
+
+
+def place_state(state: TrainState, mesh: Mesh) -> TrainState:
+    return jax.device_put(state, state_shardings(state, mesh))
+
+
+def place_experts(expert_params: Mapping[str, Any], mesh: Mesh) -> Any:
+    return jax.device_put(expert_params, sharding.state_shardings(expert_params, mesh))
