@@ -81,3 +81,14 @@ def test_other_grid():
     m = batch_masks(8, np.random.default_rng(0), cfg)
     assert m.shape == (8, 16) and (m.sum(1) > 0).sum() == 4
     assert math.isclose(cfg.block_max, 8)
+
+
+def test_max_masked_tokens_bounds_every_batch_and_is_tight():
+    from gpfm_jax.data.masking import max_masked_tokens
+
+    cfg = MaskingConfig()
+    rng = np.random.default_rng(1)
+    bound = max_masked_tokens(16, cfg)
+    counts = [int(batch_masks(16, rng, cfg).sum()) for _ in range(200)]
+    assert max(counts) <= bound
+    assert max(counts) >= 0.9 * bound  # the buffer is not much larger than needed

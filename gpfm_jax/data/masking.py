@@ -80,3 +80,11 @@ def batch_masks(n_crops: int, rng: np.random.Generator, cfg: MaskingConfig) -> n
     for i in range(n_masked):
         masks[i] = block_mask(int(n * rng.uniform(bins[i], bins[i + 1])), rng, cfg).reshape(-1)
     return masks[rng.permutation(n_crops)]
+
+
+def max_masked_tokens(n_crops: int, cfg: MaskingConfig) -> int:
+    """Upper bound of `batch_masks(n_crops, ...).sum()`: the i-th masked crop asks for at most int(n * bins[i + 1])
+    patches and `block_mask` never exceeds its request. Sizes the train step's fixed masked-token buffer."""
+    n_masked = int(n_crops * cfg.mask_probability)
+    bins = np.linspace(cfg.ratio_min, cfg.ratio_max, n_masked + 1)
+    return int(sum(int(cfg.num_patches * bins[i + 1]) for i in range(n_masked)))
