@@ -250,3 +250,37 @@ def test_bad_encoder_and_empty_inputs_fail_clearly(bundle, tmp_path, capsys):
     assert not list(tmp_path.glob(".*.partial"))
     rc = cli.main(["--encoder", str(bundle[0]), "--input", str(tmp_path / "nope"), "--out", str(tmp_path / "z.h5")])
     assert rc == 2 and "no such file or folder" in capsys.readouterr().err
+
+
+def test_tile_read_error_mid_slide_and_empty_slide(encoder, tmp_path, monkeypatch):
+    """A read error in one slide (batches run across slides) drops only that slide; a slide without tissue gets
+    an empty, complete file; the other slides' rows are routed to the right files."""
+    import dataclasses
+
+    from gpfm_jax.extract import slide_io
+
+    slides_dir = _slide_folder(tmp_path / "slides", ["a.svs", "bad_tile.svs", "empty.svs", "z.svs"])
+    real_plan, real_call = slide_io.plan_slide, slide_io.SlideReader.__call__
+
+    def plan(path, opts):
+        p = real_plan(path, opts)
+        return dataclasses.replace(p, coords=p.coords[:0]) if Path(path).name == "empty.svs" else p
+
+    def read(self, index):
+        if Path(self.plan.path).name == "bad_tile.svs" and index == 11:
+            raise OSError("simulated corrupt JPEG tile")
+        return real_call(self, index)
+
+    monkeypatch.setattr(runner, "plan_slide", plan)
+    monkeypatch.setattr(slide_io.SlideReader, "__call__", read)
+    out = tmp_path / "out"
+    report = runner.extract_slides(encoder, sorted(slides_dir.glob("*.svs")), out,
+                                   runner.SlideOptions(tile_size=256), runner.LoaderOptions(workers=2, progress=False))
+    assert len(report.failed) == 1 and report.failed[0][0].name == "bad_tile.svs"
+    assert report.failed[0][1].endswith("OSError: simulated corrupt JPEG tile"), report.failed
+    assert sorted(p.name for p in out.iterdir()) == ["a.h5", "empty.h5", "z.h5"]
+    a, z, empty = (_read_h5(out / f"{n}.h5") for n in ("a", "z", "empty"))
+    assert empty["features"].shape == (0, CFG.embed_dim) and empty["coords"].shape == (0, 2)
+    np.testing.assert_array_equal(a["coords"], z["coords"])
+    np.testing.assert_allclose(a["features"], z["features"], atol=1e-6)
+    assert [(s.name, n) for s, n in report.done] == [("a.svs", 25), ("empty.svs", 0), ("z.svs", 25)]

@@ -6,19 +6,20 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 
 @dataclasses.dataclass
 class Batch:
-    positions: list[int]  # positions in `items` of the tiles that were read
-    tiles: np.ndarray  # uint8 [len(positions), S, S, 3]
-    failures: list[tuple[int, str]]  # (position, reason) of the tiles that were skipped
+    items: list  # the items whose tiles were read
+    tiles: np.ndarray  # uint8 [len(items), S, S, 3]
+    failures: list[tuple[object, str]]  # (item, reason) of the tiles that were skipped
 
 
 _DONE = object()
@@ -30,7 +31,7 @@ class _Failure:
 
 
 def prefetch_batches(
-    items: Sequence,
+    items: Iterable,
     read: Callable[[object], np.ndarray],
     batch_size: int,
     *,
@@ -38,7 +39,8 @@ def prefetch_batches(
     depth: int = 2,
     skip: tuple[type[BaseException], ...] = (),
 ) -> Iterator[Batch]:
-    """Yields Batch objects in order. read(item) -> uint8 [S, S, 3]; exceptions of the types in `skip` drop that
+    """Yields Batch objects in order (items may be a lazy iterator: it is consumed in the reader thread, so work
+    such as tissue detection done while producing items also overlaps with the encoder). read(item) -> uint8 [S, S, 3]; exceptions of the types in `skip` drop that
     tile (recorded in Batch.failures), any other exception is re-raised in the consumer. At most `depth` finished
     batches wait in the queue, and one more is being read, so memory stays bounded."""
     q: queue.Queue = queue.Queue(maxsize=max(depth, 1))
@@ -60,26 +62,25 @@ def prefetch_batches(
 
     def produce() -> None:
         try:
-            starts = iter(range(0, len(items), batch_size))
+            source = iter(items)
             with ThreadPoolExecutor(max_workers=max(workers, 1), thread_name_prefix="gpfm-extract-read") as pool:
                 pending: collections.deque = collections.deque()
 
                 def submit_next() -> None:
-                    start = next(starts, None)
-                    if start is not None:
-                        pos = range(start, min(start + batch_size, len(items)))
-                        pending.append((list(pos), [pool.submit(guarded, items[i]) for i in pos]))
+                    chunk = list(itertools.islice(source, batch_size))
+                    if chunk:
+                        pending.append((chunk, [pool.submit(guarded, item) for item in chunk]))
 
                 submit_next()
                 submit_next()  # one chunk in flight ahead of the one being assembled
                 while pending and not stop.is_set():
-                    positions, futures = pending.popleft()
+                    chunk, futures = pending.popleft()
                     submit_next()
                     results = [f.result() for f in futures]
-                    ok = [(p, r[0]) for p, r in zip(positions, results) if r[1] is None]
-                    failures = [(p, r[1]) for p, r in zip(positions, results) if r[1] is not None]
+                    ok = [(item, r[0]) for item, r in zip(chunk, results) if r[1] is None]
+                    failures = [(item, r[1]) for item, r in zip(chunk, results) if r[1] is not None]
                     tiles = np.stack([t for _, t in ok]) if ok else np.zeros((0, 0, 0, 3), np.uint8)
-                    put(Batch([p for p, _ in ok], tiles, failures))
+                    put(Batch([item for item, _ in ok], tiles, failures))
                 if stop.is_set():
                     for _, futures in pending:
                         for f in futures:

@@ -1,7 +1,10 @@
 """The extraction loops: tiles -> one HDF5 file; slides -> one HDF5 file each, resumable, failures isolated.
 
 Overlap: a thread pool reads and resizes batch k+1 (loader.prefetch_batches) while the device encodes batch k, and
-the host copies batch k-1's features into the HDF5 file only after batch k has been dispatched.
+the host copies batch k-1's features into the HDF5 file only after batch k has been dispatched. Slides are one
+stream: batches run across slide boundaries (tissue detection of the next slide happens in the reader thread), so
+the fixed batch shape is padded once per run, not once per slide (small biopsies would otherwise waste up to a
+batch of compute each).
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ def encode_stream(encoder: FeatureEncoder, batches: Iterator[Batch]) -> Iterator
     """(batch, float32 [n, D] features) in order, with batch k+1 dispatched before batch k's result is fetched."""
     pending: tuple[Batch, object] | None = None
     for batch in batches:
-        out = encoder.dispatch(batch.tiles) if batch.positions else None
+        out = encoder.dispatch(batch.tiles) if batch.items else None
         if pending is not None:
             yield pending[0], _fetch(encoder, *pending)
         pending = (batch, out)
@@ -74,7 +77,7 @@ def encode_stream(encoder: FeatureEncoder, batches: Iterator[Batch]) -> Iterator
 def _fetch(encoder: FeatureEncoder, batch: Batch, out) -> np.ndarray:
     if out is None:
         return np.zeros((0, encoder.feature_dim), np.float32)
-    return np.asarray(out)[: len(batch.positions)]
+    return np.asarray(out)[: len(batch.items)]
 
 
 def _preprocessed(encoder: FeatureEncoder, read_raw: Callable[[object], np.ndarray]) -> Callable[[object], np.ndarray]:
@@ -82,8 +85,8 @@ def _preprocessed(encoder: FeatureEncoder, read_raw: Callable[[object], np.ndarr
     return lambda item: resize_tile(read_raw(item), size, interp)
 
 
-def _bar(total: int, desc: str, enabled: bool) -> tqdm:
-    return tqdm(total=total, desc=desc, unit="tile", disable=not enabled, file=sys.stderr, dynamic_ncols=True,
+def _bar(total: int, desc: str, enabled: bool, unit: str = "tile") -> tqdm:
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr, dynamic_ncols=True,
                 leave=False)
 
 
@@ -105,18 +108,19 @@ def extract_tiles(encoder: FeatureEncoder, tiles: TileInput, out: str | os.PathL
     with AtomicH5(out, attrs) as h5, _bar(len(tiles.paths), out.name, loader.progress) as bar:
         h5.create("features", (encoder.feature_dim,), np.float32)
         h5.create("paths", (), h5py.string_dtype())
-        batches = prefetch_batches(tiles.paths, _preprocessed(encoder, read_image_file), encoder.batch_size,
+        read = _preprocessed(encoder, lambda i: read_image_file(tiles.paths[i]))
+        batches = prefetch_batches(range(len(tiles.paths)), read, encoder.batch_size,
                                    workers=loader.workers, depth=loader.depth, skip=(BadImageError,))
         with contextlib.closing(batches):  # on error: stop the reader threads now, not at garbage collection
             for batch, feats in encode_stream(encoder, batches):
                 h5.append("features", feats)
-                h5.append("paths", [os.path.relpath(tiles.paths[p], tiles.root) for p in batch.positions])
+                h5.append("paths", [os.path.relpath(tiles.paths[p], tiles.root) for p in batch.items])
                 for p, reason in batch.failures:
                     failed.append((tiles.paths[p], reason))
                     if len(failed) <= 5:
                         log.warning("unreadable tile skipped: %s", reason)
-                written += len(batch.positions)
-                bar.update(len(batch.positions) + len(batch.failures))
+                written += len(batch.items)
+                bar.update(len(batch.items) + len(batch.failures))
         if written == 0:
             raise ValueError(f"{tiles.origin}: none of the {len(tiles.paths)} tiles could be read")
         h5.create("failed_paths", (), h5py.string_dtype())
@@ -125,30 +129,51 @@ def extract_tiles(encoder: FeatureEncoder, tiles: TileInput, out: str | os.PathL
     return TilesResult(out, written, failed, seconds=time.perf_counter() - start)
 
 
-def extract_slide(encoder: FeatureEncoder, slide: str | os.PathLike, out: str | os.PathLike,
-                  tiling: TilingOptions | None = None, loader: LoaderOptions | None = None) -> int:
-    """One slide -> `out` (CLAM layout: `features` f32 [N, D], `coords` int64 [N, 2] level-0 (x, y) with
-    coords.attrs patch_level = 0 and patch_size = level-0 span). Returns N. Any read error fails the slide."""
-    tiling, loader = tiling or TilingOptions(), loader or LoaderOptions()
-    plan = plan_slide(slide, tiling)
-    n = len(plan.coords)
-    if n == 0:
-        log.warning("%s: no tissue tiles at %sx / %d px; writing an empty feature file", slide, plan.magnification,
-                    plan.tile_size)
-    attrs = {**encoder.attrs(), **plan.attrs(), "kind": "slide"}
-    coords_attrs = {"patch_level": 0, "patch_size": plan.level0_tile_size, "tile_size": plan.tile_size,
-                    "magnification": plan.magnification}
-    with AtomicH5(out, attrs) as h5, SlideReader(plan) as reader, _bar(n, Path(slide).name, loader.progress) as bar:
-        h5.create("features", (encoder.feature_dim,), np.float32)
-        h5.create("coords", (2,), np.int64, attrs=coords_attrs)
-        batches = prefetch_batches(range(n), _preprocessed(encoder, reader), encoder.batch_size,
-                                   workers=loader.workers, depth=loader.depth)
-        with contextlib.closing(batches):  # reader threads must stop before the slide handle is closed
-            for batch, feats in encode_stream(encoder, batches):
-                h5.append("features", feats)
-                h5.append("coords", plan.coords[batch.positions])
-                bar.update(len(batch.positions))
-    return n
+class _SlideJob:
+    """One slide in the stream: plan and reader (set in the reader thread before any of its tiles is yielded),
+    output file (consumer side)."""
+
+    def __init__(self, slide: Path, target: Path):
+        self.slide, self.target = slide, target
+        self.plan = None
+        self.plan_error: str | None = None
+        self.reader: SlideReader | None = None
+        self.out: AtomicH5 | None = None
+        self.seen = 0  # tiles read or failed so far; the slide is complete when seen == number of tiles
+        self.error: str | None = None
+
+    @property
+    def num_tiles(self) -> int:
+        return len(self.plan.coords)
+
+    def open(self, encoder: FeatureEncoder) -> AtomicH5:
+        if self.out is None:
+            plan = self.plan
+            self.out = AtomicH5(self.target, {**encoder.attrs(), **plan.attrs(), "kind": "slide"}).__enter__()
+            self.out.create("features", (encoder.feature_dim,), np.float32)
+            self.out.create("coords", (2,), np.int64, attrs={
+                "patch_level": 0, "patch_size": plan.level0_tile_size, "tile_size": plan.tile_size,
+                "magnification": plan.magnification})
+        return self.out
+
+    def commit(self) -> None:
+        out, self.out = self.out, None
+        out.__exit__(None, None, None)
+
+    def abort(self) -> None:
+        if self.out is not None:
+            out, self.out = self.out, None
+            out.__exit__(RuntimeError, RuntimeError("aborted"), None)  # deletes the partial file
+
+    def close_reader(self) -> None:  # only once no read of this slide can be in flight
+        if self.reader is not None:
+            reader, self.reader = self.reader, None
+            reader.close()
+
+
+class _Marker(Exception):
+    """Stands in the tile stream for a slide without tiles (planning failed, or no tissue), so the consumer hears
+    about it in order."""
 
 
 def slide_outputs(slides: list[Path], out: str | os.PathLike) -> list[Path]:
@@ -169,23 +194,91 @@ def slide_outputs(slides: list[Path], out: str | os.PathLike) -> list[Path]:
 
 def extract_slides(encoder: FeatureEncoder, slides: list[Path], out: str | os.PathLike,
                    tiling: TilingOptions | None = None, loader: LoaderOptions | None = None) -> SlidesReport:
-    """Every slide to its own file. A finished file is skipped (resume); a slide that fails is reported and the
-    others go on; an interrupted slide leaves no file under its final name (it is redone next time)."""
+    """Every slide to its own file (CLAM layout: `features` f32 [N, D], `coords` int64 [N, 2] level-0 (x, y), with
+    coords.attrs patch_level = 0 and patch_size = the level-0 span, so CLAM's own reader re-reads the same tiles).
+
+    A finished file is skipped (resume). A slide that cannot be opened, tiled or read is reported and the others
+    go on. An interrupted slide leaves no file under its final name, so it is redone next time.
+    """
+    tiling, loader = tiling or TilingOptions(), loader or LoaderOptions()
     report = SlidesReport()
     start = time.perf_counter()
+    jobs: list[_SlideJob] = []
     for slide, target in zip(slides, slide_outputs(slides, out)):
         if target.exists():
-            report.skipped.append(slide)
+            report.skipped.append(Path(slide))
             log.info("%s: %s exists, skipped", slide, target)
-            continue
+        else:
+            jobs.append(_SlideJob(Path(slide), target))
+
+    def items():  # consumed in the reader thread: each slide is tiled just before its tiles are needed
+        for j, job in enumerate(jobs):
+            try:
+                job.plan = plan_slide(job.slide, tiling)
+                job.reader = SlideReader(job.plan)
+            except Exception as e:  # noqa: BLE001 - reported per slide
+                job.plan_error = f"{type(e).__name__}: {e}"
+            if job.plan_error is not None or job.num_tiles == 0:
+                yield (j, -1)
+            else:
+                yield from ((j, i) for i in range(job.num_tiles))
+
+    def read(item) -> np.ndarray:
+        j, i = item
+        if i < 0:
+            raise _Marker()
+        return resize_tile(jobs[j].reader(i), encoder.input_size, encoder.interpolation)
+
+    def settle(job: _SlideJob, bar) -> None:
+        """After the last tile of a slide: commit it (or drop it if a tile failed), release its file handle."""
+        job.close_reader()
+        if job.error is None:
+            job.open(encoder)  # an empty, complete file for a slide without tissue tiles
+            job.commit()
+            report.done.append((job.slide, job.seen))
+            log.info("%s: %d tiles -> %s", job.slide, job.seen, job.target)
+        bar.update(1)
+
+    def fail(job: _SlideJob, reason: str) -> None:
+        if job.error is None:
+            job.error = reason
+            job.abort()
+            report.failed.append((job.slide, reason))
+            log.error("%s: FAILED, skipped (%s)", job.slide, reason)
+
+    with _bar(len(jobs), "slides", loader.progress, unit="slide") as bar:
+        batches = prefetch_batches(items(), read, encoder.batch_size, workers=loader.workers, depth=loader.depth,
+                                   skip=(Exception,))
         try:
-            n = extract_slide(encoder, slide, target, tiling, loader)
-        except Exception as e:  # noqa: BLE001 - one bad slide must not stop the others
-            reason = f"{type(e).__name__}: {e}"
-            report.failed.append((slide, reason))
-            log.error("%s: FAILED, skipped (%s)", slide, reason)
-            continue
-        report.done.append((slide, n))
-        log.info("%s: %d tiles -> %s", slide, n, target)
+            with contextlib.closing(batches):
+                for batch, feats in encode_stream(encoder, batches):
+                    rows: dict[int, list[int]] = {}
+                    for r, (j, _) in enumerate(batch.items):
+                        rows.setdefault(j, []).append(r)
+                    for (j, i), reason in batch.failures:
+                        job = jobs[j]
+                        if i >= 0:
+                            fail(job, f"tile at {tuple(int(v) for v in job.plan.coords[i])}: {reason}")
+                            job.seen += 1
+                        elif job.plan_error is not None:
+                            fail(job, job.plan_error)
+                        else:
+                            log.warning("%s: no tissue tiles at %gx / %d px; writing an empty feature file",
+                                        job.slide, job.plan.magnification, job.plan.tile_size)
+                    for j, rs in rows.items():
+                        job = jobs[j]
+                        job.seen += len(rs)
+                        if job.error is None:
+                            out_file = job.open(encoder)
+                            out_file.append("features", feats[rs])
+                            out_file.append("coords", job.plan.coords[[batch.items[r][1] for r in rs]])
+                    for j in sorted({j for j, _ in batch.items} | {j for (j, _), _ in batch.failures}):
+                        job = jobs[j]
+                        if job.plan_error is not None or job.seen == job.num_tiles:
+                            settle(job, bar)
+        finally:
+            for job in jobs:  # the reader threads have stopped here: every handle can be closed
+                job.abort()
+                job.close_reader()
     report.seconds = time.perf_counter() - start
     return report

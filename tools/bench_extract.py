@@ -1,0 +1,191 @@
+#!/usr/bin/env python
+"""End-to-end slide feature extraction, tiles/s: gpfm-extract (JAX) vs the same encoder in timm driven by a standard
+PyTorch DataLoader loop (CLAM's extract_features_fp pattern), same slides, same tiles, same run.
+
+    python tools/bench_extract.py [--arch small|base|large] [--copies 3] [--repeats 3] [--batch-size 32]
+
+Both sides do everything a user waits for: tissue tiling (the same gpfm_jax.data.slides grid), reading tiles with
+openslide, bicubic resize to 224 (PIL), normalisation, the ViT forward, writing features + coords to one HDF5 file
+per slide. Weights are one random timm `vit_*_patch14_dinov2` converted with tools/convert_from_pytorch.py, and the
+two sides' features are compared. A warm-up pass per side (JIT compile, torch first-call costs) is not timed, but
+the JAX compile time is reported. Passes are interleaved (JAX, timm, JAX, ...) so machine noise hits both; the
+median is reported. The slide is tests/data/cmu_small_region.svs copied `--copies` times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+TIMM_ARCHS = {"small": "vit_small_patch14_dinov2", "base": "vit_base_patch14_dinov2",
+              "large": "vit_large_patch14_dinov2"}
+
+
+def _timm_model(arch: str):
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    model = timm.create_model(TIMM_ARCHS[arch], img_size=224, init_values=1e-5, num_classes=0, pretrained=False)
+    with torch.no_grad():  # non-trivial LayerScales, so every block matters
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def _bundle(model, workdir: Path) -> Path:
+    import torch
+
+    from tools.convert_from_pytorch import main as convert
+
+    pth, out = workdir / "timm.pth", workdir / "bundle"
+    torch.save(model.state_dict(), pth)
+    if convert(["--torch", str(pth), "--out", str(out)]) != 0:
+        raise SystemExit("conversion failed")
+    return out
+
+
+class _TileDataset:
+    """torch Dataset in CLAM's style: one slide, its coords, read_region + torchvision transforms per tile."""
+
+    def __init__(self, slide_path: str, coords: np.ndarray, level0_size: int, tile_size: int):
+        from torchvision import transforms
+
+        self.slide_path, self.coords, self.level0_size, self.tile_size = slide_path, coords, level0_size, tile_size
+        self.slide = None
+        self.transform = transforms.Compose([
+            transforms.Resize(224, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.ToTensor(),
+            transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+    def __getitem__(self, i: int):
+        import openslide
+        from PIL import Image
+
+        if self.slide is None:  # opened lazily, once per worker process
+            self.slide = openslide.OpenSlide(self.slide_path)
+        x, y = (int(v) for v in self.coords[i])
+        img = self.slide.read_region((x, y), 0, (self.level0_size, self.level0_size)).convert("RGB")
+        if img.size != (self.tile_size, self.tile_size):
+            img = img.resize((self.tile_size, self.tile_size), Image.BICUBIC)
+        return self.transform(img), self.coords[i]
+
+
+def _timm_extract(model, slides: list[Path], out_dir: Path, tile_size: int, batch_size: int, workers: int) -> int:
+    import h5py
+    import torch
+
+    from gpfm_jax.data.slides import tile_coordinates
+
+    total = 0
+    for slide in slides:
+        grid = tile_coordinates(slide, tile_size, 20.0)
+        ds = _TileDataset(str(slide), grid.coords, grid.level0_size, tile_size)
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, pin_memory=False)
+        with h5py.File(out_dir / f"{slide.stem}.h5", "w") as f:
+            feats = f.create_dataset("features", (0, model.num_features), maxshape=(None, model.num_features),
+                                     dtype="float32")
+            cds = f.create_dataset("coords", (0, 2), maxshape=(None, 2), dtype="int64")
+            with torch.inference_mode():
+                for x, c in loader:
+                    out = model(x).numpy()
+                    n = len(out)
+                    feats.resize(feats.shape[0] + n, axis=0)
+                    feats[-n:] = out
+                    cds.resize(cds.shape[0] + n, axis=0)
+                    cds[-n:] = c.numpy()
+                    total += n
+    return total
+
+
+def _jax_extract(encoder, slides: list[Path], out_dir: Path, tile_size: int, workers: int) -> int:
+    from gpfm_jax.extract import runner
+
+    report = runner.extract_slides(encoder, slides, out_dir, runner.SlideOptions(tile_size=tile_size),
+                                   runner.LoaderOptions(workers=workers, progress=False))
+    if report.failed:
+        raise SystemExit(f"extraction failed: {report.failed}")
+    return report.num_tiles
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=sorted(TIMM_ARCHS), default="small")
+    parser.add_argument("--copies", type=int, default=3, help="copies of the sample slide per pass")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--tile-size", type=int, default=256, help="pixels at 20x (resized to 224 on both sides)")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="DataLoader workers (timm) = reader threads (JAX)")
+    args = parser.parse_args()
+
+    import h5py
+    import jax
+    import torch
+
+    from gpfm_jax.extract.encoder import load_feature_encoder
+
+    work = Path(tempfile.mkdtemp(prefix="bench_extract_"))
+    try:
+        slides = []
+        for i in range(args.copies):
+            slides.append(work / "slides" / f"slide{i}.svs")
+            slides[-1].parent.mkdir(exist_ok=True)
+            shutil.copy(REPO / "tests/data/cmu_small_region.svs", slides[-1])
+        model = _timm_model(args.arch)
+        start = time.perf_counter()
+        encoder = load_feature_encoder(_bundle(model, work), batch_size=args.batch_size)
+        encoder(np.zeros((1, 224, 224, 3), np.uint8))  # compile
+        compile_s = time.perf_counter() - start
+        print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
+              f"({torch.get_num_threads()} threads), {os.cpu_count()} CPUs; {TIMM_ARCHS[args.arch]} at 224, "
+              f"batch {args.batch_size}, {args.workers} readers; {args.copies} x cmu_small_region.svs, "
+              f"{args.tile_size} px tiles at 20x; JAX load+compile {compile_s:.1f} s (not timed below)")
+
+        def run(side: str, tag: str) -> tuple[float, int]:
+            out = work / f"{side}_{tag}"
+            out.mkdir()
+            t = time.perf_counter()
+            if side == "jax":
+                n = _jax_extract(encoder, slides, out, args.tile_size, args.workers)
+            else:
+                n = _timm_extract(model, slides, out, args.tile_size, args.batch_size, args.workers)
+            return time.perf_counter() - t, n
+
+        run("jax", "warm"), run("timm", "warm")
+        with h5py.File(work / "jax_warm" / "slide0.h5") as a, h5py.File(work / "timm_warm" / "slide0.h5") as b:
+            assert np.array_equal(a["coords"][()], b["coords"][()]), "the two sides tiled differently"
+            diff = np.abs(a["features"][()] - b["features"][()]).max()
+            scale = np.abs(b["features"][()]).max()
+        times = {"jax": [], "timm": []}
+        tiles = 0
+        for r in range(args.repeats):
+            for side in ("jax", "timm"):
+                s, tiles = run(side, str(r))
+                times[side].append(s)
+        rate = {k: tiles / statistics.median(v) for k, v in times.items()}
+        print(f"{tiles} tiles per pass; features jax vs timm: max abs diff {diff:.2e} (max |feature| {scale:.2f})")
+        for k in ("jax", "timm"):
+            print(f"  {k:<5} {rate[k]:7.2f} tiles/s  (passes: {', '.join(f'{t:.2f}s' for t in times[k])})")
+        print(f"  jax / timm = {rate['jax'] / rate['timm']:.2f}x")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
