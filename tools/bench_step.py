@@ -185,7 +185,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     if args.batch is None:
-        args.batch = 8 if args.what == "memory" else 4
+        args.batch = 4 if args.what == "mfu" else 8
     print(f"jax {jax.__version__}, {len(jax.devices())} {jax.devices()[0].platform} devices", file=sys.stderr)
     {"memory": memory, "flops": flops, "mfu": mfu}[args.what](args)
 
