@@ -1,0 +1,274 @@
+"""Training checkpoints: an orbax CheckpointManager folder `<workdir>/checkpoints` holding, per saved step,
+
+  <step>/state   the TrainState as a plain tree (`state_to_tree`): step, params, teacher (EMA: backbone + DINO head),
+                 opt_state, centers, rng (raw key data); written with ocp.args.StandardSave, sharded arrays from
+                 every host, restorable onto any mesh (restore targets carry the new shardings)
+  <step>/data    the data stream's position: one JSON file per data shard (`DataStateHandler`), so a run restores
+                 onto another host count as long as `config.data.shards` stays the same
+
+and at its root `encoder.json`, the student's bundle meta, so `tools/convert_to_pytorch.py --checkpoint
+<workdir>/checkpoints` exports the EMA teacher backbone (what the official release ships).
+
+A latest step that cannot be restored (truncated or missing files) is renamed to `<step>.corrupt-<n>`, a warning
+names it, and the previous step is tried.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import serialization
+from jax.experimental import multihost_utils
+
+from gpfm_jax.convert.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, META_FILE, load_bundle, preprocessing
+from gpfm_jax.convert.layout import to_layout
+from gpfm_jax.models.vit import ViTConfig
+from gpfm_jax.train.step import TrainState
+
+log = logging.getLogger("gpfm_jax.train")
+STATE, DATA = "state", "data"
+_ENCODER_ARCH_SKIP = ("drop_path_rate", "drop_path_mode", "scan_layers", "remat_policy", "dtype", "param_dtype")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Train state <-> a plain tree orbax can save and restore without a target (for tools/convert_to_pytorch.py)
+
+
+def _key_data(rng: Any) -> Any:
+    if isinstance(rng, jax.ShapeDtypeStruct):
+        kd = jax.eval_shape(jax.random.key_data, rng)
+        return jax.ShapeDtypeStruct(kd.shape, kd.dtype, sharding=getattr(rng, "sharding", None))
+    return jax.random.key_data(rng)
+
+
+def state_to_tree(state: TrainState) -> dict[str, Any]:
+    """TrainState (arrays or ShapeDtypeStructs) -> nested dicts of arrays; the PRNG key as its uint32 data."""
+    return {
+        "step": state.step,
+        "params": state.params,
+        "teacher": state.teacher,
+        "opt_state": serialization.to_state_dict(state.opt_state),
+        "centers": state.centers,
+        "rng": _key_data(state.rng),
+    }
+
+
+def tree_to_state(template: TrainState, tree: dict[str, Any]) -> TrainState:
+    return TrainState(
+        step=tree["step"],
+        params=tree["params"],
+        teacher=tree["teacher"],
+        opt_state=serialization.from_state_dict(template.opt_state, tree["opt_state"]),
+        centers=tree["centers"],
+        rng=jax.random.wrap_key_data(tree["rng"]),
+    )
+
+
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+    return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The data stream's position, one JSON per data shard
+
+
+class ShardedStream(Protocol):
+    def get_shard_states(self) -> dict[int, Any]: ...  # this process's shards: index -> JSON-able state
+    def set_shard_states(self, states: dict[int, Any]) -> None: ...
+    @property
+    def shard_indices(self) -> list[int]: ...
+    @property
+    def shard_count(self) -> int: ...
+
+
+class DataStateHandler(ocp.CheckpointHandler):
+    """Each process writes (and reads back) `shard_<i>-of-<n>.json` for the data shards it feeds."""
+
+    def save(self, directory, args: "DataStateSave" = None):
+        stream = args.stream
+        for i, state in stream.get_shard_states().items():
+            (Path(directory) / f"shard_{i}-of-{stream.shard_count}.json").write_text(json.dumps(state))
+
+    def restore(self, directory, args: "DataStateRestore" = None):
+        stream = args.stream
+        states = {}
+        for i in stream.shard_indices:
+            path = Path(directory) / f"shard_{i}-of-{stream.shard_count}.json"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: no data state for shard {i} of {stream.shard_count} "
+                                        "(was config.data.shards changed?)")
+            states[i] = json.loads(path.read_text())
+        stream.set_shard_states(states)
+        return stream
+
+    def metadata(self, directory):
+        return None
+
+    def structure(self, directory):
+        return None
+
+    def finalize(self, directory):
+        pass
+
+    def close(self):
+        pass
+
+    @classmethod
+    def typestr(cls):
+        return f"{cls.__module__}.{cls.__qualname__}"
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataStateSave(ocp.args.CheckpointArgs):
+    stream: Any
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataStateRestore(ocp.args.CheckpointArgs):
+    stream: Any
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The manager
+
+
+def _all_ok(ok: bool) -> bool:
+    if jax.process_count() == 1:
+        return ok
+    flags = multihost_utils.process_allgather(np.asarray([int(ok)], np.int32))
+    return bool(np.all(flags))
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+class Checkpointer:
+    """orbax CheckpointManager with keep-last-K + periodic keeps, async saves, and corrupt-latest fallback."""
+
+    def __init__(self, directory: str | Path, every: int, keep: int, keep_period: int = 0, async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        self.options = ocp.CheckpointManagerOptions(
+            save_interval_steps=every, max_to_keep=keep, keep_period=keep_period or None,
+            enable_async_checkpointing=async_save, create=True)
+        self.manager = self._open()
+
+    def _open(self) -> ocp.CheckpointManager:
+        return ocp.CheckpointManager(self.directory, options=self.options,
+                                     item_handlers={STATE: ocp.StandardCheckpointHandler(), DATA: DataStateHandler()})
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state: TrainState, stream: ShardedStream, force: bool = False) -> bool:
+        """Saves when the interval says so (or `force`); async: returns once the arrays are copied off the devices."""
+        if step in self.manager.all_steps():
+            return False
+        args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(state_to_tree(state)), DATA: DataStateSave(stream)})
+        return self.manager.save(step, args=args, force=force)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    def restore_latest(self, abstract_state: TrainState, stream: ShardedStream | None
+                       ) -> tuple[TrainState | None, int | None]:
+        """The newest restorable step onto `abstract_state`'s shardings (ShapeDtypeStructs with .sharding), data
+        stream repositioned. Steps that fail to restore are renamed aside with a warning; (None, None) if none."""
+        while True:
+            steps = self.all_steps()
+            if not steps:
+                return None, None
+            step = steps[-1]
+            error = None
+            try:
+                target = state_to_tree(abstract_state)
+                items = {STATE: ocp.args.StandardRestore(target)}
+                if stream is not None:
+                    items[DATA] = DataStateRestore(stream)
+                restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+                state = tree_to_state(abstract_state, restored[STATE])
+                jax.block_until_ready(state)
+            except Exception as err:  # orbax/tensorstore raise many types for damaged folders
+                error = err
+            if _all_ok(error is None):
+                return state, step
+            self._set_aside(step, error)
+
+    def _set_aside(self, step: int, error: BaseException | None) -> None:
+        path = self.directory / str(step)
+        n = 0
+        while (aside := self.directory / f"{step}.corrupt-{n}").exists():
+            n += 1
+        reason = f"{type(error).__name__}: {str(error)[:300]}" if error is not None else "failed on another host"
+        message = (f"checkpoint {path} cannot be restored ({reason}); moved it to {aside.name} and trying the "
+                   f"previous checkpoint")
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        log.warning(message)
+        _sync(f"gpfm_ckpt_aside_{step}_a")
+        if jax.process_index() == 0 and path.exists():
+            path.rename(aside)
+        _sync(f"gpfm_ckpt_aside_{step}_b")
+        self.manager.close()
+        self.manager = self._open()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Encoder meta and init_from
+
+
+def encoder_meta(vit: ViTConfig, source: str = "gpfm-train") -> dict[str, Any]:
+    """The bundle meta of the student encoder (inference settings: fp32, unscanned, no stochastic depth)."""
+    arch = vit.replace(drop_path_rate=0.0, scan_layers=False, remat_policy="none", dtype="float32",
+                       param_dtype="float32")
+    return {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "encoder": "vit", "vit": arch.to_dict(),
+            "outputs": {"cls": vit.embed_dim, "patch": vit.embed_dim},
+            "preprocessing": preprocessing(vit.img_size),
+            "provenance": {"source": source, "params": "state/teacher/backbone (EMA teacher)"}}
+
+
+def write_encoder_meta(directory: str | Path, vit: ViTConfig) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / META_FILE
+    tmp = path.with_name(f".{META_FILE}.tmp")
+    tmp.write_text(json.dumps(encoder_meta(vit), indent=2, sort_keys=True) + "\n")
+    tmp.rename(path)
+    return path
+
+
+def load_init_backbone(bundle: str | Path, vit: ViTConfig, abstract_backbone: Any) -> dict[str, Any]:
+    """Backbone params of an encoder bundle, checked against the student architecture and put in its layout."""
+    params, meta = load_bundle(bundle)
+    if meta.get("encoder") != "vit":
+        raise ValueError(f"config.init_from={str(bundle)!r}: encoder kind {meta.get('encoder')!r} is not a ViT")
+    stored = ViTConfig.from_dict(meta["vit"]).to_dict()
+    expected = vit.to_dict()
+    diff = sorted(k for k in expected if k not in _ENCODER_ARCH_SKIP and stored.get(k) != expected[k])
+    if diff:
+        raise ValueError(f"config.init_from={str(bundle)!r}: the bundle's ViT differs from config.model.vit in "
+                         + ", ".join(f"{k} ({stored.get(k)!r} vs {expected[k]!r})" for k in diff))
+    params = to_layout(dict(params), vit.scan_layers)
+    flat_want = dict(jax.tree_util.tree_flatten_with_path(abstract_backbone)[0])
+    flat_have = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    want = {jax.tree_util.keystr(k): v.shape for k, v in flat_want.items()}
+    have = {jax.tree_util.keystr(k): np.shape(v) for k, v in flat_have.items()}
+    if want != have:
+        bad = sorted(set(want) ^ set(have)) + sorted(k for k in set(want) & set(have) if want[k] != have[k])
+        raise ValueError(f"config.init_from={str(bundle)!r}: params do not fit the student: {bad[:8]}")
+    dtype = jax.numpy.dtype(vit.param_dtype)
+    return jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype), params)

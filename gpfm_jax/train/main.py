@@ -1,0 +1,57 @@
+"""gpfm-train: GPFM pretraining from an ml_collections config file.
+
+    gpfm-train [--config configs/demo.py] --workdir DIR [--config.<field>=<value> ...]
+    python -m gpfm_jax.train.main --config configs/gpfm_vitl14.py --workdir runs/gpfm --config.data.path=index.json
+
+The default config is configs/demo.py (a few minutes on a laptop CPU). Run the same command again to resume from
+the latest checkpoint in DIR/checkpoints. Multi-host: one command per host; jax.distributed is initialised from the
+environment (SLURM, TPU pods, JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID). See docs/training.md.
+Exit status: 0 done or pre-empted (checkpoint saved), 1 non-finite loss, 2 bad config.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+_DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.py"
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", str(_DEFAULT_CONFIG), "Training config file (a Python file with get_config()); override fields with "
+    "--config.<field>=<value>.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics.jsonl, TensorBoard events, the config.")
+
+
+def main(argv) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS.workdir:
+        raise app.UsageError("--workdir is required")
+    if not FLAGS["verbosity"].present:  # orbax logs every save at INFO
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    from gpfm_jax.train.config import ConfigError
+    from gpfm_jax.train.loop import train
+
+    try:
+        result = train(FLAGS.config, FLAGS.workdir)
+    except ConfigError as err:
+        print(f"gpfm-train: config error: {err}", file=sys.stderr)
+        return 2
+    if result.status == "nonfinite":
+        print(f"gpfm-train: {result.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cli() -> None:
+    """Console-script entry point."""
+    app.run(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,121 @@
+"""Where a run's metrics go: a per-iteration JSONL log, TensorBoard event files (tensorboardX) and a tqdm progress
+bar with ETA and images/s. Only the primary process (jax.process_index() == 0) writes."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsWriter:
+    def __init__(self, workdir: str | Path, *, primary: bool, total_steps: int, start_step: int, batch_size: int,
+                 tb_every: int = 10, tensorboard: bool = True, progress: bool = True):
+        self.primary = primary
+        self.batch_size = batch_size
+        self.tb_every = max(1, tb_every)
+        self._jsonl = None
+        self._tb = None
+        self._bar = None
+        self._t_last = None
+        self._ips = None
+        self._steps_timed = 0
+        if not primary:
+            return
+        workdir = Path(workdir)
+        path = workdir / METRICS_FILE
+        if path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+            with open(path, "a") as f:  # a killed run may have left half a line: end it
+                f.write("\n")
+        self._jsonl = open(path, "a", buffering=1)
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(workdir / "tensorboard"), flush_secs=10)
+        if progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="it", dynamic_ncols=True, mininterval=1.0,
+                             smoothing=0.1)
+
+    def start_timer(self) -> None:
+        self._t_last = time.perf_counter()
+
+    def write_step(self, step: int, metrics: Mapping[str, float]) -> None:
+        """`step`: the 0-based iteration the metrics come from."""
+        now = time.perf_counter()
+        if self._t_last is not None and self._steps_timed > 0:  # the first iteration includes compilation
+            dt = max(now - self._t_last, 1e-9)
+            ips = self.batch_size / dt
+            self._ips = ips if self._ips is None else 0.8 * self._ips + 0.2 * ips
+        self._steps_timed += 1
+        self._t_last = now
+        if not self.primary:
+            return
+        row = {"step": int(step), **{k: _json_float(v) for k, v in metrics.items()}}
+        if self._ips is not None:
+            row["perf/images_per_s"] = self._ips
+        self._jsonl.write(json.dumps(row) + "\n")
+        if self._tb is not None and (step % self.tb_every == 0 or not math.isfinite(row.get("loss/total", 0.0))):
+            for k, v in row.items():
+                if k != "step" and v is not None:
+                    self._tb.add_scalar(k, v, step)
+        if self._bar is not None:
+            post = {"loss": f"{row.get('loss/total', float('nan')):.4f}"}
+            if self._ips is not None:
+                post["img/s"] = f"{self._ips:.1f}"
+            self._bar.set_postfix(post, refresh=False)
+            self._bar.update(1)
+
+    def write_scalars(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Extra scalars (the sanity metrics): JSONL row with a "kind" and TensorBoard."""
+        if not self.primary:
+            return
+        row = {"step": int(step), "kind": "sanity", **{k: _json_float(v) for k, v in metrics.items()}}
+        self._jsonl.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in metrics.items():
+                self._tb.add_scalar(k, float(v), step)
+
+    def message(self, text: str) -> None:
+        if not self.primary:
+            return
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+        self._bar = self._tb = self._jsonl = None
+
+
+def _json_float(v: Any) -> float:
+    return float(v)  # json writes NaN / Infinity as such (read back by Python's json)
+
+
+def read_metrics(workdir: str | Path) -> dict[int, dict[str, Any]]:
+    """Per-iteration rows of a run's JSONL log; a resumed run's re-done iterations replace the earlier rows."""
+    rows: dict[int, dict[str, Any]] = {}
+    path = Path(workdir) / METRICS_FILE
+    if not path.exists():
+        return rows
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # half a line from a killed run
+            continue
+        if row.get("kind") is None:
+            rows[int(row["step"])] = row
+    return rows

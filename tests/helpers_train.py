@@ -1,0 +1,51 @@
+"""A tiny gpfm-train config for the run tests (also a config file: `--config tests/helpers_train.py`), and helpers
+to run gpfm-train in a subprocess with its own device count."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from configs.common import vit  # noqa: E402
+from configs.demo import get_config as demo_config  # noqa: E402
+
+
+def get_config():
+    """Patch-16 student (dim 32, 2 blocks) on 64 px global / 32 px local crops of the sample slide, 16 images per
+    iteration, 1-block stand-in teachers: a few seconds per compile, well under a second per iteration."""
+    c = demo_config()
+    c.model.vit = vit(img_size=64, patch_size=16, embed_dim=32, depth=2, num_heads=2, layerscale_init=0.1,
+                      drop_path_rate=0.1)
+    c.model.heads.update(dict(out_dim=128, hidden_dim=64, bottleneck_dim=32, distill_bottleneck_dim=32))
+    c.standin.update(dict(embed_dim=32, depth=1, num_heads=2, pooler_dim=16))
+    c.schedule.update(dict(base_lr=2e-2, total_steps=40, warmup_steps=2, teacher_temp_warmup_steps=4,
+                           freeze_last_layer_steps=1))
+    c.data.tile_size = 96
+    c.data.global_batch_size = 16
+    c.data.multicrop.global_size = 64
+    c.data.multicrop.local_size = 32
+    c.data.multicrop.num_local_crops = 2
+    c.data.prefetch_records = 16
+    c.checkpoint.update(dict(every=2, keep=3, keep_period=0))
+    c.log.update(dict(every=1, sanity_every=0, progress=False))
+    c.steps = 4
+    return c
+
+
+def run_cli(workdir, *overrides: str, devices: int = 1, config: str | Path = __file__, wait: bool = True,
+            timeout: float = 300, extra_env: dict | None = None):
+    """`python -m gpfm_jax.train.main` in a fresh process with `devices` XLA CPU devices."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env.update(extra_env or {})
+    cmd = [sys.executable, "-m", "gpfm_jax.train.main", "--config", str(config), "--workdir", str(workdir), *overrides]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=timeout)
