@@ -13,6 +13,7 @@ import argparse
 import statistics
 import sys
 import time
+from typing import Any
 
 import jax
 import numpy as np
@@ -34,18 +35,23 @@ def vit_gflop(cfg: ViTConfig, image_size: int, pooler=None) -> float:
     return flops / 1e9
 
 
-def _time(fn, args, repeats: int) -> tuple[float, float]:
-    """(compile seconds, median run seconds)."""
+def _compile(fn, args) -> tuple[Any, float]:
     start = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
     compile_s = time.perf_counter() - start
     jax.block_until_ready(compiled(*args))  # warm-up
-    runs = []
+    return compiled, compile_s
+
+
+def _interleaved_medians(calls: list[tuple[Any, tuple]], repeats: int) -> list[float]:
+    """Median seconds of each call, timed in interleaved rounds (a shared machine's load hits all alike)."""
+    times: list[list[float]] = [[] for _ in calls]
     for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        runs.append(time.perf_counter() - start)
-    return compile_s, statistics.median(runs)
+        for i, (compiled, args) in enumerate(calls):
+            start = time.perf_counter()
+            jax.block_until_ready(compiled(*args))
+            times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def main(argv=None) -> int:
@@ -63,28 +69,29 @@ def main(argv=None) -> int:
     print(f"devices: {jax.devices()}; batch {args.batch}x{args.size}x{args.size}, dtype {args.dtype}, "
           f"scan_layers={scan}, median of {args.repeats}")
 
-    rows = []
+    entries = []  # (name, fn, args, gflop per image)
     student = VisionTransformer(ViTConfig(dtype=args.dtype, scan_layers=scan))
     student_params = random_params(student, (1, 224, 224, 3), seed=0)
-    rows.append(("student ViT-L/14", *_time(lambda p, x: student.apply({"params": p}, x)["cls"], (student_params, images),
-                                            args.repeats), vit_gflop(student.cfg, args.size)))
+    entries.append(("student ViT-L/14", lambda p, x: student.apply({"params": p}, x)["cls"], student_params,
+                    vit_gflop(student.cfg, args.size)))
     teachers, params = {}, {}
     for i, name in enumerate(names):
         teacher = build_teacher(TEACHERS[name], dtype=args.dtype, scan_layers=scan)
         teachers[name], params[name] = teacher, teacher.init_params(seed=i + 1)
         fn = (lambda t: lambda p, x: t.apply(p, x)[t.spec.cls_output])(teacher)
-        gflop = vit_gflop(teacher.spec.vit, args.size, teacher.spec.pooler)
-        rows.append((f"teacher {name}", *_time(fn, (params[name], images), args.repeats), gflop))
-    total_gflop = sum(row[3] for row in rows[1:])
-    rows.append(("all teachers (teacher_targets)", *_time(lambda p, x: teacher_targets(teachers, p, x), (params, images),
-                                                          args.repeats), total_gflop))
+        entries.append((f"teacher {name}", fn, params[name], vit_gflop(teacher.spec.vit, args.size, teacher.spec.pooler)))
+    total_gflop = sum(e[3] for e in entries[1:])
+    entries.append(("all teachers (teacher_targets)", lambda p, x: teacher_targets(teachers, p, x), params, total_gflop))
 
-    student_s = rows[0][2]
-    print(f"{'model':32s} {'compile s':>9s} {'forward s':>9s} {'ms/img':>8s} {'GFLOP/img':>9s} {'x student':>9s}")
-    for name, compile_s, run_s, gflop in rows:
+    compiled = [_compile(fn, (p, images)) for _, fn, p, _ in entries]
+    medians = _interleaved_medians([(c, (e[2], images)) for (c, _), e in zip(compiled, entries)], args.repeats)
+    student_s = medians[0]
+    print(f"{'model':32s} {'compile s':>9s} {'forward s':>9s} {'ms/img':>8s} {'GFLOP/img':>9s} {'GFLOP/s':>8s} "
+          f"{'x student':>9s}")
+    for (name, _, _, gflop), (_, compile_s), run_s in zip(entries, compiled, medians):
         print(f"{name:32s} {compile_s:9.1f} {run_s:9.3f} {1000 * run_s / args.batch:8.1f} {gflop:9.1f} "
-              f"{run_s / student_s:9.2f}")
-    print(f"FLOP ratio all teachers / student forward: {total_gflop / rows[0][3]:.2f}")
+              f"{gflop * args.batch / run_s:8.1f} {run_s / student_s:9.2f}")
+    print(f"FLOP ratio all teachers / student forward: {total_gflop / entries[0][3]:.2f}")
     return 0
 
 
