@@ -2,7 +2,7 @@
 """End-to-end slide feature extraction, tiles/s: gpfm-extract (JAX) vs the same encoder in timm driven by a standard
 PyTorch DataLoader loop (CLAM's extract_features_fp pattern), same slides, same tiles, same run.
 
-    python tools/bench_extract.py [--arch small|base|large] [--copies 3] [--repeats 3] [--batch-size 32]
+    python tools/bench_extract.py [--arch small|base|large] [--copies 8] [--repeats 2] [--batch-size 16]
 
 Both sides do everything a user waits for: tissue tiling (the same gpfm_jax.data.slides grid), reading tiles with
 openslide, bicubic resize to 224 (PIL), normalisation, the ViT forward, writing features + coords to one HDF5 file
@@ -126,11 +126,11 @@ def _jax_extract(encoder, slides: list[Path], out_dir: Path, tile_size: int, wor
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=sorted(TIMM_ARCHS), default="small")
-    parser.add_argument("--copies", type=int, default=3, help="copies of the sample slide per pass")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--copies", type=int, default=8, help="copies of the sample slide per pass")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--tile-size", type=int, default=256, help="pixels at 20x (resized to 224 on both sides)")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="DataLoader workers (timm) = reader threads (JAX)")
     args = parser.parse_args()
 

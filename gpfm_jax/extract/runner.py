@@ -237,7 +237,7 @@ def extract_slides(encoder: FeatureEncoder, slides: list[Path], out: str | os.Pa
             job.commit()
             report.done.append((job.slide, job.seen))
             log.info("%s: %d tiles -> %s", job.slide, job.seen, job.target)
-        bar.update(1)
+        bar.set_postfix_str(f"{len(report.done)}/{len(jobs)} slides done, {len(report.failed)} failed")
 
     def fail(job: _SlideJob, reason: str) -> None:
         if job.error is None:
@@ -246,36 +246,45 @@ def extract_slides(encoder: FeatureEncoder, slides: list[Path], out: str | os.Pa
             report.failed.append((job.slide, reason))
             log.error("%s: FAILED, skipped (%s)", job.slide, reason)
 
-    with _bar(len(jobs), "slides", loader.progress, unit="slide") as bar:
+    def route(batch: Batch, feats: np.ndarray, bar) -> None:
+        """Append a batch's rows to their slides' files; record failures; settle slides whose last tile is in."""
+        touched = sorted({j for j, _ in batch.items} | {j for (j, _), _ in batch.failures})
+        for j in touched:
+            if jobs[j].seen == 0 and jobs[j].plan_error is None:  # first tiles of this slide
+                bar.total += jobs[j].num_tiles
+                bar.refresh()
+        bar.update(len(batch.items) + sum(1 for (_, i), _ in batch.failures if i >= 0))
+        for (j, i), reason in batch.failures:
+            job = jobs[j]
+            if i >= 0:
+                fail(job, f"tile at {tuple(int(v) for v in job.plan.coords[i])}: {reason}")
+                job.seen += 1
+            elif job.plan_error is not None:
+                fail(job, job.plan_error)
+            else:
+                log.warning("%s: no tissue tiles at %gx / %d px; writing an empty feature file",
+                            job.slide, job.plan.magnification, job.plan.tile_size)
+        rows: dict[int, list[int]] = {}
+        for r, (j, _) in enumerate(batch.items):
+            rows.setdefault(j, []).append(r)
+        for j, rs in rows.items():
+            job = jobs[j]
+            job.seen += len(rs)
+            if job.error is None:
+                out_file = job.open(encoder)
+                out_file.append("features", feats[rs])
+                out_file.append("coords", job.plan.coords[[batch.items[r][1] for r in rs]])
+        for j in touched:
+            if jobs[j].plan_error is not None or jobs[j].seen == jobs[j].num_tiles:
+                settle(jobs[j], bar)
+
+    with _bar(0, "tiles", loader.progress) as bar:  # the total grows as slides are tiled
         batches = prefetch_batches(items(), read, encoder.batch_size, workers=loader.workers, depth=loader.depth,
                                    skip=(Exception,))
         try:
             with contextlib.closing(batches):
                 for batch, feats in encode_stream(encoder, batches):
-                    rows: dict[int, list[int]] = {}
-                    for r, (j, _) in enumerate(batch.items):
-                        rows.setdefault(j, []).append(r)
-                    for (j, i), reason in batch.failures:
-                        job = jobs[j]
-                        if i >= 0:
-                            fail(job, f"tile at {tuple(int(v) for v in job.plan.coords[i])}: {reason}")
-                            job.seen += 1
-                        elif job.plan_error is not None:
-                            fail(job, job.plan_error)
-                        else:
-                            log.warning("%s: no tissue tiles at %gx / %d px; writing an empty feature file",
-                                        job.slide, job.plan.magnification, job.plan.tile_size)
-                    for j, rs in rows.items():
-                        job = jobs[j]
-                        job.seen += len(rs)
-                        if job.error is None:
-                            out_file = job.open(encoder)
-                            out_file.append("features", feats[rs])
-                            out_file.append("coords", job.plan.coords[[batch.items[r][1] for r in rs]])
-                    for j in sorted({j for j, _ in batch.items} | {j for (j, _), _ in batch.failures}):
-                        job = jobs[j]
-                        if job.plan_error is not None or job.seen == job.num_tiles:
-                            settle(job, bar)
+                    route(batch, feats, bar)
         finally:
             for job in jobs:  # the reader threads have stopped here: every handle can be closed
                 job.abort()
