@@ -15,7 +15,7 @@ from gpfm_jax.convert.bundle import load_bundle
 from gpfm_jax.convert.layout import to_layout
 from gpfm_jax.models.vit import ViTConfig, VisionTransformer
 
-# name -> builder(meta, overrides) -> (module, scanned layout?)
+# name -> builder(meta, overrides) -> module
 ENCODER_BUILDERS: dict[str, Callable[[dict[str, Any], dict[str, Any]], nn.Module]] = {}
 
 
@@ -48,9 +48,18 @@ def load_encoder(directory: str | Path, **overrides: Any) -> tuple[nn.Module, di
     """(module, params in the module's layout, meta) for a bundle folder."""
     params, meta = load_bundle(directory)
     module = build_encoder(meta, **overrides)
+    return module, to_module_layout(module, params), meta
+
+
+def to_module_layout(module: nn.Module, params: dict[str, Any]) -> dict[str, Any]:
+    """Bundles store unscanned blocks; a module built with scan_layers wants them stacked (trunk of a pooled ViT)."""
+    from gpfm_jax.models.pooling import PooledViT
+
     if isinstance(module, VisionTransformer):
-        params = to_layout(params, module.cfg.scan_layers)
-    return module, params, meta
+        return to_layout(params, module.cfg.scan_layers)
+    if isinstance(module, PooledViT):
+        return {**params, "trunk": to_layout(dict(params["trunk"]), module.vit.scan_layers)}
+    return params
 
 
 @register_encoder("vit_attnpool")
@@ -58,7 +67,4 @@ def _build_vit_attnpool(meta: dict[str, Any], overrides: dict[str, Any]) -> nn.M
     """ViT trunk + attentional pool head (CONCH teacher bundles); params {"trunk": ..., "pooler": ...}."""
     from gpfm_jax.models.pooling import PooledViT, PoolerConfig
 
-    cfg = vit_config(meta, **overrides)
-    if cfg.scan_layers:  # load_encoder converts the layout of plain ViT params only
-        raise ValueError("scan_layers for a vit_attnpool bundle: load it with gpfm_jax.teachers.load_teacher")
-    return PooledViT(cfg, PoolerConfig.from_dict(meta["pooler"]))
+    return PooledViT(vit_config(meta, **overrides), PoolerConfig.from_dict(meta["pooler"]))

@@ -192,14 +192,6 @@ def build_teacher(spec: TeacherSpec, **overrides: Any) -> Teacher:
     return Teacher(spec.replace(vit=vit), module)
 
 
-def _trunk_layout(params: Mapping[str, Any], spec: TeacherSpec, scanned: bool) -> dict[str, Any]:
-    from gpfm_jax.convert.layout import to_layout
-
-    if spec.pooler is None:
-        return to_layout(dict(params), scanned)
-    return {**params, "trunk": to_layout(dict(params["trunk"]), scanned)}
-
-
 def spec_from_meta(meta: Mapping[str, Any]) -> TeacherSpec:
     """The registry spec of the bundle's teacher, checked against the architecture stored in the bundle."""
     name = meta.get("teacher")
@@ -230,7 +222,9 @@ def load_teacher(name: str, bundle: str | Path | None, seed: int = 0, **override
     if spec.name != name:
         raise ValueError(f"{bundle}: this bundle holds the {spec.name!r} teacher, but it is configured as {name!r}")
     teacher = build_teacher(spec, **overrides)
-    params = _trunk_layout(params, teacher.spec, teacher.spec.vit.scan_layers)
+    from gpfm_jax.encoders import to_module_layout
+
+    params = to_module_layout(teacher.module, params)
     dtype = teacher.spec.vit.param_dtype
     params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
     return teacher, params

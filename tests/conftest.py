@@ -40,16 +40,16 @@ def normalised_batch(height: int = 224, width: int | None = None, count: int | N
 
 
 def randomize_torch_params_(model, seed: int = 0) -> None:
-    """Gives every parameter non-trivial random values (LayerScale 1e-5 at init would hide the blocks)."""
+    """Gives every parameter non-trivial random values (LayerScale 1e-5 at init would hide the blocks):
+    LayerNorm scales and LayerScale gammas in [0.5, 1.5), everything else N(0, 0.02)."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
+    norm_scales = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.LayerNorm) and m.weight is not None}
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(("gamma", "norm1.weight", "norm2.weight", "norm.weight")) or ".layernorm" in name and name.endswith("weight"):
+            if id(p) in norm_scales or name.endswith("gamma"):
                 p.copy_(0.5 + torch.rand(p.shape, generator=gen))
-            elif name.endswith("bias"):
-                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
             else:
                 p.copy_(0.02 * torch.randn(p.shape, generator=gen))
 

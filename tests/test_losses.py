@@ -240,19 +240,6 @@ def test_distill_hand_cases():
     np.testing.assert_allclose(losses.smooth_l1(np.array([0.5, 2.0]), np.zeros(2)), (0.125 + 1.5) / 2, **TOL)
 
 
-def test_upsample_patch_grid_matches_torch_bicubic():
-    torch = pytest.importorskip("torch")
-    rng = np.random.default_rng(7)
-    tokens = rng.normal(size=(2, 14 * 14, 4)).astype(np.float32)
-    ref = torch.nn.functional.interpolate(
-        torch.from_numpy(tokens).permute(0, 2, 1).reshape(2, 4, 14, 14), size=(16, 16), mode="bicubic")
-    ref = ref.reshape(2, 4, 256).permute(0, 2, 1).numpy()
-    np.testing.assert_allclose(losses.upsample_patch_grid(jnp.asarray(tokens), (16, 16)), ref, rtol=1e-5, atol=2e-5)
-
-
-# --------------------------------------------------------------------------------------------------- total
-
-
 def test_weights_and_weighted_total():
     cfg = losses.LossConfig()
     w = losses.loss_weights(cfg)

@@ -150,7 +150,7 @@ def _matmul_peak(n: int = 2048, repeats: int = 10) -> float:
 
 def mfu(args) -> None:
     vit = ViTConfig(embed_dim=384, depth=12, num_heads=6, drop_path_rate=0.0)
-    experts = {name: build_teacher(standin_spec(name, embed_dim=192, depth=4, num_heads=3)) for name in TEACHERS}
+    experts = {name: build_teacher(standin_spec(name, embed_dim=192, depth=4, num_heads=4)) for name in TEACHERS}
     heads = HeadConfig(out_dim=8192, hidden_dim=1024, bottleneck_dim=256)
     model, step, state, expert_params, batch_shapes, max_masked = _build(vit, heads, experts, args.batch, 8, 98)
     mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
@@ -173,7 +173,7 @@ def mfu(args) -> None:
         times.append(time.perf_counter() - t)
     step_time, peak = float(np.median(times)), float(np.median(peaks))
     achieved = compiled_flops / step_time
-    print(f"small config (ViT-S/14 student, 3 stand-in teachers d192x4, batch {args.batch} x (2 global + 8 local)): "
+    print(f"small config (ViT-S/14 student, 3 stand-in teachers d192 x 4 layers, batch {args.batch} x (2 global + 8 local)): "
           f"{step_time:.2f} s/step, {args.batch / step_time:.2f} img/s, {compiled_flops / 1e9:.0f} GFLOP/step")
     print(f"f32 matmul peak {peak / 1e9:.0f} GFLOP/s; step {achieved / 1e9:.0f} GFLOP/s; MFU {achieved / peak:.1%}")
 

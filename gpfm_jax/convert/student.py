@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,7 @@ import numpy as np
 from gpfm_jax.convert import vit_keys
 from gpfm_jax.convert.bundle import load_bundle, load_meta, preprocessing, save_bundle
 from gpfm_jax.convert.layout import unstack_blocks
-from gpfm_jax.convert.torch_io import CheckpointError, load_torch_file, save_torch_file
+from gpfm_jax.convert.torch_io import CheckpointError, file_sha256, load_torch_file, save_torch_file
 from gpfm_jax.models.vit import ViTConfig
 
 # Named architectures a user can require with --arch (the file must then match exactly).
@@ -22,14 +21,6 @@ ARCHS: dict[str, ViTConfig] = {
     "vit_giant_patch14": ViTConfig(embed_dim=1536, depth=40, num_heads=24, ffn="swiglu", mlp_ratio=4.0),
 }
 EXPORT_FORMATS = ("timm", "gpfm")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_vit_state(torch_path: str | Path) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -64,7 +55,7 @@ def convert_from_pytorch(torch_path: str | Path, out_dir: str | Path, arch: str 
         "preprocessing": preprocessing(224),
         "provenance": {
             "source": torch_path.name,
-            "sha256": _sha256(torch_path),
+            "sha256": file_sha256(torch_path),
             "ignored_keys": sorted({k.split(".")[0] + ".*" for k in ignored}),
         },
     }
@@ -72,7 +63,8 @@ def convert_from_pytorch(torch_path: str | Path, out_dir: str | Path, arch: str 
     return meta
 
 
-def _is_training_checkpoint(directory: Path) -> bool:
+def is_training_checkpoint(directory: Path) -> bool:
+    """A gpfm-train checkpoint folder: encoder.json next to numbered orbax step folders."""
     return any(p.is_dir() and p.name.isdigit() for p in directory.iterdir()) and (directory / "encoder.json").is_file()
 
 
@@ -85,7 +77,7 @@ def load_student_encoder(checkpoint: str | Path, step: int | None = None) -> tup
     checkpoint = Path(checkpoint)
     if not checkpoint.is_dir():
         raise CheckpointError(f"{checkpoint}: no such folder")
-    if _is_training_checkpoint(checkpoint):
+    if is_training_checkpoint(checkpoint):
         meta = load_meta(checkpoint)
         params = _restore_teacher_backbone(checkpoint, step)
     else:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
 from gpfm_jax.convert import teacher_keys
 from gpfm_jax.convert.bundle import preprocessing, save_bundle
-from gpfm_jax.convert.torch_io import load_torch_file
+from gpfm_jax.convert.torch_io import file_sha256, load_torch_file
 from gpfm_jax.teachers import TeacherSpec, teacher_spec
 
 TRAINING_INPUT_NOTE = (
@@ -20,14 +19,6 @@ FILE_KINDS = {
     "hf_vit": "Phikon model.safetensors or pytorch_model.bin (Hugging Face ViTModel)",
     "conch_coca": "CONCH pytorch_model.bin (whole CoCa model)",
 }
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def import_teacher(name: str, torch_path: str | Path) -> tuple[dict[str, Any], TeacherSpec, list[str]]:
@@ -72,7 +63,7 @@ def port_teacher(name: str, torch_path: str | Path, out_dir: str | Path) -> dict
     params, spec, ignored = import_teacher(name, torch_path)
     provenance = {
         "source": torch_path.name,
-        "sha256": _sha256(torch_path),
+        "sha256": file_sha256(torch_path),
         "source_format": spec.source_format,
         "ignored_keys": teacher_keys.summarize_ignored(ignored, spec.source_format),
     }

@@ -6,6 +6,7 @@ checkpoint can never execute anything here. Tensors come back as numpy arrays wi
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 from pathlib import Path
 from typing import Any, Mapping
@@ -25,6 +26,15 @@ def _require_torch():
     except ImportError as err:  # torch is an extra, not a training dependency
         raise ImportError('reading PyTorch files needs the torch extra: pip install "gpfm_jax[torch]"') from err
     return torch
+
+
+def file_sha256(path: Path) -> str:
+    """Provenance of a converted file (recorded in bundles)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def tensor_to_numpy(tensor: Any) -> np.ndarray:

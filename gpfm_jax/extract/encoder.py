@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpfm_jax.convert.bundle import IMAGENET_MEAN, IMAGENET_STD, load_meta, preprocessing
+from gpfm_jax.convert.student import is_training_checkpoint
 from gpfm_jax.convert.torch_io import CheckpointError
 
 DTYPES = ("float32", "bfloat16")
@@ -59,12 +60,6 @@ class FeatureEncoder:
                 "mean": list(self.mean), "std": list(self.std), "compute_dtype": self.dtype}
 
 
-def is_training_checkpoint(directory: Path) -> bool:
-    """A gpfm-train checkpoint folder: encoder.json next to numbered orbax step folders."""
-    return (directory / "encoder.json").is_file() and any(
-        p.is_dir() and p.name.isdigit() for p in directory.iterdir())
-
-
 def _load_module(path: Path, dtype: str, step: int | None):
     """(module, params, meta) from a bundle (any registered encoder kind) or a training checkpoint's EMA teacher."""
     if not path.is_dir():
@@ -98,7 +93,8 @@ def load_feature_encoder(path: str | Path, *, batch_size: int = 64, dtype: str =
     size = int(prep["input_size"])
     mean = tuple(float(v) for v in prep.get("mean", IMAGENET_MEAN))
     std = tuple(float(v) for v in prep.get("std", IMAGENET_STD))
-    output = output or meta.get("feature", "cls")
+    # A teacher bundle names its training target (CONCH: "image_embedding"); the student's feature is "cls".
+    output = output or meta.get("feature") or meta.get("targets", {}).get("cls") or "cls"
     params = jax.device_put(params)
     mean_a, std_a = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
 

@@ -14,7 +14,6 @@ from gpfm_jax.losses.distill import (
     cosine_similarity,
     patch_distill_loss,
     smooth_l1,
-    upsample_patch_grid,
 )
 from gpfm_jax.losses.ibot import ibot_loss, ibot_loss_dense, masked_patch_weights, select_masked
 from gpfm_jax.losses.koleo import koleo_global_views, koleo_loss
@@ -43,6 +42,5 @@ __all__ = [
     "split_views",
     "teacher_targets",
     "update_center",
-    "upsample_patch_grid",
     "weighted_total",
 ]

@@ -4,7 +4,7 @@ CLS term:   1 - mean_b cos(head_t(student CLS)_b, target_b)
 patch term: alpha * (1 - mean cos) + beta * SmoothL1(beta_l1)  with alpha 0.9, beta 0.1; cos per token, means over
             all (image, token) pairs; SmoothL1 is torch's default mean over every element, on raw (unnormalised)
             head outputs and targets.
-The teacher patch grid (14x14) is brought to the student grid (16x16) with `upsample_patch_grid` first.
+The teacher patch grid (14x14) is brought to the student grid (16x16) first, by `teachers.teacher_targets`.
 """
 
 from __future__ import annotations
@@ -43,18 +43,3 @@ def patch_distill_loss(
     if pred.shape != target.shape:
         raise ValueError(f"pred {pred.shape} and target {target.shape} must match; upsample the teacher grid first")
     return cos_weight * cosine_loss(pred, target) + smooth_l1_weight * smooth_l1(pred, target, smooth_l1_beta)
-
-
-def upsample_patch_grid(tokens: jax.Array, grid: tuple[int, int]) -> jax.Array:
-    """[B, h*w, D] square teacher grid -> [B, gh*gw, D], bicubic with torch's kernel (`F.interpolate(size=...,
-    mode='bicubic', align_corners=False)`, no antialias), as GPFM's FeatureLoss does."""
-    b, n, d = tokens.shape
-    side = int(round(n**0.5))
-    if side * side != n:
-        raise ValueError(f"teacher patch tokens must form a square grid, got {n}")
-    if (side, side) == tuple(grid):
-        return tokens
-    x = tokens.reshape(b, side, side, d)
-    x = jax.image.resize(x.astype(jnp.float32), (b, grid[0], grid[1], d),
-                         method=jax.image.ResizeMethod.CUBIC_PYTORCH, antialias=False)
-    return x.reshape(b, grid[0] * grid[1], d).astype(tokens.dtype)

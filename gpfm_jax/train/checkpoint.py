@@ -159,8 +159,9 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, every: int, keep: int, keep_period: int = 0, async_save: bool = True):
         self.directory = Path(directory).absolute()
+        self.every = every
         self.options = ocp.CheckpointManagerOptions(
-            save_interval_steps=every, max_to_keep=keep, keep_period=keep_period or None,
+            save_interval_steps=1,  # the interval is applied in save() (orbax would also save the first step) max_to_keep=keep, keep_period=keep_period or None,
             enable_async_checkpointing=async_save, create=True)
         self.manager = self._open()
 
@@ -173,10 +174,10 @@ class Checkpointer:
 
     def save(self, step: int, state: TrainState, stream: ShardedStream, force: bool = False) -> bool:
         """Saves when the interval says so (or `force`); async: returns once the arrays are copied off the devices."""
-        if step in self.manager.all_steps():
+        if step in self.manager.all_steps() or not (force or step % self.every == 0):
             return False
         args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(state_to_tree(state)), DATA: DataStateSave(stream)})
-        return self.manager.save(step, args=args, force=force)
+        return self.manager.save(step, args=args, force=True)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
