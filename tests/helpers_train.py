@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ml_collections
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -16,11 +18,15 @@ from configs.demo import get_config as demo_config  # noqa: E402
 
 
 def get_config():
-    """Patch-16 student (dim 32, 2 blocks) on 64 px global / 32 px local crops of the sample slide, 16 images per
-    iteration, 1-block stand-in teachers: a few seconds per compile, well under a second per iteration."""
+    """Patch-16 student (dim 32, 1 block) on 64 px global / 32 px local crops of the sample slide, 16 images per
+    iteration, one 1-block stand-in teacher (UNI's interface): compiles in seconds, well under a second per
+    iteration. The demo config (all three teachers) has its own test."""
     c = demo_config()
-    c.model.vit = vit(img_size=64, patch_size=16, embed_dim=32, depth=2, num_heads=2, layerscale_init=0.1,
+    c.model.vit = vit(img_size=64, patch_size=16, embed_dim=32, depth=1, num_heads=2, layerscale_init=0.1,
                       drop_path_rate=0.1)
+    c.teachers = ml_collections.ConfigDict({"uni": "standin"})  # one teacher: a smaller program to compile
+    c.loss.distill_cls_weights = ml_collections.ConfigDict({"uni": 1.0})
+    c.loss.distill_patch_weights = ml_collections.ConfigDict({"uni": 0.25})
     c.model.heads.update(dict(out_dim=128, hidden_dim=64, bottleneck_dim=32, distill_bottleneck_dim=32))
     c.standin.update(dict(embed_dim=32, depth=1, num_heads=2, pooler_dim=16))
     c.schedule.update(dict(base_lr=2e-2, total_steps=40, warmup_steps=2, teacher_temp_warmup_steps=4,
@@ -31,6 +37,7 @@ def get_config():
     c.data.multicrop.local_size = 32
     c.data.multicrop.num_local_crops = 2
     c.data.prefetch_records = 16
+    c.data.shards = 2  # two data streams (each with its own masks) in every run: 1 or 2 processes, one program
     c.checkpoint.update(dict(every=2, keep=3, keep_period=0))
     c.log.update(dict(every=1, sanity_every=0, progress=False))
     c.steps = 4

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -108,7 +110,7 @@ def test_exact_resume_after_sigkill(tmp_path, cache_dir, uninterrupted):
     """Run 3 iterations, SIGKILL the process once checkpoint 3 is committed, resume to 6: the iterations 3..5 and
     the final state are bitwise those of the uninterrupted run."""
     workdir = tmp_path / "killed"
-    proc = _cli(workdir, "--config.steps=6", "--config.checkpoint.every=3", "--config.runtime.step_sleep_s=2.0",
+    proc = _cli(workdir, "--config.steps=6", "--config.checkpoint.every=3", "--config.runtime.step_sleep_s=0.7",
                 cache=cache_dir, wait=False)
     committed = workdir / "checkpoints" / "3"
     deadline = time.time() + 240
@@ -175,33 +177,89 @@ def _abstract_state_on(cfg, devices):
     schedules = make_schedules(config_lib.schedule_config(cfg), cfg.data.global_batch_size)
     tx = make_optimizer(jax.eval_shape(model.init_student, jax.random.key(0)), schedules)
     abstract = jax.eval_shape(lambda k: init_state(model, tx, k), jax.random.key(0))
-    mesh = sharding.make_mesh(-1, 4 if len(devices) == 8 else 1, devices=devices)
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, devices=devices)
     return ckpt.with_shardings(abstract, sharding.state_shardings(abstract, mesh))
 
 
-def test_restore_across_device_counts(tmp_path, cache_dir, uninterrupted):
-    """8 fake devices (data 2 x fsdp 4) -> 1 device, and a 1-device checkpoint -> 8 devices: same values, new
-    shardings, and training goes on from the restored step."""
-    # 8 -> 1
-    wd8 = tmp_path / "eight"
-    result = loop.train(_tiny(**{"steps": 2, "mesh.fsdp": 4}), wd8)
-    assert result.status == "done" and result.end_step == 2
-    saved = _raw_state(wd8, 2)
-    cfg1 = _tiny(**{"steps": 3, "mesh.num_devices": 1})
-    checkpointer = ckpt.Checkpointer(wd8 / "checkpoints", every=2, keep=3)
+@pytest.fixture(scope="module")
+def reference8(tmp_path_factory, cache_dir):
+    """The tiny config on this process's 8 fake devices (data 2 x fsdp 4, both data shards here), 4 iterations."""
+    workdir = tmp_path_factory.mktemp("reference8")
+    result = loop.train(_tiny(**{"steps": 4, "mesh.fsdp": 4}), workdir)
+    assert (result.status, result.end_step) == ("done", 4)
+    return workdir
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_processes(workdir, steps, cache):
+    port = _free_port()
+    procs = [
+        _cli(workdir, f"--config.steps={steps}", "--config.mesh.fsdp=4", "--config.runtime.cpu_devices=4",
+             "--config.runtime.cpu_collectives=gloo", f"--config.runtime.coordinator_address=127.0.0.1:{port}",
+             "--config.runtime.num_processes=2", f"--config.runtime.process_id={i}", cache=cache, wait=False,
+             extra_env={"XLA_FLAGS": ""})
+        for i in (0, 1)
+    ]
+    outs = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        outs.append(out)
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-4000:]
+    return outs
+
+
+def test_multihost_two_processes_match_one_process_with_8_devices(tmp_path, cache_dir, reference8):
+    """Two processes on localhost (127.0.0.1 coordinator, gloo, 4 CPU devices each, each reading only its data
+    shard) = one process with 8 devices: same losses and params (rtol 1e-5); checkpoints saved and restored
+    together (3 iterations, then a second launch resumes from checkpoint 3 to 4)."""
+    workdir = tmp_path / "multihost"
+    outs = _two_processes(workdir, 3, cache_dir)
+    assert "on 2 process(es)" in outs[0] and "8 devices" in outs[0]
+    data = sorted(p.name for p in (workdir / "checkpoints" / "3" / "data").glob("*.json"))
+    assert data == ["shard_0-of-2.json", "shard_1-of-2.json"]  # each process wrote its own shard's position
+    outs = _two_processes(workdir, 4, cache_dir)
+    assert "restored step 3" in outs[0]
+    rows, reference = read_metrics(workdir), read_metrics(reference8)
+    assert sorted(rows) == sorted(reference) == [0, 1, 2, 3]
+    for step in range(4):
+        for key, value in reference[step].items():
+            if key.startswith(("loss/", "grad_norm/", "masked")):
+                np.testing.assert_allclose(rows[step][key], value, rtol=1e-5, atol=1e-6, err_msg=f"{step} {key}")
+    got, want = _raw_state(workdir, 4), _raw_state(reference8, 4)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
+
+
+def test_restore_across_device_counts(tmp_path, cache_dir, uninterrupted, reference8):
+    """A checkpoint of 8 fake devices (data 2 x fsdp 4) onto 1 device, and a 1-device checkpoint onto 8 devices:
+    same values, the new shardings, and training goes on from the restored step."""
+    cfg8 = _tiny(**{"mesh.fsdp": 4})
+    cfg1 = _tiny(**{"mesh.num_devices": 1})
+
+    # 8 -> 1: restore here onto one device, then a 1-device process continues the run
+    checkpointer = ckpt.Checkpointer(reference8 / "checkpoints", every=2, keep=3)
     state, step = checkpointer.restore_latest(_abstract_state_on(cfg1, jax.devices()[:1]), None)
     checkpointer.close()
-    assert step == 2
-    assert state.params["backbone"]["pos_embed"].sharding.num_devices == 1
-    _assert_trees_equal(ckpt.state_to_tree(state), saved)
-    result = loop.train(cfg1, wd8)
-    assert (result.status, result.start_step, result.end_step) == ("done", 2, 3)
+    assert step == 4 and state.params["backbone"]["pos_embed"].sharding.num_devices == 1
+    _assert_trees_equal(ckpt.state_to_tree(state), _raw_state(reference8, 4))
+    wd8 = tmp_path / "from8"
+    shutil.copytree(reference8, wd8)
+    out = _ok(_cli(wd8, "--config.steps=5", cache=cache_dir, devices=1))
+    assert "restored step 4" in out and "1 devices" in out
+    assert np.isfinite(read_metrics(wd8)[4]["loss/total"])
 
-    # 1 -> 8
-    wd1 = tmp_path / "one"
-    shutil.copytree(uninterrupted, wd1)
-    cfg8 = _tiny(**{"steps": 7, "mesh.fsdp": 4})
-    checkpointer = ckpt.Checkpointer(wd1 / "checkpoints", every=3, keep=3)
+    # 1 -> 8: restore onto the 2 x 4 mesh (really sharded), then train on it here
+    checkpointer = ckpt.Checkpointer(uninterrupted / "checkpoints", every=3, keep=3)
     state, step = checkpointer.restore_latest(_abstract_state_on(cfg8, jax.devices()), None)
     checkpointer.close()
     assert step == 6
@@ -209,6 +267,9 @@ def test_restore_across_device_counts(tmp_path, cache_dir, uninterrupted):
     assert fc1.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
     assert fc1.addressable_shards[0].data.shape == (32, 32)
     _assert_trees_equal(ckpt.state_to_tree(state), _raw_state(uninterrupted, 6))
+    wd1 = tmp_path / "from1"
+    shutil.copytree(uninterrupted, wd1)
+    cfg8.steps = 7
     result = loop.train(cfg8, wd1)
     assert (result.status, result.start_step, result.end_step) == ("done", 6, 7)
     assert np.isfinite(read_metrics(wd1)[6]["loss/total"])
@@ -216,8 +277,9 @@ def test_restore_across_device_counts(tmp_path, cache_dir, uninterrupted):
 
 def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, cache_dir):
     workdir = tmp_path / "nan"
-    result = loop.train(_tiny(**{"steps": 6, "mesh.num_devices": 1, "runtime.inject_nan_at_step": 3}), workdir)
-    assert result.status == "nonfinite" and "at iteration 3" in result.message and "step 2" in result.message
+    result = _cli(workdir, "--config.steps=6", "--config.runtime.inject_nan_at_step=3", cache=cache_dir)
+    assert result.returncode == 1, result.stdout[-3000:]
+    assert "non-finite loss (nan) at iteration 3" in result.stdout and "last good checkpoint is step 2" in result.stdout
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [2]
     assert not np.isfinite(read_metrics(workdir)[3]["loss/total"])
