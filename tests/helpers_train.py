@@ -56,3 +56,40 @@ def run_cli(workdir, *overrides: str, devices: int = 1, config: str | Path = __f
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=timeout)
+
+
+def _set(cfg, key: str, value: str):
+    import ast
+
+    node = cfg
+    *parents, leaf = key.split(".")
+    for p in parents:
+        node = node[p]
+    try:
+        value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        pass
+    node[leaf] = value
+
+
+def run_phases(argv: list[str]) -> int:
+    """`python tests/helpers_train.py WORKDIR STEPS[,STEPS...] key=value ...`: the tiny config trained to each
+    STEPS in turn in this one process (each phase restores the previous phase's last checkpoint from disk)."""
+    from gpfm_jax.train import loop
+
+    workdir, phases, *overrides = argv
+    for steps in phases.split(","):
+        cfg = get_config()
+        for item in overrides:
+            key, value = item.split("=", 1)
+            _set(cfg, key, value)
+        cfg.steps = int(steps)
+        result = loop.train(cfg, workdir)
+        if result.status != "done":
+            print(result.message)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_phases(sys.argv[1:]))

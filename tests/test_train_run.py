@@ -6,7 +6,9 @@ per (config, mesh)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 import signal
 import socket
 import subprocess
@@ -49,10 +51,12 @@ def _ok(result):
 
 
 def _raw_state(workdir: Path, step: int) -> dict:
-    """The saved state tree of a step as numpy, restored without a target (as tools/convert_to_pytorch does)."""
+    """The saved state tree of a step as numpy, restored without a target."""
     with ocp.CheckpointManager(Path(workdir) / "checkpoints") as manager:
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    return jax.tree_util.tree_map(np.asarray, restored["state"])
+        # fallback: a checkpoint written by another topology (8 devices, 2 processes) comes back on one device
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(fallback_sharding=one)))
+    return jax.tree_util.tree_map(np.array, restored["state"])
 
 
 def _assert_trees_equal(a, b):
@@ -183,10 +187,10 @@ def _abstract_state_on(cfg, devices):
 
 @pytest.fixture(scope="module")
 def reference8(tmp_path_factory, cache_dir):
-    """The tiny config on this process's 8 fake devices (data 2 x fsdp 4, both data shards here), 4 iterations."""
+    """The tiny config on this process's 8 fake devices (data 2 x fsdp 4, both data shards here), 2 iterations."""
     workdir = tmp_path_factory.mktemp("reference8")
-    result = loop.train(_tiny(**{"steps": 4, "mesh.fsdp": 4}), workdir)
-    assert (result.status, result.end_step) == ("done", 4)
+    result = loop.train(_tiny(**{"steps": 2, "mesh.fsdp": 4}), workdir)
+    assert (result.status, result.end_step) == ("done", 2)
     return workdir
 
 
@@ -196,24 +200,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_processes(workdir, steps, cache):
+def _two_processes(workdir, phases: str, cache):
+    """Two processes (4 CPU devices each, gloo) train the tiny config together, to each step count in `phases`."""
     port = _free_port()
+    env = dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="2")
     procs = [
-        _cli(workdir, f"--config.steps={steps}", "--config.mesh.fsdp=4", "--config.runtime.cpu_devices=4",
-             "--config.runtime.cpu_collectives=gloo", f"--config.runtime.coordinator_address=127.0.0.1:{port}",
-             "--config.runtime.num_processes=2", f"--config.runtime.process_id={i}", cache=cache, wait=False,
-             extra_env={"XLA_FLAGS": ""})
+        subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "helpers_train.py"), str(workdir), phases, "mesh.fsdp=4",
+             "checkpoint.every=1",
+             "runtime.cpu_devices=4", "runtime.cpu_collectives=gloo", f"runtime.coordinator_address=127.0.0.1:{port}",
+             "runtime.num_processes=2", f"runtime.process_id={i}", f"runtime.compile_cache_dir={cache}"],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for i in (0, 1)
     ]
     outs = []
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        outs.append(out)
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=400)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-4000:]
     return outs
@@ -222,22 +229,35 @@ def _two_processes(workdir, steps, cache):
 def test_multihost_two_processes_match_one_process_with_8_devices(tmp_path, cache_dir, reference8):
     """Two processes on localhost (127.0.0.1 coordinator, gloo, 4 CPU devices each, each reading only its data
     shard) = one process with 8 devices: same losses and params (rtol 1e-5); checkpoints saved and restored
-    together (3 iterations, then a second launch resumes from checkpoint 3 to 4)."""
+    together (1 iteration, checkpoint 1, then both restore it from disk and go on to 2)."""
     workdir = tmp_path / "multihost"
-    outs = _two_processes(workdir, 3, cache_dir)
-    assert "on 2 process(es)" in outs[0] and "8 devices" in outs[0]
-    data = sorted(p.name for p in (workdir / "checkpoints" / "3" / "data").glob("*.json"))
+    t0 = time.perf_counter()
+    outs = _two_processes(workdir, "1,2", cache_dir)
+    print(f"two processes, 1 iteration, then restore + 1 iteration: {time.perf_counter() - t0:.1f} s")
+    assert "8 devices {'data': 2, 'fsdp': 4} on 2 process(es)" in outs[0]
+    assert "restored step 1" in outs[0]  # (only process 0 prints)
+    data = sorted(p.name for p in (workdir / "checkpoints" / "2" / "data").glob("*.json"))
     assert data == ["shard_0-of-2.json", "shard_1-of-2.json"]  # each process wrote its own shard's position
-    outs = _two_processes(workdir, 4, cache_dir)
-    assert "restored step 3" in outs[0]
     rows, reference = read_metrics(workdir), read_metrics(reference8)
-    assert sorted(rows) == sorted(reference) == [0, 1, 2, 3]
-    for step in range(4):
+    assert sorted(rows) == sorted(reference) == [0, 1]
+    for step in range(2):
         for key, value in reference[step].items():
             if key.startswith(("loss/", "grad_norm/", "masked")):
                 np.testing.assert_allclose(rows[step][key], value, rtol=1e-5, atol=1e-6, err_msg=f"{step} {key}")
-    got, want = _raw_state(workdir, 4), _raw_state(reference8, 4)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
+    got, want = _raw_state(workdir, 2), _raw_state(reference8, 2)
+    # The attention key bias has an exactly-zero gradient (softmax is shift-invariant): what it gets is rounding
+    # noise, which Adam scales up to LR-sized steps, and the noise depends on the all-reduce order. Its slice is
+    # compared on the LR scale; every other parameter (query/value biases included) to rtol 1e-5.
+    for tree in (got, want):
+        for part in ("params", "teacher"):
+            qkv = tree[part]["backbone"]["blocks_0"]["attn"]["qkv"]["bias"]
+            d = qkv.shape[0] // 3
+            tree[part]["backbone"]["blocks_0"]["attn"]["qkv"]["key_bias"] = qkv[d : 2 * d].copy()
+            qkv[d : 2 * d] = 0.0
+    for (path, a), (_, b) in zip(jax.tree_util.tree_flatten_with_path(got)[0],
+                                 jax.tree_util.tree_flatten_with_path(want)[0]):
+        tol = dict(rtol=0, atol=1e-4) if "key_bias" in jax.tree_util.keystr(path) else dict(rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(a, b, err_msg=jax.tree_util.keystr(path), **tol)
 
 
 def test_restore_across_device_counts(tmp_path, cache_dir, uninterrupted, reference8):
@@ -250,13 +270,13 @@ def test_restore_across_device_counts(tmp_path, cache_dir, uninterrupted, refere
     checkpointer = ckpt.Checkpointer(reference8 / "checkpoints", every=2, keep=3)
     state, step = checkpointer.restore_latest(_abstract_state_on(cfg1, jax.devices()[:1]), None)
     checkpointer.close()
-    assert step == 4 and state.params["backbone"]["pos_embed"].sharding.num_devices == 1
-    _assert_trees_equal(ckpt.state_to_tree(state), _raw_state(reference8, 4))
+    assert step == 2 and state.params["backbone"]["pos_embed"].sharding.num_devices == 1
+    _assert_trees_equal(ckpt.state_to_tree(state), _raw_state(reference8, 2))
     wd8 = tmp_path / "from8"
     shutil.copytree(reference8, wd8)
-    out = _ok(_cli(wd8, "--config.steps=5", cache=cache_dir, devices=1))
-    assert "restored step 4" in out and "1 devices" in out
-    assert np.isfinite(read_metrics(wd8)[4]["loss/total"])
+    out = _ok(_cli(wd8, "--config.steps=3", cache=cache_dir, devices=1))
+    assert "restored step 2" in out and "1 devices" in out
+    assert np.isfinite(read_metrics(wd8)[2]["loss/total"])
 
     # 1 -> 8: restore onto the 2 x 4 mesh (really sharded), then train on it here
     checkpointer = ckpt.Checkpointer(uninterrupted / "checkpoints", every=3, keep=3)

@@ -33,8 +33,7 @@ class MetricsWriter:
                 f.write("\n")
         self._jsonl = open(path, "a", buffering=1)
         if tensorboard:
-            from tensorboardX import SummaryWriter
-
+            SummaryWriter = _summary_writer_class()
             self._tb = SummaryWriter(str(workdir / "tensorboard"), flush_secs=10)
         if progress:
             from tqdm import tqdm
@@ -97,6 +96,23 @@ class MetricsWriter:
         if self._jsonl is not None:
             self._jsonl.close()
         self._bar = self._tb = self._jsonl = None
+
+
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without dragging in PyTorch (it only probes for torch.Tensor): saves
+    seconds at startup when torch is installed."""
+    import sys
+
+    if "torch" in sys.modules or "tensorboardX.writer" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # makes `import torch` raise ImportError inside tensorboardX's guarded probe
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 def _json_float(v: Any) -> float:
