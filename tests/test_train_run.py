@@ -303,3 +303,48 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(t
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [2]
     assert not np.isfinite(read_metrics(workdir)[3]["loss/total"])
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, cache_dir):
+    workdir = tmp_path / "preempted"
+    proc = _cli(workdir, "--config.steps=40", "--config.checkpoint.every=100", "--config.runtime.step_sleep_s=0.5",
+                cache=cache_dir, wait=False)
+    deadline = time.time() + 240
+    while len(read_metrics(workdir)) < 3:
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        assert time.time() < deadline
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-4000:]
+    saved = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and 3 <= saved[0] < 40, saved
+    assert f"signal received: saved iteration {saved[0]}" in out
+    assert sorted(read_metrics(workdir)) == list(range(saved[0]))
+
+
+def test_init_from_an_encoder_bundle_sets_student_and_ema_teacher_backbones(tmp_path, uninterrupted):
+    from gpfm_jax.convert.bundle import save_bundle
+    from gpfm_jax.train import config as config_lib
+    from gpfm_jax.train.optim import make_optimizer
+    from gpfm_jax.train.schedules import make_schedules
+
+    backbone = _raw_state(uninterrupted, 6)["teacher"]["backbone"]
+    cfg = _tiny(**{"mesh.num_devices": 1})
+    model, _ = config_lib.build_model(cfg)
+    meta = ckpt.encoder_meta(model.vit)
+    save_bundle(tmp_path / "bundle", backbone, {k: v for k, v in meta.items() if k not in ("format", "version")})
+    tx = make_optimizer(jax.eval_shape(model.init_student, jax.random.key(0)),
+                        make_schedules(config_lib.schedule_config(cfg), 16))
+    abstract = _abstract_state_on(cfg, jax.devices()[:1])
+    shardings = jax.tree_util.tree_map(lambda a: a.sharding, abstract)
+    state = loop.initial_state(model, tx, jax.random.key(0), shardings, str(tmp_path / "bundle"))
+    _assert_trees_equal(state.params["backbone"], backbone)
+    _assert_trees_equal(state.teacher["backbone"], backbone)
+    fresh = loop.initial_state(model, tx, jax.random.key(0), shardings)
+    _assert_trees_equal(state.params["dino_head"], fresh.params["dino_head"])  # heads stay as initialised
+    bad = _tiny(**{"model.vit.embed_dim": 64, "mesh.num_devices": 1})
+    bad_model, _ = config_lib.build_model(bad)
+    bad_shapes = jax.eval_shape(bad_model.init_student, jax.random.key(0))["backbone"]
+    with pytest.raises(ValueError, match="config.init_from=.*differs from config.model.vit in embed_dim"):
+        ckpt.load_init_backbone(tmp_path / "bundle", bad_model.vit, bad_shapes)

@@ -224,6 +224,19 @@ def _host_sum_and_any(skipped: int, stop: bool) -> tuple[int, bool]:
 # The run
 
 
+def initial_state(model, tx, root: jax.Array, shardings: Any, init_from: str = ""):
+    """A fresh TrainState made directly in its shardings; with `init_from` (an encoder bundle) the student backbone
+    and the EMA teacher backbone both start from the bundle's params (heads and optimizer state fresh)."""
+    state = jax.jit(lambda k: init_state(model, tx, k), out_shardings=shardings)(root)
+    if init_from:
+        abstract = jax.eval_shape(lambda: state.params["backbone"])
+        backbone = ckpt.load_init_backbone(init_from, model.vit, abstract)
+        state = state._replace(
+            params={**state.params, "backbone": jax.device_put(backbone, shardings.params["backbone"])},
+            teacher={**state.teacher, "backbone": jax.device_put(backbone, shardings.teacher["backbone"])})
+    return state
+
+
 def write_config(cfg: ml_collections.ConfigDict, workdir: Path, resolved: dict[str, Any]) -> None:
     (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2, sort_keys=True) + "\n")
     (workdir / "config_resolved.json").write_text(json.dumps(resolved, indent=2, sort_keys=True, default=str) + "\n")
@@ -279,13 +292,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> RunResult:
                                      cfg.checkpoint.async_save)
     state, restored_step = checkpointer.restore_latest(ckpt.with_shardings(abstract_state, shardings), stream)
     if state is None:
-        state = jax.jit(lambda k: init_state(model, tx, k), out_shardings=shardings)(root)
-        if cfg.init_from:
-            backbone = ckpt.load_init_backbone(cfg.init_from, model.vit, abstract_params["backbone"])
-            placed = jax.device_put(backbone, shardings.params["backbone"])
-            teacher_copy = jax.device_put(backbone, shardings.teacher["backbone"])
-            state = state._replace(params={**state.params, "backbone": placed},
-                                   teacher={**state.teacher, "backbone": teacher_copy})
+        state = initial_state(model, tx, root, shardings, cfg.init_from)
         start = 0
         origin = f"initialised (seed {cfg.seed}" + (f", backbone from {cfg.init_from})" if cfg.init_from else ")")
     else:
