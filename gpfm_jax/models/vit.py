@@ -18,6 +18,7 @@ from gpfm_jax.models.pos_embed import needs_resampling, resample_patch_pos_embed
 
 DROP_PATH_MODES = ("auto", "sample", "subset")
 FFN_TYPES = ("mlp", "swiglu")
+ATTENTION_IMPLS = ("auto", "loop", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +49,11 @@ class ViTConfig:
     remat_policy: str = "none"  # "none", "full", or a jax.checkpoint_policies name, e.g. "dots_saveable"
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
+    # "auto": "loop" when JAX's default backend is the CPU, else jax.nn.dot_product_attention choosing its own
+    # implementation. "loop": softmax(q k^T / sqrt(hd)) v one sample at a time (lax.map: each sample's scores stay in
+    # cache; faster on CPU, see docs/performance.md). "xla" / "cudnn": jax.nn.dot_product_attention with that
+    # implementation. All compute the same function.
+    attention_impl: str = "auto"
 
     def __post_init__(self):
         if self.embed_dim % self.num_heads:
@@ -60,6 +66,8 @@ class ViTConfig:
             raise ValueError(f"drop_path_mode must be one of {DROP_PATH_MODES}, got {self.drop_path_mode!r}")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
 
     @property
     def grid_size(self) -> int:
@@ -152,6 +160,22 @@ class PatchProj(nn.Module):
         return out + bias.astype(cfg.dtype)
 
 
+def _sample_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """One sample, heads first: q, k, v (heads, n, hd) -> (heads, n, hd). Scale folded into q, logits and softmax
+    in fp32 (as jax.nn.dot_product_attention), normalisation applied after the PV product (n x hd, not n x n)."""
+    scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+    logits = jnp.einsum("hqd,hkd->hqk", q * scale, k, preferred_element_type=jnp.float32)
+    weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    out = jnp.einsum("hqk,hkd->hqd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return (out / jnp.sum(weights, axis=-1, keepdims=True)).astype(v.dtype)
+
+
+def _attention_impl(cfg: ViTConfig) -> str | None:
+    if cfg.attention_impl == "auto":
+        return "loop" if jax.default_backend() == "cpu" else None  # None: jax.nn.dot_product_attention decides
+    return cfg.attention_impl
+
+
 class Attention(nn.Module):
     cfg: ViTConfig
 
@@ -162,8 +186,15 @@ class Attention(nn.Module):
         head_dim = d // cfg.num_heads
         qkv = _dense(3 * d, ("embed", "qkv"), cfg.qkv_bias, cfg, "qkv")(x)
         qkv = nn.with_logical_constraint(qkv, ("batch", "tokens", "qkv")).reshape(b, n, 3, cfg.num_heads, head_dim)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        out = jax.nn.dot_product_attention(q, k, v)  # (b, n, heads, head_dim), softmax(q k^T / sqrt(hd)) v
+        impl = _attention_impl(cfg)
+        if impl == "loop":
+            # XLA:CPU materialises the (b, heads, n, n) scores between fusions: a loop over samples keeps each
+            # sample's (heads, n, n) block in cache. softmax(q k^T / sqrt(hd)) v, as below.
+            q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # (b, heads, n, head_dim) each
+            out = jax.lax.map(lambda qkv_i: _sample_attention(*qkv_i), (q, k, v)).transpose(0, 2, 1, 3)
+        else:
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+            out = jax.nn.dot_product_attention(q, k, v, implementation=impl)  # softmax(q k^T / sqrt(hd)) v
         out = nn.with_logical_constraint(out.reshape(b, n, d), ("batch", "tokens", "heads"))
         return _dense(d, ("heads", "embed"), cfg.proj_bias, cfg, "proj")(out)
 
