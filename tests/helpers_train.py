@@ -44,11 +44,16 @@ def get_config():
     return c
 
 
+# Cheaper LLVM compilation in the test subprocesses (same results on the runs checked; compile time is most of the
+# cost of these tests).
+FAST_COMPILE = "--xla_llvm_disable_expensive_passes=true"
+
+
 def run_cli(workdir, *overrides: str, devices: int = 1, config: str | Path = __file__, wait: bool = True,
             timeout: float = 300, extra_env: dict | None = None):
     """`python -m gpfm_jax.train.main` in a fresh process with `devices` XLA CPU devices."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env.update(extra_env or {})
     cmd = [sys.executable, "-m", "gpfm_jax.train.main", "--config", str(config), "--workdir", str(workdir), *overrides]

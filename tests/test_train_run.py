@@ -20,7 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from helpers_train import REPO, get_config, run_cli
+from helpers_train import FAST_COMPILE, REPO, get_config, run_cli
 from gpfm_jax.train import checkpoint as ckpt
 from gpfm_jax.train import loop, sharding
 from gpfm_jax.train.metrics_writer import read_metrics
@@ -203,7 +203,7 @@ def _free_port() -> int:
 def _two_processes(workdir, phases: str, cache):
     """Two processes (4 CPU devices each, gloo) train the tiny config together, to each step count in `phases`."""
     port = _free_port()
-    env = dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="2")
+    env = dict(os.environ, XLA_FLAGS=FAST_COMPILE, TF_CPP_MIN_LOG_LEVEL="2")
     procs = [
         subprocess.Popen(
             [sys.executable, str(REPO / "tests" / "helpers_train.py"), str(workdir), phases, "mesh.fsdp=4",
