@@ -348,3 +348,12 @@ def test_init_from_an_encoder_bundle_sets_student_and_ema_teacher_backbones(tmp_
     bad_shapes = jax.eval_shape(bad_model.init_student, jax.random.key(0))["backbone"]
     with pytest.raises(ValueError, match="config.init_from=.*differs from config.model.vit in embed_dim"):
         ckpt.load_init_backbone(tmp_path / "bundle", bad_model.vit, bad_shapes)
+
+
+def test_a_changed_data_shard_count_is_a_config_error_not_a_corrupt_checkpoint(tmp_path, cache_dir, uninterrupted):
+    workdir = tmp_path / "reshard"
+    shutil.copytree(uninterrupted, workdir)
+    result = _cli(workdir, "--config.steps=7", "--config.data.shards=1", cache=cache_dir)
+    assert result.returncode == 2, result.stdout[-3000:]
+    assert "saved for 2 data shards, this run has 1" in result.stdout and "--config.data.shards=2" in result.stdout
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.is_dir()) == ["3", "6"]

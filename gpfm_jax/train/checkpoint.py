@@ -31,11 +31,13 @@ from jax.experimental import multihost_utils
 from gpfm_jax.convert.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, META_FILE, load_bundle, preprocessing
 from gpfm_jax.convert.layout import to_layout
 from gpfm_jax.models.vit import ViTConfig
+from gpfm_jax.train.config import ConfigError
 from gpfm_jax.train.step import TrainState
 
 log = logging.getLogger("gpfm_jax.train")
 STATE, DATA = "state", "data"
-_ENCODER_ARCH_SKIP = ("drop_path_rate", "drop_path_mode", "scan_layers", "remat_policy", "dtype", "param_dtype")
+_ENCODER_ARCH_SKIP = ("drop_path_rate", "drop_path_mode", "scan_layers", "remat_policy", "dtype", "param_dtype",
+                      "attention_impl")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -89,6 +91,10 @@ class ShardedStream(Protocol):
     def shard_count(self) -> int: ...
 
 
+class DataShardsMismatch(ConfigError):
+    """The checkpoint's data position is for another number of data shards: a config error, not a corrupt step."""
+
+
 class DataStateHandler(ocp.CheckpointHandler):
     """Each process writes (and reads back) `shard_<i>-of-<n>.json` for the data shards it feeds."""
 
@@ -103,8 +109,14 @@ class DataStateHandler(ocp.CheckpointHandler):
         for i in stream.shard_indices:
             path = Path(directory) / f"shard_{i}-of-{stream.shard_count}.json"
             if not path.is_file():
-                raise FileNotFoundError(f"{path}: no data state for shard {i} of {stream.shard_count} "
-                                        "(was config.data.shards changed?)")
+                other = sorted({p.name.rsplit("-of-", 1)[-1][: -len(".json")]
+                                for p in Path(directory).glob("shard_*-of-*.json")})
+                if other and other != [str(stream.shard_count)]:
+                    raise DataShardsMismatch(
+                        f"{directory}: the data position was saved for {'/'.join(other)} data shards, this run has "
+                        f"{stream.shard_count} (config.data.shards, 0 = one per process): set "
+                        f"--config.data.shards={other[0]} (it must be divisible by the number of processes)")
+                raise FileNotFoundError(f"{path}: no data state for shard {i} of {stream.shard_count}")
             states[i] = json.loads(path.read_text())
         stream.set_shard_states(states)
         return stream
@@ -140,6 +152,17 @@ class DataStateRestore(ocp.args.CheckpointArgs):
 
 # ---------------------------------------------------------------------------------------------------------------
 # The manager
+
+
+def _find(err: BaseException | None, kind: type) -> BaseException | None:
+    """`err` or an exception it was raised from / wraps (orbax re-raises handler errors), if of type `kind`."""
+    seen = 0
+    while err is not None and seen < 10:
+        if isinstance(err, kind):
+            return err
+        err = err.__cause__ or err.__context__
+        seen += 1
+    return None
 
 
 def _all_ok(ok: bool) -> bool:
@@ -204,7 +227,11 @@ class Checkpointer:
                 restored = self.manager.restore(step, args=ocp.args.Composite(**items))
                 state = tree_to_state(abstract_state, restored[STATE])
                 jax.block_until_ready(state)
+            except DataShardsMismatch:
+                raise
             except Exception as err:  # orbax/tensorstore raise many types for damaged folders
+                if _find(err, DataShardsMismatch):
+                    raise _find(err, DataShardsMismatch) from err
                 error = err
             if _all_ok(error is None):
                 return state, step
