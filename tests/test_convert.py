@@ -195,3 +195,33 @@ def test_bad_input_gives_clear_errors(tmp_path, capsys):
 
     assert to_pytorch(["--checkpoint", str(tmp_path / "nope"), "--format", "timm", "--out", str(tmp_path / "n.pth")]) == 1
     assert "nope: no such folder" in capsys.readouterr().err
+
+
+def test_checkpoint_written_on_8_devices_converts_on_a_1_device_machine(tmp_path):
+    """The usual case: trained on a pod, converted on a laptop (orbax would refuse the writer's topology)."""
+    import os
+    import subprocess
+    import sys
+
+    from jax.sharding import PartitionSpec as P
+
+    from gpfm_jax.convert.bundle import BUNDLE_FORMAT
+    from gpfm_jax.train import sharding
+
+    model = _small_timm(7)
+    torch.save(model.state_dict(), tmp_path / "m.pth")
+    params, cfg, _ = import_vit(tmp_path / "m.pth")
+    mesh = sharding.make_mesh(1, 8)
+    placed = jax.device_put(layout.stack_blocks(params), sharding.state_shardings(layout.stack_blocks(params), mesh))
+    assert placed["blocks"]["mlp"]["fc1"]["kernel"].sharding.spec == P(None, None, "fsdp")
+    ckpt = tmp_path / "checkpoints"
+    with ocp.CheckpointManager(ckpt) as manager:
+        manager.save(2, args=ocp.args.Composite(state=ocp.args.StandardSave({"teacher": {"backbone": placed}})))
+    (ckpt / "encoder.json").write_text(json.dumps({"format": BUNDLE_FORMAT, "version": 1, "encoder": "vit",
+                                                  "vit": cfg.to_dict(), "preprocessing": {}}))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device in the converting process
+    out = tmp_path / "laptop.pth"
+    result = subprocess.run([sys.executable, "tools/convert_to_pytorch.py", "--checkpoint", str(ckpt), "--format",
+                             "timm", "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    _assert_bit_equal(torch.load(out, weights_only=True), model.state_dict())

@@ -90,6 +90,7 @@ def load_student_encoder(checkpoint: str | Path, step: int | None = None) -> tup
 
 
 def _restore_teacher_backbone(directory: Path, step: int | None) -> dict:
+    import jax
     import orbax.checkpoint as ocp
 
     with ocp.CheckpointManager(directory.absolute()) as manager:
@@ -99,7 +100,10 @@ def _restore_teacher_backbone(directory: Path, step: int | None) -> dict:
         step = max(steps) if step is None else step
         if step not in steps:
             raise CheckpointError(f"{directory}: no step {step}; available: {sorted(steps)}")
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        # The writer's devices (8 GPUs, 2 hosts) are not this machine's: restore everything onto one local device.
+        local = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        restored = manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(fallback_sharding=local)))
     try:
         return restored["state"]["teacher"]["backbone"]
     except KeyError as err:

@@ -1,0 +1,5 @@
+"""`python -m gpfm_jax.train` = `gpfm-train`."""
+
+from gpfm_jax.train.main import cli
+
+cli()
