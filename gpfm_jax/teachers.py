@@ -28,16 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpfm_jax.models.pooling import PooledViT, PoolerConfig
-from gpfm_jax.models.vit import ViTConfig, VisionTransformer
+from gpfm_jax.models.vit import COMPUTE_FIELDS, ViTConfig, VisionTransformer
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # conch.open_clip_custom.constants
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 STANDIN = "standin"
-# ViTConfig fields that are compute settings, not architecture (free to differ between a bundle and the registry).
-COMPUTE_FIELDS = ("drop_path_rate", "drop_path_mode", "scan_layers", "remat_policy", "dtype", "param_dtype",
-                  "attention_impl")
 # Outputs of `PooledViT` whose width is the pooler's (not the trunk's).
 _POOLER_OUTPUTS = ("pooled", "projected", "image_embedding")
 

@@ -10,7 +10,6 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from conftest import normalised_batch
-from gpfm_jax import losses
 from gpfm_jax.models.vit import ViTConfig
 from gpfm_jax.teachers import load_teachers
 from gpfm_jax.train import sharding

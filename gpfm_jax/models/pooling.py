@@ -13,17 +13,16 @@ softmax(q k^T / sqrt(d / heads)) v per head, out_proj). All pooler LayerNorms ar
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gpfm_jax.models.vit import TRUNC_NORMAL, ViTConfig, VisionTransformer
+from gpfm_jax.models.vit import TRUNC_NORMAL, JsonConfig, ViTConfig, VisionTransformer
 
 
 @dataclasses.dataclass(frozen=True)
-class PoolerConfig:
+class PoolerConfig(JsonConfig):
     """Architecture of an attentional pooler + post-norm + projection. JSON-serialisable (bundle meta)."""
 
     dim: int = 512  # d_model: query width and attention output width
@@ -43,19 +42,6 @@ class PoolerConfig:
     def out_dim(self) -> int:
         return self.proj_dim if self.proj_dim is not None else self.dim
 
-    def replace(self, **changes: Any) -> "PoolerConfig":
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "PoolerConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown PoolerConfig fields {unknown}")
-        return cls(**values)
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:

@@ -21,8 +21,30 @@ FFN_TYPES = ("mlp", "swiglu")
 ATTENTION_IMPLS = ("auto", "loop", "xla", "cudnn")
 
 
+class JsonConfig:
+    """replace / to_dict / from_dict for the frozen config dataclasses stored in bundle JSON."""
+
+    def replace(self, **changes: Any):
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields {unknown}")
+        return cls(**values)
+
+
+# ViTConfig fields that are compute settings, not architecture: free to differ between a bundle and the model run.
+COMPUTE_FIELDS = ("drop_path_rate", "drop_path_mode", "scan_layers", "remat_policy", "dtype", "param_dtype",
+                  "attention_impl")
+
+
 @dataclasses.dataclass(frozen=True)
-class ViTConfig:
+class ViTConfig(JsonConfig):
     """Architecture + compute settings. JSON-serialisable (dtypes are strings) so it can live in an encoder bundle."""
 
     img_size: int = 224  # the grid the learned pos_embed is stored for: img_size // patch_size per side
@@ -84,19 +106,6 @@ class ViTConfig:
             hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
         return hidden
 
-    def replace(self, **changes: Any) -> "ViTConfig":
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "ViTConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown ViTConfig fields {unknown}")
-        return cls(**values)
 
 
 def _partitioned(init: Callable, names: tuple[str | None, ...]) -> Callable:

@@ -30,14 +30,12 @@ from jax.experimental import multihost_utils
 
 from gpfm_jax.convert.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, META_FILE, load_bundle, preprocessing
 from gpfm_jax.convert.layout import to_layout
-from gpfm_jax.models.vit import ViTConfig
+from gpfm_jax.models.vit import COMPUTE_FIELDS, ViTConfig
 from gpfm_jax.train.config import ConfigError
 from gpfm_jax.train.step import TrainState
 
 log = logging.getLogger("gpfm_jax.train")
 STATE, DATA = "state", "data"
-_ENCODER_ARCH_SKIP = ("drop_path_rate", "drop_path_mode", "scan_layers", "remat_policy", "dtype", "param_dtype",
-                      "attention_impl")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -286,7 +284,7 @@ def load_init_backbone(bundle: str | Path, vit: ViTConfig, abstract_backbone: An
         raise ValueError(f"config.init_from={str(bundle)!r}: encoder kind {meta.get('encoder')!r} is not a ViT")
     stored = ViTConfig.from_dict(meta["vit"]).to_dict()
     expected = vit.to_dict()
-    diff = sorted(k for k in expected if k not in _ENCODER_ARCH_SKIP and stored.get(k) != expected[k])
+    diff = sorted(k for k in expected if k not in COMPUTE_FIELDS and stored.get(k) != expected[k])
     if diff:
         raise ValueError(f"config.init_from={str(bundle)!r}: the bundle's ViT differs from config.model.vit in "
                          + ", ".join(f"{k} ({stored.get(k)!r} vs {expected[k]!r})" for k in diff))
