@@ -16,7 +16,7 @@ from gpfm_jax.train import sharding
 from gpfm_jax.train.model import GPFMModel, HeadConfig
 from gpfm_jax.train.optim import OptimConfig, make_optimizer
 from gpfm_jax.train.schedules import ScheduleConfig, make_schedules
-from gpfm_jax.train.step import StepConfig, init_state, jit_train_step, make_train_step, place_experts, place_state
+from gpfm_jax.train.step import StepConfig, init_state, jit_train_step, make_train_step
 
 B = 8
 
@@ -56,9 +56,9 @@ def setup():
 
 
 def _run(fn, mesh, state, experts, batch):
-    state = place_state(jax.tree_util.tree_map(jnp.copy, state), mesh)
+    state = sharding.place(jax.tree_util.tree_map(jnp.copy, state), mesh)
     batch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in batch.items()}
-    return fn(state, batch, place_experts(experts, mesh))
+    return fn(state, batch, sharding.place(experts, mesh))
 
 
 def test_step_on_2x4_mesh_matches_one_device_and_shards_the_state(setup):
@@ -110,8 +110,8 @@ def test_ema_centers_and_frozen_last_layer(setup):
 
 def test_a_few_steps_lower_the_total_loss_on_real_tiles(setup):
     s = setup
-    state = place_state(jax.tree_util.tree_map(jnp.copy, s["state"]), s["mesh"])
-    experts = place_experts(s["experts"], s["mesh"])
+    state = sharding.place(jax.tree_util.tree_map(jnp.copy, s["state"]), s["mesh"])
+    experts = sharding.place(s["experts"], s["mesh"])
     batch = {k: jax.device_put(v, sharding.batch_sharding(s["mesh"])) for k, v in s["batch"].items()}
     history = []
     for _ in range(6):

@@ -27,8 +27,8 @@ from gpfm_jax.train import config as config_lib
 from gpfm_jax.train import sharding
 from gpfm_jax.train.metrics_writer import MetricsWriter
 from gpfm_jax.train.optim import make_optimizer
-from gpfm_jax.train.schedules import make_schedules
-from gpfm_jax.train.step import init_state, jit_train_step, make_train_step, place_experts
+from gpfm_jax.train.schedules import make_schedules, peak_lr
+from gpfm_jax.train.step import init_state, jit_train_step, make_train_step
 
 log = logging.getLogger("gpfm_jax.train")
 CHECKPOINT_DIR = "checkpoints"
@@ -249,10 +249,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> RunResult:
     devices = config_lib.mesh_devices(cfg)
     config_lib.validate(cfg, num_devices=len(devices))
     primary = jax.process_index() == 0
-    if primary:
-        workdir.mkdir(parents=True, exist_ok=True)
-    else:
-        workdir.mkdir(parents=True, exist_ok=True)  # shared filesystems: harmless
+    workdir.mkdir(parents=True, exist_ok=True)  # every process: harmless on a shared filesystem
 
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, devices=devices)
     model, expert_params = config_lib.build_model(cfg)
@@ -271,8 +268,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> RunResult:
         "mesh": dict(mesh.shape), "compute_dtype": config_lib.compute_dtype(cfg),
         "teacher_dtypes": config_lib.teacher_dtypes(cfg), "max_masked": step_cfg.max_masked,
         "koleo_groups": step_cfg.koleo_groups, "data_shards": config_lib.num_shards(cfg), "end_step": end_step,
-        "peak_lr": float(schedules.lr(config_lib.schedule_config(cfg).warmup_steps - 1)) if
-        config_lib.schedule_config(cfg).warmup_steps > 0 else float(schedules.lr(0)),
+        "peak_lr": peak_lr(config_lib.schedule_config(cfg), global_batch_size),
         "param_count": int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(abstract_params))),
     }
     ckpt_dir = workdir / CHECKPOINT_DIR
@@ -298,7 +294,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> RunResult:
     else:
         start = int(restored_step)
         origin = f"restored step {start} from {ckpt_dir}"
-    experts = place_experts(expert_params, mesh)
+    experts = sharding.place(expert_params, mesh)
     step_fn = jit_train_step(make_train_step(model, schedules, tx, step_cfg), mesh, abstract_state, expert_params)
     sanity_fn = make_sanity_fn(model, schedules, step_cfg.loss.student_temp, mesh) if cfg.log.sanity_every else None
 

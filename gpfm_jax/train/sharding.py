@@ -77,6 +77,11 @@ def state_shardings(tree: Any, mesh: Mesh, min_size: int = MIN_SHARD_SIZE) -> An
     return jax.tree_util.tree_map_with_path(one, tree)
 
 
+def place(tree: Any, mesh: Mesh) -> Any:
+    """device_put a state-like tree (train state, expert params) into its FSDP shardings."""
+    return jax.device_put(tree, state_shardings(tree, mesh))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 

@@ -138,11 +138,6 @@ def make_train_step(
     return train_step
 
 
-def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
-    """FSDP shardings for the train state (arrays or ShapeDtypeStructs); scalars (step, rng) come out replicated."""
-    return sharding.state_shardings(state, mesh)
-
-
 @dataclasses.dataclass(frozen=True)
 class ShardedStep:
     """The jitted step bound to a mesh: FSDP state/expert shardings, batch split over (data, fsdp), state donated."""
@@ -168,19 +163,11 @@ def jit_train_step(train_step: Callable, mesh: Mesh, state: Any, expert_params: 
         with nn.logical_axis_rules(rules):
             return train_step(state, batch, expert_params)
 
+    state_sh = sharding.state_shardings(state, mesh)
     jitted = jax.jit(
         step_in_mesh,
-        in_shardings=(state_shardings(state, mesh), sharding.batch_sharding(mesh),
-                      sharding.state_shardings(expert_params, mesh)),
-        out_shardings=(state_shardings(state, mesh), sharding.replicated(mesh)),
+        in_shardings=(state_sh, sharding.batch_sharding(mesh), sharding.state_shardings(expert_params, mesh)),
+        out_shardings=(state_sh, sharding.replicated(mesh)),
         donate_argnums=(0,),
     )
     return ShardedStep(jitted, mesh)
-
-
-def place_state(state: TrainState, mesh: Mesh) -> TrainState:
-    return jax.device_put(state, state_shardings(state, mesh))
-
-
-def place_experts(expert_params: Mapping[str, Any], mesh: Mesh) -> Any:
-    return jax.device_put(expert_params, sharding.state_shardings(expert_params, mesh))
