@@ -38,14 +38,14 @@ def tiles(tmp_path_factory):
 def test_full_size_batch_layout(tiles):
     it = make_iterator(FolderSource(tiles), PipelineConfig(global_batch_size=2))
     b = next(it)
-    assert b["global_crops"].shape == (4, 224, 224, 3) and b["global_crops"].dtype == np.float32
-    assert b["local_crops"].shape == (16, 98, 98, 3) and b["local_crops"].dtype == np.float32
-    assert b["masks"].shape == (4, 256) and b["masks"].dtype == bool
-    assert (b["masks"].sum(1) > 0).sum() == 2  # int(2B * 0.5) masked crops
+    assert b["global_crops"].shape == (2, 2, 224, 224, 3) and b["global_crops"].dtype == np.float32
+    assert b["local_crops"].shape == (2, 8, 98, 98, 3) and b["local_crops"].dtype == np.float32
+    assert b["masks"].shape == (2, 2, 256) and b["masks"].dtype == bool
+    assert (b["masks"].sum(-1) > 0).sum() == 2  # int(2B * 0.5) masked crops
     assert b["num_skipped"] == 0
 
 
-def test_view_major_order(tmp_path):
+def test_sample_major_order(tmp_path):
     """Flat-colour tiles and no colour ops: crop i of sample b must carry sample b's colour."""
     colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
     for i, c in enumerate(colours):
@@ -53,14 +53,15 @@ def test_view_major_order(tmp_path):
     cfg = dataclasses.replace(SMALL, shuffle=False, multicrop=NO_COLOUR)
     b = next(make_iterator(FolderSource(tmp_path), cfg))
     mean, std = np.array(NO_COLOUR.mean), np.array(NO_COLOUR.std)
-    rgb = lambda x: np.round((x.mean(axis=(1, 2)) * std + mean) * 255).astype(int)  # noqa: E731
+    rgb = lambda x: np.round((x.mean(axis=(-3, -2)) * std + mean) * 255).astype(int)  # noqa: E731
     B, N = 4, 3
     want = np.array(colours)
     g, loc = rgb(b["global_crops"]), rgb(b["local_crops"])
+    assert g.shape == (B, 2, 3) and loc.shape == (B, N, 3)
     for v in range(2):
-        assert np.array_equal(g[v * B:(v + 1) * B], want)
+        assert np.array_equal(g[:, v], want)
     for v in range(N):
-        assert np.array_equal(loc[v * B:(v + 1) * B], want)
+        assert np.array_equal(loc[:, v], want)
 
 
 def test_deterministic_for_a_seed(tiles):
@@ -124,7 +125,7 @@ def test_per_host_shards(tiles):
     cfg = dataclasses.replace(SMALL, shuffle=False, global_batch_size=4)
     shards = [make_iterator(src, cfg, grain.sharding.ShardOptions(i, 2)) for i in range(2)]
     b0, b1 = next(shards[0]), next(shards[1])
-    assert b0["global_crops"].shape[0] == 2 * 2 and b0["masks"].shape == (4, 16)  # per-host batch 2
+    assert b0["global_crops"].shape[:2] == (2, 2) and b0["masks"].shape == (2, 2, 16)  # per-host batch 2
     assert not np.array_equal(b0["global_crops"], b1["global_crops"])
     with pytest.raises(ValueError, match="divisible"):
         make_iterator(src, dataclasses.replace(cfg, global_batch_size=5), grain.sharding.ShardOptions(0, 2))

@@ -1,12 +1,12 @@
-"""The grain pipeline: source -> per-host shard -> shuffle/repeat -> multi-crop -> batch (view-major) -> masks.
+"""The grain pipeline: source -> per-host shard -> shuffle/repeat -> multi-crop -> batch (sample-major) -> masks.
 
 Every random draw is a pure function of (seed, shard, position in the repeated, shuffled stream), so the n-th batch is
 the same whether the run started at step 0 or was restored from an iterator checkpoint, and with any worker count.
 
 Batch (per host, B = global_batch_size / process_count):
-  global_crops f32[2B, G, G, 3]  view-major: all samples' view 1, then all samples' view 2 (DINOv2's collate)
-  local_crops  f32[N*B, L, L, 3] view-major likewise
-  masks        bool[2B, (G/patch)^2] iBOT masks, row i belongs to global_crops[i]
+  global_crops f32[B, 2, G, G, 3]  sample-major: the train step's layout, so all views of a sample stay on one
+  local_crops  f32[B, N, L, L, 3]  device and no host re-copy is needed (DINOv2's collate is view-major [2B, ...])
+  masks        bool[B, 2, (G/patch)^2] iBOT masks, masks[b, v] belongs to global_crops[b, v]
   num_skipped  int32[]           unreadable records replaced while building this batch (a metric)
 """
 
@@ -71,18 +71,11 @@ class AugmentRecord(grain.transforms.MapWithIndex):
 
 
 @dataclasses.dataclass(frozen=True)
-class CollateViewMajor:
-    """Stack B multi-crop records straight into view-major arrays (no separate transpose copy)."""
+class CollateSampleMajor:
+    """Stack B multi-crop records into [B, V, ...] arrays: one copy, already in the train step's layout."""
 
     def __call__(self, records: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
-        out = {}
-        B = len(records)
-        for key in ("global_crops", "local_crops"):
-            v, *shape = records[0][key].shape
-            arr = np.empty((v, B, *shape), records[0][key].dtype)
-            for b, r in enumerate(records):
-                arr[:, b] = r[key]
-            out[key] = arr.reshape(v * B, *shape)
+        out = {key: np.stack([r[key] for r in records]) for key in ("global_crops", "local_crops")}
         out["num_skipped"] = np.int32(sum(r["num_skipped"] for r in records))
         return out
 
@@ -96,8 +89,9 @@ class AddMasks(grain.transforms.MapWithIndex):
     shard: int
 
     def map_with_index(self, index: int, batch: dict[str, Any]) -> dict[str, Any]:
-        n = batch["global_crops"].shape[0]
-        batch["masks"] = batch_masks(n, _rng(self.seed, self.shard, _MASK_STREAM, index), self.cfg)
+        b, v = batch["global_crops"].shape[:2]
+        masks = batch_masks(b * v, _rng(self.seed, self.shard, _MASK_STREAM, index), self.cfg)  # crops shuffled
+        batch["masks"] = masks.reshape(b, v, -1)
         return batch
 
 
@@ -132,7 +126,7 @@ def make_dataset(
         ds = ds.shuffle(seed=cfg.seed)
     ds = ds.repeat(cfg.num_epochs)
     ds = ds.map_with_index(AugmentRecord(cfg.multicrop, cfg.seed, shard.shard_index))
-    ds = ds.batch(per_host, drop_remainder=True, batch_fn=CollateViewMajor())
+    ds = ds.batch(per_host, drop_remainder=True, batch_fn=CollateSampleMajor())
     ds = ds.map_with_index(AddMasks(cfg.masking, cfg.seed, shard.shard_index))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch_records))
     if cfg.worker_count > 0:

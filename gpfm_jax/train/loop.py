@@ -106,14 +106,13 @@ class DataStream:
     """This process's data shards, each a grain iterator (its own shuffle, crops and masks), merged per step into
     one sample-major per-process batch; num_skipped summed. Shard s of S reads records s, s + S, ... of the source."""
 
-    def __init__(self, source: Any, pipeline: Any, shard_indices: list[int], shard_count: int, n_local: int):
+    def __init__(self, source: Any, pipeline: Any, shard_indices: list[int], shard_count: int):
         import grain
 
         from gpfm_jax.data import make_iterator
 
         self._indices = list(shard_indices)
         self._count = shard_count
-        self._views = {"global_crops": 2, "local_crops": n_local, "masks": 2}
         self.iterators = {i: make_iterator(source, pipeline, grain.sharding.ShardOptions(i, shard_count, True))
                           for i in shard_indices}
 
@@ -140,7 +139,7 @@ class DataStream:
         for i in self._indices:
             batch = dict(next(self.iterators[i]))
             skipped += int(batch.pop("num_skipped", 0))
-            parts.append(sharding.view_major_to_sample_major(batch, self._views))
+            parts.append(batch)
         if len(parts) == 1:
             return parts[0], skipped
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, skipped
@@ -282,7 +281,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> RunResult:
     first = jax.process_index() * per_process
     source = config_lib.make_source(cfg, workdir)
     stream = DataStream(source, config_lib.pipeline_config(cfg), list(range(first, first + per_process)),
-                        shard_count, cfg.data.multicrop.num_local_crops)
+                        shard_count)
 
     checkpointer = ckpt.Checkpointer(ckpt_dir, cfg.checkpoint.every, cfg.checkpoint.keep, cfg.checkpoint.keep_period,
                                      cfg.checkpoint.async_save)

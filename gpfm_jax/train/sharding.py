@@ -96,12 +96,3 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
     flattening to [B * V, ...] needs no communication."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
-
-
-def view_major_to_sample_major(batch: dict[str, np.ndarray], views: dict[str, int]) -> dict[str, np.ndarray]:
-    """DINOv2's collate order [V * b, ...] (all samples' view 0, then view 1, ...) -> [b, V, ...] on the host."""
-    out = dict(batch)
-    for key, n_views in views.items():
-        x = np.asarray(batch[key])
-        out[key] = np.ascontiguousarray(np.swapaxes(x.reshape((n_views, -1) + x.shape[1:]), 0, 1))
-    return out
