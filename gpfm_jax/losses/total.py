@@ -27,6 +27,7 @@ class LossConfig:
     centering: str = "centering"  # or "sinkhorn_knopp"
     sinkhorn_iterations: int = 3
     koleo_eps: float = 1e-8
+    koleo_pairwise_eps: bool = True  # torch PairwiseDistance: ||x - y + eps|| (DINOv2); False: ||x - y||
     # per teacher: weight of the CLS term and of the patch term (absent = no patch term)
     distill_cls_weights: Mapping[str, float] = dataclasses.field(
         default_factory=lambda: {"uni": 1.0, "phikon": 0.5, "conch": 1.0})

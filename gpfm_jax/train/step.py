@@ -63,15 +63,19 @@ def _views_first(x: jax.Array, batch: int, n_views: int) -> jax.Array:
     return jnp.swapaxes(x.reshape((batch, n_views) + x.shape[1:]), 0, 1)
 
 
-def make_train_step(
-    model: GPFMModel, schedules: Schedules, tx: optax.GradientTransformation, cfg: StepConfig
-) -> Callable[[TrainState, Mapping[str, jax.Array], Mapping[str, Any]], tuple[TrainState, dict[str, jax.Array]]]:
-    """train_step(state, batch, expert_params) -> (new state, metrics); not jitted (see `jit_train_step`)."""
+def make_grad_fn(
+    model: GPFMModel, schedules: Schedules, cfg: StepConfig
+) -> Callable[[TrainState, Mapping[str, jax.Array], Mapping[str, Any]], tuple[Any, dict[str, jax.Array], dict]]:
+    """grad_fn(state, batch, expert_params) -> (student grads, loss metrics, next centers): the objective of one step.
+
+    The EMA teacher and the experts make the targets (no gradient); the student's masked global crops and its local
+    crops make the predictions. Separate from the update so that tests can compare gradients with the reference.
+    """
     backbone, dino_head, distill_heads = model.backbone, model.dino_head, model.distill_heads
     loss_cfg = cfg.loss
     weights = losses.loss_weights(loss_cfg)
 
-    def train_step(state: TrainState, batch: Mapping[str, jax.Array], expert_params: Mapping[str, Any]):
+    def grad_fn(state: TrainState, batch: Mapping[str, jax.Array], expert_params: Mapping[str, Any]):
         b = batch["global_crops"].shape[0]
         n_g, n_l = cfg.n_global, cfg.n_local
         global_crops = batch["global_crops"].reshape((b * n_g,) + batch["global_crops"].shape[2:])
@@ -111,7 +115,7 @@ def make_train_step(
             s_tokens, token_weights, _ = losses.select_masked(s_global["patch"], masks, max_masked)
             ibot = losses.ibot_loss(head(s_tokens), ibot_probs, token_weights, b * n_g, loss_cfg.student_temp)
             koleo = losses.koleo_global_views(_views_first(s_global["cls"], b, n_g), cfg.koleo_groups,
-                                              loss_cfg.koleo_eps)
+                                              loss_cfg.koleo_eps, loss_cfg.koleo_pairwise_eps)
             distill = lambda x: distill_heads.apply({"params": params["distill_heads"]}, x)  # noqa: E731
             terms = {"dino": dino, "ibot": ibot, "koleo": koleo}
             terms |= losses.distill_terms(distill(s_global["cls"]), cls_targets, distill(s_global["patch"]),
@@ -119,21 +123,31 @@ def make_train_step(
             return losses.weighted_total(terms, weights)
 
         (_, loss_metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        masked_count = jnp.sum(masks.astype(jnp.int32))
+        loss_metrics = {**loss_metrics, "masked_fraction": masked_count / masks.size,
+                        "masked_overflow": jnp.maximum(masked_count - max_masked, 0)}
+        return grads, loss_metrics, {"dino": dino_center, "ibot": ibot_center}
+
+    return grad_fn
+
+
+def make_train_step(
+    model: GPFMModel, schedules: Schedules, tx: optax.GradientTransformation, cfg: StepConfig
+) -> Callable[[TrainState, Mapping[str, jax.Array], Mapping[str, Any]], tuple[TrainState, dict[str, jax.Array]]]:
+    """train_step(state, batch, expert_params) -> (new state, metrics); not jitted (see `jit_train_step`).
+
+    Gradients of the objective -> optimiser (per-module clipping, AdamW with the schedules) -> EMA of the backbone
+    and DINO head -> the centres computed from this step's teacher outputs (used from the next step on).
+    """
+    grad_fn = make_grad_fn(model, schedules, cfg)
+
+    def train_step(state: TrainState, batch: Mapping[str, jax.Array], expert_params: Mapping[str, Any]):
+        grads, loss_metrics, centers = grad_fn(state, batch, expert_params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        momentum = schedules.momentum(step)
-        teacher = ema_update(state.teacher, ema_subset(params), momentum)
-        masked_count = jnp.sum(masks.astype(jnp.int32))
-        metrics = {
-            **loss_metrics,
-            **schedule_values(schedules, step),
-            **grad_norms(opt_state),
-            "masked_fraction": masked_count / masks.size,
-            "masked_overflow": jnp.maximum(masked_count - max_masked, 0),
-        }
-        new_state = TrainState(step + 1, params, teacher, opt_state, {"dino": dino_center, "ibot": ibot_center},
-                               state.rng)
-        return new_state, metrics
+        teacher = ema_update(state.teacher, ema_subset(params), schedules.momentum(state.step))
+        metrics = {**loss_metrics, **schedule_values(schedules, state.step), **grad_norms(opt_state)}
+        return TrainState(state.step + 1, params, teacher, opt_state, centers, state.rng), metrics
 
     return train_step
 
