@@ -8,12 +8,9 @@ warmup are shortened to the run length.
     gpfm-train --workdir runs/demo                    # = --config configs/demo.py
 """
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, so `configs.common` imports
-
-from configs.common import base_config, vit
+from gpfm_jax.train.config_schema import base_config, vit
 
 SAMPLE_SLIDE = Path(__file__).resolve().parents[1] / "tests" / "data" / "cmu_small_region.svs"
 

@@ -10,12 +10,7 @@ Data: the GPFM JSON index {slide_dir: [tile, ...]} (data.source="index"), or a T
 GPU/TPU, fp32 on CPU (compute.dtype="auto"); scanned blocks (compile time independent of depth).
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, so `configs.common` imports
-
-from configs.common import base_config
+from gpfm_jax.train.config_schema import base_config
 
 
 def get_config():

@@ -13,7 +13,7 @@ import ml_collections
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from configs.common import vit  # noqa: E402
+from gpfm_jax.train.config_schema import vit  # noqa: E402
 from configs.demo import get_config as demo_config  # noqa: E402
 
 

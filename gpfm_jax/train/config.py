@@ -1,14 +1,15 @@
-"""gpfm-train configs: validation (before anything compiles) and building the run's objects from a ConfigDict.
+"""gpfm-train configs: validation (before anything compiles) and building the run's objects from a config.
 
-The config layout is `configs/common.py`'s `base_config()`; docs/training.md lists every field. `validate()` raises
-`ConfigError` naming the offending field (`config.data.global_batch_size`, `config.teachers.uni`, ...).
+The schema is `gpfm_jax/train/config_schema.py` (dataclasses; config files start from its `base_config()`);
+docs/training.md lists every field. `validate()` raises `ConfigError` naming the offending field
+(`config.data.global_batch_size`, `config.teachers.uni`, ...).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Union
 
 import jax
 import ml_collections
@@ -19,6 +20,7 @@ from gpfm_jax.data.pipeline import PipelineConfig
 from gpfm_jax.losses import LossConfig
 from gpfm_jax.models.vit import ViTConfig
 from gpfm_jax.teachers import STANDIN, TEACHERS, Teacher, build_teacher, load_teacher, standin_spec
+from gpfm_jax.train.config_schema import ConfigError, TrainConfig, parse
 from gpfm_jax.train.model import GPFMModel, HeadConfig
 from gpfm_jax.train.optim import OptimConfig
 from gpfm_jax.train.schedules import ScheduleConfig
@@ -26,110 +28,103 @@ from gpfm_jax.train.step import StepConfig
 
 SOURCES = ("index", "folder", "tfds", "slides")
 DTYPES = ("float32", "bfloat16", "float16")
+SAVE_ERROR_MODES = ("stop", "retry")
 
 
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the field."""
-
-
-def _dc(cls, values: Mapping[str, Any], field: str, **extra: Any):
-    """Dataclass `cls` from a ConfigDict section, naming the section on unknown keys or bad values."""
-    values = dict(values)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"config.{field}: unknown fields {unknown}")
-    for k, v in values.items():
-        if isinstance(v, (list, ml_collections.ConfigDict)) or hasattr(v, "items"):
-            values[k] = dict(v) if hasattr(v, "items") else tuple(v)
-    try:
-        return cls(**values, **extra)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"config.{field}: {err}") from err
+Config = Union[ml_collections.ConfigDict, TrainConfig]
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Resolved settings
+# Resolved settings (every function takes the ConfigDict of a config file or the parsed TrainConfig)
 
 
-def compute_dtype(cfg: ml_collections.ConfigDict, backend: str | None = None) -> str:
+def compute_dtype(cfg: Config, backend: str | None = None) -> str:
     """bf16 on accelerators, f32 on CPU unless set."""
-    dtype = cfg.compute.dtype
+    dtype = parse(cfg).compute.dtype
     if dtype == "auto":
         backend = backend or jax.default_backend()
         return "float32" if backend == "cpu" else "bfloat16"
     return dtype
 
 
-def teacher_dtypes(cfg: ml_collections.ConfigDict) -> tuple[str, str]:
-    dtype = compute_dtype(cfg) if cfg.compute.teacher_dtype == "auto" else cfg.compute.teacher_dtype
-    param_dtype = dtype if cfg.compute.teacher_param_dtype == "auto" else cfg.compute.teacher_param_dtype
+def teacher_dtypes(cfg: Config) -> tuple[str, str]:
+    c = parse(cfg).compute
+    dtype = compute_dtype(cfg) if c.teacher_dtype == "auto" else c.teacher_dtype
+    param_dtype = dtype if c.teacher_param_dtype == "auto" else c.teacher_param_dtype
     return dtype, param_dtype
 
 
-def vit_config(cfg: ml_collections.ConfigDict) -> ViTConfig:
-    c = cfg.compute
-    return _dc(ViTConfig, cfg.model.vit, "model.vit", dtype=compute_dtype(cfg), param_dtype=c.param_dtype,
-               scan_layers=bool(c.scan_layers), remat_policy=c.remat_policy)
+def vit_config(cfg: Config) -> ViTConfig:
+    c = parse(cfg)
+    return c.model.vit.replace(dtype=compute_dtype(c), param_dtype=c.compute.param_dtype,
+                               scan_layers=bool(c.compute.scan_layers), remat_policy=c.compute.remat_policy)
 
 
-def head_config(cfg: ml_collections.ConfigDict) -> HeadConfig:
-    return _dc(HeadConfig, cfg.model.heads, "model.heads")
+def head_config(cfg: Config) -> HeadConfig:
+    return parse(cfg).model.heads
 
 
-def multicrop_config(cfg: ml_collections.ConfigDict) -> MultiCropConfig:
-    return _dc(MultiCropConfig, cfg.data.multicrop, "data.multicrop")
+def multicrop_config(cfg: Config) -> MultiCropConfig:
+    return parse(cfg).data.multicrop
 
 
-def masking_config(cfg: ml_collections.ConfigDict) -> MaskingConfig:
-    grid = cfg.data.multicrop.global_size // cfg.model.vit.patch_size
-    values = dict(cfg.data.masking)
-    values["max_num_patches"] = values.get("max_num_patches") or None
-    return _dc(MaskingConfig, values, "data.masking", grid=(grid, grid))
+def masking_config(cfg: Config) -> MaskingConfig:
+    c = parse(cfg)
+    grid = c.data.multicrop.global_size // c.model.vit.patch_size
+    m = c.data.masking
+    try:
+        return dataclasses.replace(m, grid=(grid, grid), max_num_patches=m.max_num_patches or None)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"config.data.masking: {err}") from err
 
 
-def loss_config(cfg: ml_collections.ConfigDict) -> LossConfig:
-    return _dc(LossConfig, cfg.loss, "loss")
+def loss_config(cfg: Config) -> LossConfig:
+    return parse(cfg).loss
 
 
-def schedule_config(cfg: ml_collections.ConfigDict) -> ScheduleConfig:
-    return _dc(ScheduleConfig, cfg.schedule, "schedule")
+def schedule_config(cfg: Config) -> ScheduleConfig:
+    return parse(cfg).schedule
 
 
-def optim_config(cfg: ml_collections.ConfigDict) -> OptimConfig:
-    return _dc(OptimConfig, cfg.optim, "optim")
+def optim_config(cfg: Config) -> OptimConfig:
+    return parse(cfg).optim
 
 
-def num_shards(cfg: ml_collections.ConfigDict, process_count: int | None = None) -> int:
+def num_shards(cfg: Config, process_count: int | None = None) -> int:
     process_count = jax.process_count() if process_count is None else process_count
-    return int(cfg.data.shards) or process_count
+    return int(parse(cfg).data.shards) or process_count
 
 
-def pipeline_config(cfg: ml_collections.ConfigDict) -> PipelineConfig:
-    d = cfg.data
+def pipeline_config(cfg: Config) -> PipelineConfig:
+    c = parse(cfg)
+    d = c.data
     return PipelineConfig(
-        global_batch_size=d.global_batch_size, seed=cfg.seed, shuffle=d.shuffle, num_epochs=None,
-        patch_size=cfg.model.vit.patch_size, worker_count=d.worker_count, worker_buffer_size=d.worker_buffer_size,
+        global_batch_size=d.global_batch_size, seed=c.seed, shuffle=d.shuffle, num_epochs=None,
+        patch_size=c.model.vit.patch_size, worker_count=d.worker_count, worker_buffer_size=d.worker_buffer_size,
         read_threads=d.read_threads, prefetch_records=d.prefetch_records, max_read_retries=d.max_read_retries,
-        multicrop=multicrop_config(cfg), masking=masking_config(cfg))
+        multicrop=d.multicrop, masking=masking_config(c))
 
 
-def total_steps(cfg: ml_collections.ConfigDict) -> int:
-    return int(cfg.steps) or int(cfg.schedule.total_steps)
+def total_steps(cfg: Config) -> int:
+    c = parse(cfg)
+    return int(c.steps) or int(c.schedule.total_steps)
 
 
-def step_config(cfg: ml_collections.ConfigDict, num_devices: int, process_count: int | None = None) -> StepConfig:
-    """max_masked: the exact bound summed over the data shards (masks are drawn per shard batch)."""
-    shards = num_shards(cfg, process_count)
-    per_shard = cfg.data.global_batch_size // shards
-    max_masked = cfg.step.max_masked or shards * max_masked_tokens(2 * per_shard, masking_config(cfg))
-    return StepConfig(n_global=2, n_local=cfg.data.multicrop.num_local_crops, max_masked=int(max_masked),
-                      koleo_groups=int(cfg.step.koleo_groups or num_devices), loss=loss_config(cfg))
+def step_config(cfg: Config, num_devices: int, process_count: int | None = None) -> StepConfig:
+    """config.step with the derived fields set; max_masked 0: the exact bound summed over the data shards (masks are
+    drawn per shard batch); koleo_groups 0: one group per device."""
+    c = parse(cfg)
+    shards = num_shards(c, process_count)
+    per_shard = c.data.global_batch_size // shards
+    max_masked = c.step.max_masked or shards * max_masked_tokens(2 * per_shard, masking_config(c))
+    return dataclasses.replace(c.step, n_global=2, n_local=c.data.multicrop.num_local_crops,
+                               max_masked=int(max_masked), koleo_groups=int(c.step.koleo_groups or num_devices),
+                               loss=c.loss)
 
 
-def mesh_devices(cfg: ml_collections.ConfigDict) -> list:
+def mesh_devices(cfg: Config) -> list:
     devices = jax.devices()
-    n = cfg.mesh.num_devices
+    n = parse(cfg).mesh.num_devices
     if n:
         if jax.process_count() > 1:
             raise ConfigError("config.mesh.num_devices: only for single-process runs (0 = all devices)")
@@ -148,36 +143,31 @@ def _require(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None, process_count: int | None = None) -> None:
+def validate(cfg: Config, num_devices: int | None = None, process_count: int | None = None) -> None:
     """Every check that can be made without compiling; raises ConfigError naming the field."""
+    c = parse(cfg)
     process_count = jax.process_count() if process_count is None else process_count
     if num_devices is None:
-        num_devices = cfg.mesh.num_devices or jax.device_count()
-    vit = vit_config(cfg)
-    head_config(cfg)
-    schedule = schedule_config(cfg)
-    optim_config(cfg)
-    loss = loss_config(cfg)
-    mc = multicrop_config(cfg)
-    d = cfg.data
+        num_devices = c.mesh.num_devices or jax.device_count()
+    vit = vit_config(c)
+    masking_config(c)
+    mc = c.data.multicrop
+    loss = c.loss
+    d = c.data
     p = vit.patch_size
 
-    _require(vit.img_size % p == 0,
-             f"config.model.vit.img_size={vit.img_size} is not divisible by config.model.vit.patch_size={p}")
     _require(mc.global_size % p == 0, f"config.data.multicrop.global_size={mc.global_size} is not divisible by the "
              f"patch size config.model.vit.patch_size={p}")
     _require(mc.local_size % p == 0, f"config.data.multicrop.local_size={mc.local_size} is not divisible by the "
              f"patch size config.model.vit.patch_size={p}")
-    _require(vit.embed_dim % vit.num_heads == 0,
-             f"config.model.vit.embed_dim={vit.embed_dim} is not divisible by num_heads={vit.num_heads}")
     for field in ("dtype", "teacher_dtype", "teacher_param_dtype"):
-        value = cfg.compute[field]
+        value = getattr(c.compute, field)
         _require(value == "auto" or value in DTYPES, f"config.compute.{field}={value!r}: expected auto or {DTYPES}")
-    _require(cfg.compute.param_dtype in DTYPES, f"config.compute.param_dtype={cfg.compute.param_dtype!r}")
+    _require(c.compute.param_dtype in DTYPES, f"config.compute.param_dtype={c.compute.param_dtype!r}")
 
     # teachers
-    _require(len(cfg.teachers) > 0, "config.teachers: at least one expert teacher is needed")
-    for name, bundle in cfg.teachers.items():
+    _require(len(c.teachers) > 0, "config.teachers: at least one expert teacher is needed")
+    for name, bundle in c.teachers.items():
         _require(name in TEACHERS, f"config.teachers.{name}: unknown teacher; known: {sorted(TEACHERS)}")
         if bundle != STANDIN:
             _require(bool(bundle), f"config.teachers.{name} is empty: set it to an encoder bundle made by "
@@ -193,9 +183,9 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None, pro
             _require(mc.global_size == fixed, f"config.data.multicrop.global_size={mc.global_size}: teacher {name} "
                      f"takes {fixed}x{fixed} input only")
     for field in ("distill_cls_weights", "distill_patch_weights"):
-        extra = sorted(t for t, w in dict(getattr(loss, field)).items() if w > 0 and t not in cfg.teachers)
+        extra = sorted(t for t, w in dict(getattr(loss, field)).items() if w > 0 and t not in c.teachers)
         _require(not extra, f"config.loss.{field}: weights for teachers that are not configured: {extra}")
-    for name in cfg.teachers:
+    for name in c.teachers:
         _require(name in loss.distill_cls_weights, f"config.loss.distill_cls_weights has no weight for teacher {name}")
         if TEACHERS[name].patch_output is None:
             _require(loss.distill_patch_weights.get(name, 0) == 0,
@@ -206,16 +196,16 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None, pro
     _require(b > 0, f"config.data.global_batch_size={b} must be positive")
     _require(b % num_devices == 0, f"config.data.global_batch_size={b} is not divisible by the number of devices "
              f"({num_devices}); every device takes an equal share of the batch")
-    shards = num_shards(cfg, process_count)
+    shards = num_shards(c, process_count)
     _require(shards % process_count == 0, f"config.data.shards={d.shards} is not divisible by the number of "
              f"processes ({process_count})")
     _require(b % shards == 0, f"config.data.global_batch_size={b} is not divisible by the data shards ({shards})")
-    _require(num_devices % cfg.mesh.fsdp == 0, f"config.mesh.fsdp={cfg.mesh.fsdp} does not divide the number of "
+    _require(num_devices % c.mesh.fsdp == 0, f"config.mesh.fsdp={c.mesh.fsdp} does not divide the number of "
              f"devices ({num_devices})")
-    if cfg.mesh.data != -1:
-        _require(cfg.mesh.data * cfg.mesh.fsdp == num_devices, f"config.mesh.data={cfg.mesh.data} x "
-                 f"config.mesh.fsdp={cfg.mesh.fsdp} != the number of devices ({num_devices})")
-    groups = cfg.step.koleo_groups or num_devices
+    if c.mesh.data != -1:
+        _require(c.mesh.data * c.mesh.fsdp == num_devices, f"config.mesh.data={c.mesh.data} x "
+                 f"config.mesh.fsdp={c.mesh.fsdp} != the number of devices ({num_devices})")
+    groups = c.step.koleo_groups or num_devices
     _require(b % groups == 0, f"config.step.koleo_groups={groups} does not divide config.data.global_batch_size={b}")
 
     # data source
@@ -229,16 +219,27 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None, pro
     elif d.source == "tfds":
         _require(bool(d.path), "config.data.path: the TFDS dataset name or builder dir is empty")
 
-    # schedule / run length / checkpoints
-    _require(total_steps(cfg) > 0, "config.steps / config.schedule.total_steps must be positive")
+    # schedule / run length / checkpoints / logging / runtime
+    schedule = c.schedule
+    _require(total_steps(c) > 0, "config.steps / config.schedule.total_steps must be positive")
     _require(schedule.warmup_steps <= schedule.total_steps,
              f"config.schedule.warmup_steps={schedule.warmup_steps} exceeds total_steps={schedule.total_steps}")
-    _require(cfg.checkpoint.every > 0, f"config.checkpoint.every={cfg.checkpoint.every} must be positive")
-    _require(cfg.checkpoint.keep > 0, f"config.checkpoint.keep={cfg.checkpoint.keep} must be positive")
-    _require(cfg.log.every > 0, f"config.log.every={cfg.log.every} must be positive")
-    if cfg.init_from:
-        _require((Path(cfg.init_from) / "encoder.json").is_file(),
-                 f"config.init_from={cfg.init_from!r}: not an encoder bundle (no encoder.json)")
+    k = c.checkpoint
+    _require(k.every > 0, f"config.checkpoint.every={k.every} must be positive")
+    _require(k.keep > 0, f"config.checkpoint.keep={k.keep} must be positive")
+    _require(k.keep_period >= 0, f"config.checkpoint.keep_period={k.keep_period} must be >= 0 (0 = none)")
+    _require(k.on_save_error in SAVE_ERROR_MODES,
+             f"config.checkpoint.on_save_error={k.on_save_error!r}: expected one of {SAVE_ERROR_MODES}")
+    _require(c.log.every > 0, f"config.log.every={c.log.every} must be positive")
+    _require(c.runtime.distributed in ("auto", "on", "off"),
+             f"config.runtime.distributed={c.runtime.distributed!r}: expected auto, on or off")
+    for f in dataclasses.fields(c.deadline):
+        value = getattr(c.deadline, f.name)
+        _require(value >= 0, f"config.deadline.{f.name}={value} must be >= 0 (0 = no deadline)")
+    _require(c.deadline.poll_s > 0, f"config.deadline.poll_s={c.deadline.poll_s} must be positive")
+    if c.init_from:
+        _require((Path(c.init_from) / "encoder.json").is_file(),
+                 f"config.init_from={c.init_from!r}: not an encoder bundle (no encoder.json)")
 
 
 def _slide_paths(value: str) -> list[str]:
@@ -249,26 +250,29 @@ def _slide_paths(value: str) -> list[str]:
 # Building
 
 
-def load_experts(cfg: ml_collections.ConfigDict) -> tuple[dict[str, Teacher], dict[str, Any]]:
+def load_experts(cfg: Config) -> tuple[dict[str, Teacher], dict[str, Any]]:
     """{name: Teacher}, {name: params}: bundles through gpfm_jax.teachers, stand-ins built here (any input size)."""
-    dtype, param_dtype = teacher_dtypes(cfg)
-    overrides = dict(dtype=dtype, param_dtype=param_dtype, scan_layers=bool(cfg.compute.scan_layers))
+    c = parse(cfg)
+    dtype, param_dtype = teacher_dtypes(c)
+    overrides = dict(dtype=dtype, param_dtype=param_dtype, scan_layers=bool(c.compute.scan_layers))
     teachers, params = {}, {}
-    for i, (name, bundle) in enumerate(cfg.teachers.items()):
+    for i, (name, bundle) in enumerate(c.teachers.items()):
         if bundle == STANDIN:
+            s = c.standin
             # Stand-ins have no reference to match: drop a fixed input size so small demo crops work.
-            spec = standin_spec(name, **dict(cfg.standin)).replace(fixed_input_size=None)
+            spec = standin_spec(name, embed_dim=s.embed_dim, depth=s.depth, num_heads=s.num_heads,
+                                pooler_dim=s.pooler_dim).replace(fixed_input_size=None)
             teacher = build_teacher(spec, **overrides)
-            teachers[name], params[name] = teacher, teacher.init_params(cfg.seed + i)
+            teachers[name], params[name] = teacher, teacher.init_params(c.seed + i)
         else:
-            teachers[name], params[name] = load_teacher(name, bundle, cfg.seed + i, **overrides)
+            teachers[name], params[name] = load_teacher(name, bundle, c.seed + i, **overrides)
     return teachers, params
 
 
-def make_source(cfg: ml_collections.ConfigDict, workdir: str | Path | None = None):
+def make_source(cfg: Config, workdir: str | Path | None = None):
     from gpfm_jax.data import FolderSource, IndexSource, SlideTileSource, TfdsSource
 
-    d = cfg.data
+    d = parse(cfg).data
     if d.source == "index":
         return IndexSource(d.path, root=d.root or None)
     if d.source == "folder":
@@ -284,6 +288,7 @@ def make_source(cfg: ml_collections.ConfigDict, workdir: str | Path | None = Non
     raise ConfigError(f"config.data.source={d.source!r}: expected one of {SOURCES}")
 
 
-def build_model(cfg: ml_collections.ConfigDict) -> tuple[GPFMModel, dict[str, Any]]:
-    experts, expert_params = load_experts(cfg)
-    return GPFMModel(vit_config(cfg), head_config(cfg), experts), expert_params
+def build_model(cfg: Config) -> tuple[GPFMModel, dict[str, Any]]:
+    c = parse(cfg)
+    experts, expert_params = load_experts(c)
+    return GPFMModel(vit_config(c), c.model.heads, experts), expert_params

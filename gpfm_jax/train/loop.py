@@ -24,6 +24,7 @@ import numpy as np
 
 from gpfm_jax.train import checkpoint as ckpt
 from gpfm_jax.train import config as config_lib
+from gpfm_jax.train import config_schema
 from gpfm_jax.train import sharding
 from gpfm_jax.train.metrics_writer import MetricsWriter
 from gpfm_jax.train.optim import make_optimizer
@@ -57,7 +58,7 @@ def setup_runtime(cfg: ml_collections.ConfigDict) -> None:
     global _runtime_done
     if _runtime_done:
         return
-    r = cfg.runtime
+    r = config_schema.parse(cfg).runtime
     if r.cpu_devices:
         jax.config.update("jax_num_cpu_devices", int(r.cpu_devices))
     if r.cpu_collectives:
@@ -236,13 +237,15 @@ def initial_state(model, tx, root: jax.Array, shardings: Any, init_from: str = "
     return state
 
 
-def write_config(cfg: ml_collections.ConfigDict, workdir: Path, resolved: dict[str, Any]) -> None:
-    (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+def write_config(cfg: config_schema.TrainConfig, workdir: Path, resolved: dict[str, Any]) -> None:
+    text = config_schema.to_configdict(cfg).to_json_best_effort(indent=2, sort_keys=True)
+    (workdir / "config.json").write_text(text + "\n")
     (workdir / "config_resolved.json").write_text(json.dumps(resolved, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> RunResult:
     t_start = time.perf_counter()
+    cfg = config_schema.parse(cfg)
     setup_runtime(cfg)
     workdir = Path(workdir).absolute()
     devices = config_lib.mesh_devices(cfg)

@@ -1,0 +1,275 @@
+"""The gpfm-train config schema, written once: frozen dataclasses. The `ml_collections.ConfigDict` that config files
+and `--config.<field>=` overrides work on is generated from them (`base_config()`), and read back into them
+(`parse()`), so a field added to any of these dataclasses (or to the library configs they hold: `ViTConfig`,
+`HeadConfig`, `LossConfig`, `ScheduleConfig`, `OptimConfig`, `StepConfig`, `MultiCropConfig`, `MaskingConfig`)
+appears in every config with its default and reaches the code that reads it, with nothing else to edit.
+
+Defaults are the official GPFM ViT-L/14 recipe (../shared/SPEC.md); `configs/gpfm_vitl14.py` points it at real data
+and teacher bundles, `configs/demo.py` shrinks it for a laptop CPU. Field meanings: comments here, docs/training.md.
+Fields a section's library dataclass has but the config sets elsewhere are listed in `DERIVED` (e.g. the ViT's
+compute dtype comes from `compute`, the mask grid from the crop and patch sizes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Mapping
+
+import ml_collections
+from ml_collections.config_dict import FieldReference
+
+from gpfm_jax.data.augment import MultiCropConfig
+from gpfm_jax.data.masking import MaskingConfig
+from gpfm_jax.losses import LossConfig
+from gpfm_jax.models.vit import ViTConfig
+from gpfm_jax.train.model import HeadConfig
+from gpfm_jax.train.optim import OptimConfig
+from gpfm_jax.train.schedules import ScheduleConfig
+from gpfm_jax.train.step import StepConfig
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field."""
+
+
+# Fields of library dataclasses that are not config fields: set by the run from other fields.
+DERIVED: dict[type, tuple[str, ...]] = {
+    ViTConfig: ("dtype", "param_dtype", "scan_layers", "remat_policy"),  # from config.compute
+    MaskingConfig: ("grid",),  # data.multicrop.global_size // model.vit.patch_size
+    StepConfig: ("n_global", "n_local", "loss"),  # 2, data.multicrop.num_local_crops, config.loss
+}
+
+
+def _factory(value):
+    return dataclasses.field(default_factory=lambda: value)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vit: ViTConfig = ViTConfig(drop_path_rate=0.4)  # GPFM ViT-L/14, stochastic depth 0.4 (DINOv2 batch-subset)
+    heads: HeadConfig = HeadConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class StandinConfig:
+    """Sizes of the tiny random stand-in teachers (teachers.<name> = "standin")."""
+
+    embed_dim: int = 64
+    depth: int = 2
+    num_heads: int = 4
+    pooler_dim: int = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    source: str = "index"  # index | folder | tfds | slides
+    path: str = ""  # index: the JSON; folder: the root; tfds: dataset name (or builder dir); slides: comma-separated
+    root: str = ""  # index: folder that relative slide dirs resolve against ("" = the JSON's folder)
+    split: str = "train"  # tfds
+    data_dir: str = ""  # tfds
+    tile_size: int = 224  # slides: tile size read at `magnification`
+    magnification: float = 20.0  # slides
+    min_tissue: float = 0.5  # slides
+    cache_dir: str = ""  # slides: tissue-grid cache ("" = <workdir>/slide_cache)
+    global_batch_size: int = 1536  # 96 per GPU x 16 GPUs
+    shards: int = 0  # data shards (each its own stream and masks); 0 = one per process. Fixed S: any host count divides it
+    shuffle: bool = True
+    worker_count: int = 0  # grain worker processes per host (0 = threads in the trainer process)
+    worker_buffer_size: int = 2
+    read_threads: int = 2
+    prefetch_records: int = 64
+    max_read_retries: int = 32
+    multicrop: MultiCropConfig = MultiCropConfig()
+    masking: MaskingConfig = MaskingConfig()  # max_num_patches None = half the grid (128 for 16x16)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1  # -1 = the devices fsdp leaves
+    fsdp: int = 1
+    num_devices: int = 0  # 0 = all (single-process runs only)
+
+
+@dataclasses.dataclass(frozen=True)
+class ComputeConfig:
+    dtype: str = "auto"  # "auto": bfloat16 on GPU/TPU, float32 on CPU
+    param_dtype: str = "float32"  # master params
+    teacher_dtype: str = "auto"  # expert teachers' compute dtype ("auto" = dtype)
+    teacher_param_dtype: str = "auto"  # expert teachers' stored params ("auto" = teacher compute dtype; frozen)
+    scan_layers: bool = False
+    remat_policy: str = "none"
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 2500  # save every N iterations (and at the end and on SIGTERM/SIGINT)
+    keep: int = 3  # keep the last K
+    keep_period: int = 12500  # and also every checkpoint whose step is a multiple of this (0 = none)
+    async_save: bool = True
+    # A save that fails (disk full, I/O error): "stop" = report it (path, free space) and stop with exit status 3, the
+    # earlier checkpoints intact; "retry" = report it, keep training and save again at the next interval.
+    on_save_error: str = "stop"
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    every: int = 10  # TensorBoard scalars every N iterations (the JSONL log gets every iteration)
+    sanity_every: int = 500  # student/teacher agreement on the current batch (0 = off)
+    progress: bool = True
+    tensorboard: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+    distributed: str = "auto"  # auto: jax.distributed.initialize() when the environment names a cluster; on; off
+    coordinator_address: str = ""  # explicit multi-process setup (otherwise from SLURM / TPU / JAX_* env vars)
+    num_processes: int = 0
+    process_id: int = -1
+    # jax.distributed (coordination service): a process that misses heartbeats this long is declared dead and every
+    # other process is stopped; waits at most initialization_timeout_s for all processes to join.
+    heartbeat_timeout_s: int = 100
+    initialization_timeout_s: int = 300
+    shutdown_timeout_s: int = 300
+    cpu_devices: int = 0  # > 0: this many XLA CPU devices (testing multi-device code on one CPU)
+    cpu_collectives: str = ""  # e.g. "gloo" for multi-process CPU runs
+    compile_cache_dir: str = ""  # persistent XLA compilation cache
+    step_sleep_s: float = 0.0  # testing aid: sleep after every iteration
+    inject_nan_at_step: int = -1  # testing aid: feed NaN images at this iteration (checks the non-finite stop)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeadlineConfig:
+    """Watchdog deadlines (seconds; 0 = none). A phase that runs longer is reported (iteration, process, phase) and
+    the run stops with exit status 4 instead of hanging. Generous defaults for pods: a first step compiles."""
+
+    data_s: float = 600.0  # waiting for this host's next batch
+    step_s: float = 600.0  # one iteration's step (dispatch + the wait for the previous step's results)
+    first_step_s: float = 3600.0  # the first iterations after start (compilation)
+    checkpoint_s: float = 1800.0  # a checkpoint save / wait / restore
+    poll_s: float = 1.0  # how often the watchdog looks
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0  # root key of the model init and of every per-step key (fold_in(root, step))
+    steps: int = 0  # stop after this many iterations (0 = schedule.total_steps); the schedules always use total_steps
+    init_from: str = ""  # an encoder bundle (e.g. converted GPFM weights): student backbone + EMA teacher backbone
+    model: ModelConfig = ModelConfig()
+    # name -> encoder bundle folder written by tools/port_teacher.py, or "standin" (tiny random teacher)
+    teachers: Mapping[str, str] = _factory({"uni": "", "phikon": "", "conch": ""})
+    standin: StandinConfig = StandinConfig()
+    loss: LossConfig = _factory(LossConfig())
+    schedule: ScheduleConfig = ScheduleConfig()
+    optim: OptimConfig = OptimConfig()
+    data: DataConfig = DataConfig()
+    mesh: MeshConfig = MeshConfig()
+    compute: ComputeConfig = ComputeConfig()
+    # max_masked: masked-token buffer, 0 = the exact bound from the masking config and the batch;
+    # koleo_groups: KoLeo neighbour groups, 0 = one per device (the reference: per GPU batch)
+    step: StepConfig = StepConfig(koleo_groups=0)
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log: LogConfig = LogConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    deadline: DeadlineConfig = DeadlineConfig()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dataclasses -> ConfigDict
+
+
+def _is_dataclass_instance(value: Any) -> bool:
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
+
+
+def _optional_type(cls: type, name: str) -> type | None:
+    """For an `X | None` field, X (so a None default is a typed placeholder that --config.<field>= can set)."""
+    hint = typing.get_type_hints(cls).get(name)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1 and isinstance(args[0], type):
+            return args[0]
+    return None
+
+
+def config_fields(obj: Any) -> list[dataclasses.Field]:
+    """The config fields of a dataclass instance (its fields minus the DERIVED ones)."""
+    skip = DERIVED.get(type(obj), ())
+    return [f for f in dataclasses.fields(obj) if f.name not in skip]
+
+
+def to_configdict(obj: Any) -> ml_collections.ConfigDict:
+    """A dataclass instance as a ConfigDict: nested dataclasses and mappings become sections, None becomes a typed
+    placeholder, int defaults of float fields become floats (so an override of 1.5 is accepted)."""
+    out = ml_collections.ConfigDict()
+    hints = typing.get_type_hints(type(obj))
+    for f in config_fields(obj):
+        value = getattr(obj, f.name)
+        if _is_dataclass_instance(value):
+            value = to_configdict(value)
+        elif isinstance(value, Mapping):
+            value = ml_collections.ConfigDict(dict(value))
+        elif value is None:
+            kind = _optional_type(type(obj), f.name)
+            value = FieldReference(None, field_type=kind) if kind else None
+        elif hints.get(f.name) is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        out[f.name] = value
+    return out
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The full official recipe as a ConfigDict (what config files start from)."""
+    return to_configdict(TrainConfig())
+
+
+def vit(**changes: Any) -> ml_collections.ConfigDict:
+    """A `model.vit` section: GPFM ViT-L/14 (stochastic depth 0.4) with `changes`."""
+    return to_configdict(dataclasses.replace(TrainConfig().model.vit, **changes))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ConfigDict -> dataclasses
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, FieldReference):
+        value = value.get()
+    if isinstance(value, ml_collections.ConfigDict) or isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in dict(value).items()}
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def _parse(default: Any, values: Mapping[str, Any], path: str) -> Any:
+    values = dict(values)
+    fields = {f.name: f for f in config_fields(default)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"config.{path}: unknown fields {unknown}" if path else f"config: unknown fields {unknown}")
+    changes = {}
+    for name, value in values.items():
+        current = getattr(default, name)
+        where = f"{path}.{name}" if path else name
+        if _is_dataclass_instance(current):
+            if not (isinstance(value, ml_collections.ConfigDict) or isinstance(value, Mapping)):
+                raise ConfigError(f"config.{where}: expected a section, got {value!r}")
+            changes[name] = _parse(current, value, where)
+        else:
+            changes[name] = _plain(value)
+    try:
+        return dataclasses.replace(default, **changes)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"config.{path}: {err}" if path else f"config: {err}") from err
+
+
+def parse(cfg: ml_collections.ConfigDict | TrainConfig) -> TrainConfig:
+    """The typed config; raises ConfigError naming the section for unknown fields or values a dataclass refuses.
+    Fields missing from a hand-written ConfigDict keep their defaults."""
+    if isinstance(cfg, TrainConfig):
+        return cfg
+    return _parse(TrainConfig(), cfg, "")
