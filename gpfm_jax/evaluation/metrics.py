@@ -1,5 +1,6 @@
 """Classification metrics in NumPy, defined as scikit-learn defines them (so numbers compare across papers), plus a
-percentile bootstrap with a fixed seed. No scikit-learn at run time: it is a test-only dependency.
+percentile bootstrap with a fixed seed (for these metrics and, via `bootstrap_metric`, any other, e.g. the
+c-index). No scikit-learn at run time: it is a test-only dependency.
 """
 
 from __future__ import annotations
@@ -65,6 +66,24 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, f
             "macro_f1": macro_f1(cm), "auc": auc(y_true, proba)}
 
 
+def bootstrap_metric(fn, arrays: tuple[np.ndarray, ...], num_samples: int = 1000, seed: int = 0,
+                     level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of fn(*resampled arrays) (rows resampled together, fixed seed); nan draws are dropped."""
+    rng = np.random.default_rng(seed)
+    n = len(arrays[0])
+    draws = []
+    for _ in range(num_samples):
+        idx = rng.integers(0, n, n)
+        draws.append(fn(*(a[idx] for a in arrays)))
+    return _percentiles(np.asarray(draws, np.float64), level)
+
+
+def _percentiles(v: np.ndarray, level: float) -> tuple[float, float]:
+    v = v[~np.isnan(v)]
+    lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+    return (float(np.percentile(v, lo)), float(np.percentile(v, hi))) if v.size else (np.nan, np.nan)
+
+
 def bootstrap(y_true: np.ndarray, proba: np.ndarray, num_samples: int = 1000, seed: int = 0,
               level: float = 0.95) -> dict[str, tuple[float, float]]:
     """Percentile confidence intervals: resample the test set with replacement `num_samples` times (fixed seed)."""
@@ -75,10 +94,4 @@ def bootstrap(y_true: np.ndarray, proba: np.ndarray, num_samples: int = 1000, se
         idx = rng.integers(0, n, n)
         for k, v in classification_metrics(y_true[idx], proba[idx]).items():
             draws[k].append(v)
-    lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
-    out = {}
-    for k, v in draws.items():
-        v = np.asarray(v, np.float64)
-        v = v[~np.isnan(v)]
-        out[k] = (float(np.percentile(v, lo)), float(np.percentile(v, hi))) if v.size else (np.nan, np.nan)
-    return out
+    return {k: _percentiles(np.asarray(v, np.float64), level) for k, v in draws.items()}

@@ -1,0 +1,115 @@
+"""Slide-level MIL heads in Flax: gated attention MIL (Ilse et al. 2018, laid out as CLAM's `CLAM_SB` attention
+branch `Attn_Net_Gated`), mean pooling, and TransMIL (`transmil.py`).
+
+Every model maps a batch of padded bags to slide logits and one attention score per tile:
+
+    logits, attention = model.apply({"params": p}, x, mask, train=False)   # x f32[B, N, D], mask bool[B, N]
+    logits f32[B, C]; attention f32[B, N] (softmax weights over each bag's real tiles; 0 on padding)
+
+Padding never changes a result: masked tiles get no attention weight and are left out of every sum, so a bag gives
+the same logits in any bucket size (tested). Parameter names follow CLAM (`fc`, `attention_a`, `attention_b`,
+`attention_c`, `classifier`; Flax kernels are the transposed torch weights), so CLAM / torchmil weights transfer by
+renaming.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+MODELS = ("abmil", "transmil", "mean")
+
+
+@dataclasses.dataclass(frozen=True)
+class MILConfig:
+    """Defaults are CLAM_SB 'small' (1024 -> 512 -> 256) and TransMIL's paper settings."""
+
+    model: str = "abmil"
+    num_outputs: int = 2  # classes, survival bins, or 1 (Cox log-hazard)
+    hidden_dim: int | None = 512  # fc: Linear + ReLU before pooling (CLAM); None = no projection (torchmil's default)
+    attention_dim: int = 256  # ABMIL attention width
+    gated: bool = True  # Attn_Net_Gated (tanh * sigmoid) vs Attn_Net (tanh)
+    attention_bias: bool = True  # CLAM's attention_c has a bias; softmax ignores it (torchmil has none)
+    dropout: float = 0.25  # CLAM: after fc and in both attention branches; TransMIL: after fc
+    # TransMIL
+    heads: int = 8
+    landmarks: int | None = None  # None = dim // 2
+    pinv_iterations: int = 6
+    residual_conv_kernel: int = 33  # 0 = none (torchmil); the paper's lucidrains NystromAttention uses 33
+    attn_out_proj: bool = True  # Linear after the heads (paper); torchmil has none when widths agree
+    fc_relu: bool = True  # paper: Linear + ReLU; torchmil: Linear only
+    attn_dropout: float = 0.1  # TransMIL paper: dropout on the attention output
+    num_layers: int = 2
+
+    def __post_init__(self):
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+
+
+def masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax over the last axis restricted to mask; a bag with no real tile gets all zeros (not NaN)."""
+    neg = jnp.finfo(scores.dtype).min
+    s = jnp.where(mask, scores, neg)
+    w = jax.nn.softmax(s, axis=-1)
+    return jnp.where(mask, w, 0.0)
+
+
+class Projection(nn.Module):
+    """CLAM's `fc`: Linear + ReLU + Dropout (skipped when hidden_dim is None)."""
+
+    hidden_dim: int | None
+    dropout: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        if self.hidden_dim is None:
+            return x
+        h = nn.relu(nn.Dense(self.hidden_dim, name="fc")(x))
+        return nn.Dropout(self.dropout, deterministic=not train)(h)
+
+
+class ABMIL(nn.Module):
+    """Gated attention MIL. a_i = w^T (tanh(V h_i) * sigmoid(U h_i)) (+ b), weights softmax(a) over the bag's tiles,
+    slide vector z = sum_i w_i h_i, logits = classifier(z). Single attention branch (CLAM_SB); CLAM's instance
+    clustering loss is not part of ABMIL and is not implemented."""
+
+    cfg: MILConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
+        c = self.cfg
+        h = Projection(c.hidden_dim, c.dropout, name="proj")(x, train)
+        drop = nn.Dropout(c.dropout, deterministic=not train)
+        a = drop(jnp.tanh(nn.Dense(c.attention_dim, name="attention_a")(h)))
+        if c.gated:
+            a = a * drop(nn.sigmoid(nn.Dense(c.attention_dim, name="attention_b")(h)))
+        scores = nn.Dense(1, use_bias=c.attention_bias, name="attention_c")(a)[..., 0]  # [B, N]
+        w = masked_softmax(scores, mask)
+        z = jnp.einsum("bn,bnd->bd", w, h)
+        return nn.Dense(c.num_outputs, name="classifier")(z), w
+
+
+class MeanMIL(nn.Module):
+    """Baseline: the mean of the (projected) tile features, then a linear classifier; attention = uniform weights."""
+
+    cfg: MILConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
+        h = Projection(self.cfg.hidden_dim, self.cfg.dropout, name="proj")(x, train)
+        w = mask / jnp.maximum(mask.sum(-1, keepdims=True), 1)
+        z = jnp.einsum("bn,bnd->bd", w.astype(h.dtype), h)
+        return nn.Dense(self.cfg.num_outputs, name="classifier")(z), w.astype(h.dtype)
+
+
+def build_model(cfg: MILConfig) -> nn.Module:
+    if cfg.model == "abmil":
+        return ABMIL(cfg)
+    if cfg.model == "mean":
+        return MeanMIL(cfg)
+    from gpfm_jax.evaluation.transmil import TransMIL
+
+    return TransMIL(cfg)
