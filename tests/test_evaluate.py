@@ -11,7 +11,7 @@ from sklearn import metrics as skm
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 
-from gpfm_jax import evaluate
+from gpfm_jax.evaluation import cli as evaluate
 from gpfm_jax.evaluation import data
 from gpfm_jax.evaluation.knn import knn_scores
 from gpfm_jax.evaluation.linear import LinearProbeConfig, train_linear_probe

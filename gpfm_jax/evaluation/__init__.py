@@ -1,8 +1,11 @@
-"""Evaluation of extracted features (gpfm-eval): weighted kNN and linear probes, with bootstrap confidence intervals.
+"""Evaluation of extracted features (gpfm-eval), with bootstrap confidence intervals.
 
-Modules: `data` (HDF5 features + labels, splits), `knn` (DINO's weighted kNN), `linear` (AdamW logistic regression
-with early stopping), `metrics` (accuracy, balanced accuracy, macro-F1, AUC; bootstrap). The CLI is
-gpfm_jax/evaluate.py (`python -m gpfm_jax.evaluate knn|linear ...`).
+Tile level: `data` (HDF5 features + labels, splits), `knn` (DINO's weighted kNN), `linear` (AdamW logistic
+regression with early stopping), `retrieval` (ROI retrieval), `metrics` (accuracy, balanced accuracy, macro-F1, AUC;
+bootstrap). Slide level: `bags` (slide files, label CSV, patient-grouped folds, bucketed padding), `mil_models` and
+`transmil` (ABMIL, mean pooling, TransMIL in Flax), `survival` (NLL-surv, Cox, c-index), `mil_train` (one fold),
+`mil_cv` (cross-validation, results), `heatmap` (attention over the thumbnail). The CLI is `cli`
+(`gpfm-eval` / `python -m gpfm_jax.evaluation knn|linear|retrieval|mil|heatmap ...`).
 """
 
 from gpfm_jax.evaluation.knn import knn_predict, knn_scores

@@ -10,18 +10,19 @@ of the mean. results.json is written atomically.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 
 from gpfm_jax.evaluation import bags, metrics, mil_train, survival
 from gpfm_jax.evaluation.mil_models import MILConfig
 from gpfm_jax.evaluation.mil_train import Targets, TrainConfig, train_mil
+from gpfm_jax.evaluation.results import write_json_atomic
 
 log = logging.getLogger("gpfm_jax.evaluate")
 
@@ -40,25 +41,6 @@ class MILRun:
     seed: int = 0
     save_attention: str | None = None  # folder for <slide_id>.h5 (attention, coords)
     cache_gb: float = 8.0
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=_jsonable)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _jsonable(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
 def _nan_to_none(x: float) -> float | None:
@@ -191,8 +173,10 @@ def _save_attention(cfg: MILRun, table: bags.SlideTable, test: np.ndarray, atts:
     root = Path(cfg.save_attention)
     for i, att in zip(test, atts):
         _, coords = bags.read_bag(table.files[i], with_coords=True)
+        with h5py.File(table.files[i], "r") as f:
+            span = f["coords"].attrs.get("patch_size")
         attrs = {"slide_id": table.slide_ids[i], "fold": fold, "model": cfg.model.model,
-                 "features": str(table.files[i])}
+                 "features": str(table.files[i]), "patch_size": span}
         with AtomicH5(root / f"{table.slide_ids[i]}.h5", attrs) as h5:
             h5.create("attention", (), np.float32, chunk_rows=max(1, min(len(att), 4096)))
             h5.append("attention", att)
