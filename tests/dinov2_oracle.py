@@ -151,9 +151,10 @@ def oracle():
 TINY = dict(embed_dim=64, depth=2, num_heads=4)
 
 
-def register_tiny_arch(mods, name: str = "vit_fidelity", **dims) -> str:
+def register_tiny_arch(mods, **dims) -> str:
     """A CPU-sized DINOv2 ViT the config can name (`cfg.student.arch`), built like vit_small/large."""
     dims = {**TINY, **dims}
+    name = "vit_fidelity_" + "_".join(str(dims[k]) for k in sorted(dims))
     if not hasattr(mods.vits, name):
         from dinov2.layers import MemEffAttention
         from dinov2.layers import NestedTensorBlock as Block

@@ -206,8 +206,14 @@ def test_koleo_square_corners():
 
 def test_koleo_duplicates_give_finite_gradient():
     x = jnp.asarray([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
-    np.testing.assert_allclose(losses.koleo_loss(x), np_koleo(np.asarray(x)), **TOL)
-    assert np.all(np.isfinite(np.asarray(jax.grad(losses.koleo_loss)(x))))
+    # exact distances (pairwise_eps=False): the duplicates are at distance 0
+    np.testing.assert_allclose(losses.koleo_loss(x, pairwise_eps=False), np_koleo(np.asarray(x)), **TOL)
+    # DINOv2's torch.nn.PairwiseDistance(eps=1e-8): ||x - y + eps|| = eps * sqrt(2) for the duplicates
+    expected = np.mean([-math.log(1e-8 * math.sqrt(2) + 1e-8)] * 2 + [-math.log(math.sqrt(2) + 1e-8)])
+    np.testing.assert_allclose(losses.koleo_loss(x), expected, **TOL)
+    for exact in (True, False):
+        grad = jax.grad(lambda y: losses.koleo_loss(y, pairwise_eps=exact))(x)  # noqa: B023
+        assert np.all(np.isfinite(np.asarray(grad)))
 
 
 # ------------------------------------------------------------------------------------------------- distill

@@ -4,6 +4,11 @@ Of the n_crops global crops, int(n_crops * mask_probability) are masked; the i-t
 int(n_patches * U(bins[i], bins[i+1])) patches with bins = linspace(ratio_min, ratio_max, n_masked + 1); the rest get
 an empty mask; the list is then shuffled. A mask is grown from rectangular blocks (at least min_num_patches, aspect
 ratio in [min_aspect, 1/min_aspect], at most max_num_patches per draw) that never overshoot the request.
+
+The arithmetic follows the reference draw for draw: bins are float32 like `torch.linspace`, the ratio and the patch
+count are float32 products like the collate's tensor arithmetic, every uniform is `lo + (hi - lo) * u`, integers
+are `randint`-style and the shuffle is Python's Fisher-Yates (`random.shuffle`). Driven by the same uniform stream,
+`batch_masks` reproduces DINOv2's `collate_data_and_cast` masks exactly (tests/test_fidelity_functions.py).
 """
 
 from __future__ import annotations
@@ -39,13 +44,47 @@ class MaskingConfig:
         return math.log(self.min_aspect), math.log(hi)
 
 
+def torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
+    """float32 `torch.linspace(start, end, steps)` bit for bit: step = (end - start) / (steps - 1) in float32, then
+    start + i * step in the first half and end - (steps - 1 - i) * step after, each with one rounding (fused)."""
+    start32, end32 = np.float32(start), np.float32(end)
+    if steps == 1:
+        return np.array([start32], np.float32)
+    step = np.float64(np.float32(end32 - start32) / np.float32(steps - 1))
+    i = np.arange(steps)
+    low = (np.float64(start32) + step * i).astype(np.float32)
+    high = (np.float64(end32) - step * (steps - 1 - i)).astype(np.float32)
+    return np.where(i < steps // 2, low, high)
+
+
+def mask_bins(n_crops: int, cfg: MaskingConfig) -> np.ndarray:
+    """float32 ratio bins of the masked crops of a batch: linspace(ratio_min, ratio_max, n_masked + 1)."""
+    return torch_linspace_f32(cfg.ratio_min, cfg.ratio_max, int(n_crops * cfg.mask_probability) + 1)
+
+
+def crop_mask_count(i: int, bins: np.ndarray, n_patches: int, rng: np.random.Generator) -> int:
+    """Patches the i-th masked crop asks for: int(n * U(bins[i], bins[i + 1])), float32 as the collate computes it."""
+    ratio = bins[i] + (bins[i + 1] - bins[i]) * np.float32(rng.random())
+    return int(np.float32(n_patches) * np.float32(ratio))
+
+
+def shuffled(items: list, rng: np.random.Generator) -> list:
+    """Python's `random.shuffle` (Fisher-Yates from the end), drawing with `rng`."""
+    items = list(items)
+    for i in reversed(range(1, len(items))):
+        j = int(rng.integers(0, i + 1))
+        items[i], items[j] = items[j], items[i]
+    return items
+
+
 def _add_block(mask: np.ndarray, budget: int, rng: np.random.Generator, cfg: MaskingConfig) -> int:
     """Try (10 times) to mask one block adding at most `budget` new patches; returns how many were added."""
     H, W = mask.shape
     for _ in range(10):
         # random.uniform semantics (DINOv2): fine when budget < min_num_patches, the block then stays small.
         target = cfg.min_num_patches + (budget - cfg.min_num_patches) * rng.random()
-        aspect = math.exp(rng.uniform(*cfg.log_aspect))
+        lo, hi = cfg.log_aspect
+        aspect = math.exp(lo + (hi - lo) * rng.random())
         h = int(round(math.sqrt(target * aspect)))
         w = int(round(math.sqrt(target / aspect)))
         if w < W and h < H:
@@ -72,19 +111,16 @@ def block_mask(num_masked: int, rng: np.random.Generator, cfg: MaskingConfig) ->
 
 
 def batch_masks(n_crops: int, rng: np.random.Generator, cfg: MaskingConfig) -> np.ndarray:
-    """bool[n_crops, n_patches] for the global crops of one (per-host) batch, crop order = batch order."""
-    n_masked = int(n_crops * cfg.mask_probability)
-    bins = np.linspace(cfg.ratio_min, cfg.ratio_max, n_masked + 1)
-    n = cfg.num_patches
-    masks = np.zeros((n_crops, n), bool)
-    for i in range(n_masked):
-        masks[i] = block_mask(int(n * rng.uniform(bins[i], bins[i + 1])), rng, cfg).reshape(-1)
-    return masks[rng.permutation(n_crops)]
+    """bool[n_crops, n_patches] for the global crops of one (per-shard) batch, crop order = batch order."""
+    n, bins = cfg.num_patches, mask_bins(n_crops, cfg)
+    masks = [block_mask(crop_mask_count(i, bins, n, rng), rng, cfg).reshape(-1) for i in range(len(bins) - 1)]
+    masks += [np.zeros(n, bool)] * (n_crops - len(masks))
+    return np.stack(shuffled(masks, rng))
 
 
 def max_masked_tokens(n_crops: int, cfg: MaskingConfig) -> int:
-    """Upper bound of `batch_masks(n_crops, ...).sum()`: the i-th masked crop asks for at most int(n * bins[i + 1])
-    patches and `block_mask` never exceeds its request. Sizes the train step's fixed masked-token buffer."""
-    n_masked = int(n_crops * cfg.mask_probability)
-    bins = np.linspace(cfg.ratio_min, cfg.ratio_max, n_masked + 1)
-    return int(sum(int(cfg.num_patches * bins[i + 1]) for i in range(n_masked)))
+    """Upper bound of `batch_masks(n_crops, ...).sum()` (the reference collate's `upperbound`): the i-th masked crop
+    asks for at most int(n * bins[i + 1]) patches and `block_mask` never exceeds its request. Sizes the train step's
+    fixed masked-token buffer."""
+    bins = mask_bins(n_crops, cfg)
+    return int(sum(int(np.float32(cfg.num_patches) * bins[i + 1]) for i in range(len(bins) - 1)))

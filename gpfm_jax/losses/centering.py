@@ -49,21 +49,24 @@ def sinkhorn_knopp(
     """Sinkhorn-Knopp teacher targets [N, K] (DINOv2 `sinkhorn_knopp_teacher`), rows summing to 1.
 
     Q = exp(t / tau), normalised to total mass 1, then `n_iterations` of: rows of the K x N matrix (prototypes) to
-    1/K, columns (samples) to 1/N; finally scaled by N. N counts only `valid` rows (padding gets 0). Subtracting the
-    global max before exp changes nothing after the first normalisation but keeps exp finite at tau = 0.04.
+    1/K, columns (samples) to 1/N; finally scaled by N. N counts only `valid` rows (padding gets 0).
+
+    Computed in the log domain (logsumexp normalisations): the same function, but where the reference's float32
+    exp(t / tau) overflows (t / tau > 88, e.g. logits above 3.5 at tau 0.04: NaN targets there) or a sample's whole
+    row underflows, this stays exact. tests/test_fidelity_functions.py checks both regimes.
     """
     t = teacher_logits.astype(jnp.float32).reshape(-1, teacher_logits.shape[-1])
-    w = jnp.ones((t.shape[0],), jnp.float32) if valid is None else valid.reshape(-1).astype(jnp.float32)
-    t_max = jnp.max(jnp.where(w[:, None] > 0, t, -jnp.inf))
-    t_max = jnp.where(jnp.isfinite(t_max), t_max, 0.0)  # no valid row at all
-    q = jnp.exp((t - jax.lax.stop_gradient(t_max)) / temperature) * w[:, None]  # [N, K] = Q^T
-    n = jnp.maximum(jnp.sum(w), 1.0)
+    w = jnp.ones((t.shape[0],), bool) if valid is None else valid.reshape(-1)
+    n = jnp.maximum(jnp.sum(w.astype(jnp.float32)), 1.0)
     k = t.shape[-1]
-    q = q / jnp.sum(q)
+    mask = w[:, None]
+    log_q = jnp.where(mask, t / temperature, -jnp.inf)  # [N, K] = log Q^T
+    log_q = log_q - jax.nn.logsumexp(log_q)
     for _ in range(n_iterations):
-        q = q / jnp.maximum(jnp.sum(q, axis=0, keepdims=True), 1e-30) / k  # each prototype gets mass 1/K
-        q = q / jnp.maximum(jnp.sum(q, axis=1, keepdims=True), 1e-30) / n  # each sample gets mass 1/N
-    return (q * n).reshape(teacher_logits.shape)
+        log_q = log_q - jax.nn.logsumexp(log_q, axis=0, keepdims=True) - jnp.log(k)  # prototypes to 1/K
+        row = jax.nn.logsumexp(log_q, axis=1, keepdims=True)
+        log_q = jnp.where(mask, log_q - jnp.where(mask, row, 0.0) - jnp.log(n), -jnp.inf)  # samples to 1/N
+    return (jnp.exp(log_q) * n).reshape(teacher_logits.shape)
 
 
 def teacher_targets(
