@@ -23,6 +23,7 @@ import pytest
 from helpers_train import FAST_COMPILE, REPO, get_config, run_cli
 from gpfm_jax.train import checkpoint as ckpt
 from gpfm_jax.train import loop, sharding
+from gpfm_jax.train.config_schema import CheckpointConfig
 from gpfm_jax.train.metrics_writer import read_metrics
 
 
@@ -267,7 +268,7 @@ def test_restore_across_device_counts(tmp_path, cache_dir, uninterrupted, refere
     cfg1 = _tiny(**{"mesh.num_devices": 1})
 
     # 8 -> 1: restore here onto one device, then a 1-device process continues the run
-    checkpointer = ckpt.Checkpointer(reference8 / "checkpoints", every=2, keep=3)
+    checkpointer = ckpt.Checkpointer(reference8 / "checkpoints", CheckpointConfig(every=2, keep=3))
     state, step = checkpointer.restore_latest(_abstract_state_on(cfg1, jax.devices()[:1]), None)
     checkpointer.close()
     assert step == 2 and state.params["backbone"]["pos_embed"].sharding.num_devices == 1
@@ -279,7 +280,7 @@ def test_restore_across_device_counts(tmp_path, cache_dir, uninterrupted, refere
     assert np.isfinite(read_metrics(wd8)[2]["loss/total"])
 
     # 1 -> 8: restore onto the 2 x 4 mesh (really sharded), then train on it here
-    checkpointer = ckpt.Checkpointer(uninterrupted / "checkpoints", every=3, keep=3)
+    checkpointer = ckpt.Checkpointer(uninterrupted / "checkpoints", CheckpointConfig(every=3, keep=3))
     state, step = checkpointer.restore_latest(_abstract_state_on(cfg8, jax.devices()), None)
     checkpointer.close()
     assert step == 6

@@ -16,22 +16,26 @@ names it, and the previous step is tried.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
+import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import serialization
 from jax.experimental import multihost_utils
+from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, EveryNSteps, LatestN
 
 from gpfm_jax.convert.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, META_FILE, load_bundle, preprocessing
 from gpfm_jax.convert.layout import to_layout
 from gpfm_jax.models.vit import COMPUTE_FIELDS, ViTConfig
-from gpfm_jax.train.config import ConfigError
+from gpfm_jax.train.config_schema import CheckpointConfig, ConfigError
+from gpfm_jax.train.faults import committed_steps
 from gpfm_jax.train.step import TrainState
 
 log = logging.getLogger("gpfm_jax.train")
@@ -175,15 +179,49 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-class Checkpointer:
-    """orbax CheckpointManager with keep-last-K + periodic keeps, async saves, and corrupt-latest fallback."""
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint save failed (disk full, I/O error) and config.checkpoint.on_save_error is "stop"."""
 
-    def __init__(self, directory: str | Path, every: int, keep: int, keep_period: int = 0, async_save: bool = True):
+
+def disk_report(path: Path) -> str:
+    """'<free> free of <total> on the filesystem of <path>' (the nearest existing parent)."""
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        usage = shutil.disk_usage(probe)
+    except OSError as err:
+        return f"free space unknown ({err})"
+    return f"{_size(usage.free)} free of {_size(usage.total)} on the filesystem of {probe}"
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n} B"
+
+
+class Checkpointer:
+    """orbax CheckpointManager: saves every `config.every` iterations (async), keeps the last `config.keep` plus every
+    multiple of `config.keep_period`, restores the newest restorable step (a corrupt one is set aside), and handles a
+    failed save per `config.on_save_error`."""
+
+    def __init__(self, directory: str | Path, config: CheckpointConfig, announce: Callable[[str], None] = print):
         self.directory = Path(directory).absolute()
-        self.every = every
+        self.config = config
+        self.announce = announce
+        self._in_flight: int | None = None
+        self.failed_saves: list[int] = []
+        policies = [LatestN(n=config.keep)]
+        if config.keep_period:
+            policies.append(EveryNSteps(interval_steps=config.keep_period))
         self.options = ocp.CheckpointManagerOptions(
-            save_interval_steps=1,  # the interval is applied in save() (orbax would also save the first step) max_to_keep=keep, keep_period=keep_period or None,
-            enable_async_checkpointing=async_save, create=True)
+            save_interval_steps=1,  # the interval is applied in save() (orbax would also save the first step)
+            preservation_policy=AnyPreservationPolicy(policies),
+            enable_async_checkpointing=config.async_save, create=True,
+            cleanup_tmp_directories=True)  # a save cut short (killed, disk full) leaves a temporary folder: removed
         self.manager = self._open()
 
     def _open(self) -> ocp.CheckpointManager:
@@ -193,19 +231,71 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state: TrainState, stream: ShardedStream, force: bool = False) -> bool:
-        """Saves when the interval says so (or `force`); async: returns once the arrays are copied off the devices."""
-        if step in self.manager.all_steps() or not (force or step % self.every == 0):
+    def due(self, step: int) -> bool:
+        return step % self.config.every == 0 and step not in self.manager.all_steps()
+
+    def save(self, step: int, state: TrainState, data: ShardedStream, force: bool = False) -> bool:
+        """Saves when the interval says so (or `force`); async: returns once the arrays are copied off the devices.
+        `data` gives the data position that goes with `state` (`get_shard_states`). A failure of this save or of the
+        previous async one is handled by `_failed` (raises CheckpointSaveError in "stop" mode)."""
+        if step in self.manager.all_steps() or not (force or step % self.config.every == 0):
             return False
-        args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(state_to_tree(state)), DATA: DataStateSave(stream)})
-        return self.manager.save(step, args=args, force=True)
+        args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(state_to_tree(state)), DATA: DataStateSave(data)})
+        try:
+            self._check_previous()
+            self._in_flight = step
+            started = self.manager.save(step, args=args, force=True)
+        except CheckpointSaveError:
+            raise
+        except Exception as err:  # noqa: BLE001 - orbax/tensorstore raise many types; reported with the path
+            self._failed(step, err)
+            return False
+        if not self.config.async_save:
+            self._in_flight = None
+        return started
+
+    def _check_previous(self) -> None:
+        """Surfaces the error of an async save still in flight (orbax raises it on the next wait)."""
+        if self._in_flight is None:
+            return
+        step, self._in_flight = self._in_flight, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as err:  # noqa: BLE001
+            self._failed(step, err)
+
+    def _failed(self, step: int, err: BaseException) -> None:
+        self._in_flight = None
+        self.failed_saves.append(step)
+        nospace = _find(err, OSError)
+        reason = "no space left on the device" if nospace is not None and nospace.errno == errno.ENOSPC else (
+            f"{type(err).__name__}: {str(err)[:300]}")
+        if nospace is None and "No space left" in str(err):
+            reason = "no space left on the device"
+        try:  # a fresh manager; it removes the failed save's temporary folder (frees what it had written)
+            self.manager.close()
+        except Exception:  # noqa: BLE001 - the old manager is broken anyway
+            pass
+        self.manager = self._open()
+        good = committed_steps(self.directory)
+        message = (f"checkpoint save of step {step} to {self.directory / str(step)} failed: {reason}; "
+                   f"{disk_report(self.directory)}; earlier checkpoints intact: "
+                   f"{'steps ' + ', '.join(map(str, good)) if good else 'none'}")
+        log.error(message)
+        if self.config.on_save_error == "stop":
+            raise CheckpointSaveError(message + "; stopping (config.checkpoint.on_save_error=stop): free space and "
+                                      "rerun the same command to resume from the last checkpoint") from err
+        self.announce(message + "; training goes on and saves again at the next interval "
+                      "(config.checkpoint.on_save_error=retry)")
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        self._check_previous()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self._check_previous()
+        finally:
+            self.manager.close()
 
     def restore_latest(self, abstract_state: TrainState, stream: ShardedStream | None
                        ) -> tuple[TrainState | None, int | None]:

@@ -237,6 +237,10 @@ def validate(cfg: Config, num_devices: int | None = None, process_count: int | N
         value = getattr(c.deadline, f.name)
         _require(value >= 0, f"config.deadline.{f.name}={value} must be >= 0 (0 = no deadline)")
     _require(c.deadline.poll_s > 0, f"config.deadline.poll_s={c.deadline.poll_s} must be positive")
+    hb = c.runtime.heartbeat_timeout_s
+    _require(not (c.deadline.peer_s and hb and c.deadline.peer_s >= hb),
+             f"config.deadline.peer_s={c.deadline.peer_s:g} must be below config.runtime.heartbeat_timeout_s={hb} "
+             "(JAX aborts the process at its heartbeat timeout, before the run can report which peer was lost)")
     if c.init_from:
         _require((Path(c.init_from) / "encoder.json").is_file(),
                  f"config.init_from={c.init_from!r}: not an encoder bundle (no encoder.json)")

@@ -141,13 +141,16 @@ class RuntimeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DeadlineConfig:
-    """Watchdog deadlines (seconds; 0 = none). A phase that runs longer is reported (iteration, process, phase) and
-    the run stops with exit status 4 instead of hanging. Generous defaults for pods: a first step compiles."""
+    """Watchdog deadlines in seconds (0 = none). A phase that runs longer is reported (iteration, process, phase, the
+    last committed checkpoint) and the run stops with exit status 4 instead of hanging; a peer process silent for
+    `peer_s` is reported lost (exit status 5). Defaults are generous for pods (a first step compiles for minutes)."""
 
-    data_s: float = 600.0  # waiting for this host's next batch
-    step_s: float = 600.0  # one iteration's step (dispatch + the wait for the previous step's results)
-    first_step_s: float = 3600.0  # the first iterations after start (compilation)
-    checkpoint_s: float = 1800.0  # a checkpoint save / wait / restore
+    data_s: float = 600.0  # waiting for this process's next batch
+    step_s: float = 600.0  # waiting for a step's results
+    first_step_s: float = 3600.0  # setup, restore and the first two iterations (compilation)
+    checkpoint_s: float = 1800.0  # a checkpoint save (its blocking part), the wait for it, a restore
+    peer_s: float = 60.0  # multi-process: a peer's heartbeat silent this long = lost (keep < runtime.heartbeat_timeout_s)
+    grace_s: float = 60.0  # after a report, time to stop cleanly before the process exits anyway
     poll_s: float = 1.0  # how often the watchdog looks
 
 

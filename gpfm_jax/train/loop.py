@@ -1,7 +1,12 @@
-"""The gpfm-train run: runtime setup, validation, model/teachers/data/optimizer from the config, restore or init,
-the step loop with checkpoints, logging, the sanity metric, pre-emption and non-finite-loss handling.
+"""The gpfm-train run: build everything from the config, restore or initialise, then the step loop.
 
 `train(config, workdir) -> RunResult`; `gpfm_jax.train.main` is the command line around it.
+
+The loop keeps the devices busy: the next batch is read and put on the devices by a background thread while the
+current step runs (train/data_stream.py), and step i's metrics are read after step i+1 has been dispatched
+(train/step_results.py); the per-iteration time breakdown goes to the logs. Failures (signals, deadlines, lost
+peers, full disks, non-finite losses) are train/faults.py's and train/checkpoint.py's; `end_of_run` is where a
+finished run reports.
 """
 
 from __future__ import annotations
@@ -10,34 +15,33 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from gpfm_jax.train import checkpoint as ckpt
 from gpfm_jax.train import config as config_lib
-from gpfm_jax.train import config_schema
-from gpfm_jax.train import sharding
+from gpfm_jax.train import config_schema, faults, runtime, sharding
+from gpfm_jax.train.data_stream import DataStream, Prefetcher
 from gpfm_jax.train.metrics_writer import MetricsWriter
 from gpfm_jax.train.optim import make_optimizer
+from gpfm_jax.train.sanity import make_sanity_fn
 from gpfm_jax.train.schedules import make_schedules, peak_lr
 from gpfm_jax.train.step import init_state, jit_train_step, make_train_step
+from gpfm_jax.train.step_results import HostFlags, StepOutcome, StepReader
 
 log = logging.getLogger("gpfm_jax.train")
 CHECKPOINT_DIR = "checkpoints"
+FIRST_ITERATIONS = 2  # iterations under deadline.first_step_s (the step and the flags reduction compile)
 
 
 @dataclasses.dataclass
 class RunResult:
-    status: str  # "done" | "preempted" | "nonfinite" | "nothing_to_do"
+    status: str  # "done" | "preempted" | "nonfinite" | "nothing_to_do" | "stalled" | "peer_lost" | "save_failed"
     start_step: int
     end_step: int  # the checkpointed / reached iteration count
     first_loss: float | None = None
@@ -46,182 +50,23 @@ class RunResult:
     message: str = ""
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Runtime
+@dataclasses.dataclass
+class Run:
+    """Everything the loop needs, built from the config (`build`)."""
 
-
-_runtime_done = False
-
-
-def setup_runtime(cfg: ml_collections.ConfigDict) -> None:
-    """jax settings that must precede backend initialisation, and jax.distributed for multi-process runs."""
-    global _runtime_done
-    if _runtime_done:
-        return
-    r = config_schema.parse(cfg).runtime
-    if r.cpu_devices:
-        jax.config.update("jax_num_cpu_devices", int(r.cpu_devices))
-    if r.cpu_collectives:
-        jax.config.update("jax_cpu_collectives_implementation", r.cpu_collectives)
-    if r.compile_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", str(r.compile_cache_dir))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    mode = r.distributed
-    if mode not in ("auto", "on", "off"):
-        raise config_lib.ConfigError(f"config.runtime.distributed={mode!r}: expected auto, on or off")
-    explicit = bool(r.coordinator_address) or r.num_processes > 1
-    if mode == "on" or (mode == "auto" and (explicit or _cluster_env())):
-        kwargs = {}
-        address = r.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
-        num = r.num_processes or int(os.environ.get("JAX_NUM_PROCESSES", 0))
-        pid = r.process_id if r.process_id >= 0 else int(os.environ.get("JAX_PROCESS_ID", -1))
-        if address:
-            kwargs["coordinator_address"] = address
-        if num:
-            kwargs["num_processes"] = num
-        if pid >= 0:
-            kwargs["process_id"] = pid
-        jax.distributed.initialize(**kwargs)  # the rest (SLURM, TPU pods, Open MPI) is auto-detected by jax
-    _runtime_done = True
-
-
-def _cluster_env() -> bool:
-    env = os.environ
-    if env.get("JAX_COORDINATOR_ADDRESS"):
-        return True
-    if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and env.get("SLURM_JOB_ID"):
-        return True
-    if "," in env.get("TPU_WORKER_HOSTNAMES", ""):
-        return True
-    if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
-        return True
-    return False
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Data
-
-
-class DataStream:
-    """This process's data shards, each a grain iterator (its own shuffle, crops and masks), merged per step into
-    one sample-major per-process batch; num_skipped summed. Shard s of S reads records s, s + S, ... of the source."""
-
-    def __init__(self, source: Any, pipeline: Any, shard_indices: list[int], shard_count: int):
-        import grain
-
-        from gpfm_jax.data import make_iterator
-
-        self._indices = list(shard_indices)
-        self._count = shard_count
-        self.iterators = {i: make_iterator(source, pipeline, grain.sharding.ShardOptions(i, shard_count, True))
-                          for i in shard_indices}
-
-    @property
-    def shard_indices(self) -> list[int]:
-        return self._indices
-
-    @property
-    def shard_count(self) -> int:
-        return self._count
-
-    def get_shard_states(self) -> dict[int, Any]:
-        return {i: it.get_state() for i, it in self.iterators.items()}
-
-    def set_shard_states(self, states: dict[int, Any]) -> None:
-        for i, state in states.items():
-            self.iterators[i].set_state(state)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> tuple[dict[str, np.ndarray], int]:
-        parts, skipped = [], 0
-        for i in self._indices:
-            batch = dict(next(self.iterators[i]))
-            skipped += int(batch.pop("num_skipped", 0))
-            parts.append(batch)
-        if len(parts) == 1:
-            return parts[0], skipped
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, skipped
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Sanity metric
-
-
-def make_sanity_fn(model, schedules, student_temp: float, mesh):
-    """Student vs EMA teacher on the batch's unmasked global crops: CLS cosine, argmax agreement of the DINO
-    prototypes, and the teacher's mean entropy / max probability. A collapsing or diverging run shows here first."""
-    backbone, head = model.backbone, model.dino_head
-    rules = sharding.logical_rules()
-
-    def fn(params, teacher, centers, global_crops, step):
-        with nn.logical_axis_rules(rules):
-            x = global_crops.reshape((-1,) + global_crops.shape[2:])
-            s = backbone.apply({"params": params["backbone"]}, x)["cls"].astype(jnp.float32)
-            t = backbone.apply({"params": teacher["backbone"]}, x)["cls"].astype(jnp.float32)
-            s_logits = head.apply({"params": params["dino_head"]}, s).astype(jnp.float32)
-            t_logits = head.apply({"params": teacher["dino_head"]}, t).astype(jnp.float32)
-        cos = jnp.sum(s * t, -1) / (jnp.linalg.norm(s, axis=-1) * jnp.linalg.norm(t, axis=-1) + 1e-12)
-        tau = schedules.teacher_temp(step)
-        t_probs = jax.nn.softmax((t_logits - centers["dino"]) / tau, -1)
-        s_probs = jax.nn.softmax(s_logits / student_temp, -1)
-        entropy = -jnp.sum(t_probs * jnp.log(t_probs + 1e-12), -1)
-        return {
-            "sanity/cls_cosine": jnp.mean(cos),
-            "sanity/argmax_agreement": jnp.mean(jnp.argmax(s_probs, -1) == jnp.argmax(t_probs, -1)),
-            "sanity/teacher_entropy": jnp.mean(entropy),
-            "sanity/teacher_max_prob": jnp.mean(jnp.max(t_probs, -1)),
-        }
-
-    jitted = jax.jit(fn, out_shardings=sharding.replicated(mesh))
-
-    def run(state, batch):
-        with jax.set_mesh(mesh):
-            return jitted(state.params, state.teacher, state.centers, batch["global_crops"], state.step - 1)
-
-    return run
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Signals
-
-
-class _StopFlag:
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous = {}
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-
-    def _handle(self, signum, frame):
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
-        self.signum = signum
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def _host_sum_and_any(skipped: int, stop: bool) -> tuple[int, bool]:
-    if jax.process_count() == 1:
-        return skipped, stop
-    from jax.experimental import multihost_utils
-
-    both = multihost_utils.process_allgather(np.asarray([skipped, int(stop)], np.int64))
-    both = np.asarray(both).reshape(-1, 2)
-    return int(both[:, 0].sum()), bool(both[:, 1].any())
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The run
+    cfg: config_schema.TrainConfig
+    workdir: Path
+    mesh: Any
+    model: Any
+    schedules: Any
+    step_fn: Callable
+    sanity_fn: Callable | None
+    experts: Any
+    stream: DataStream
+    checkpointer: ckpt.Checkpointer
+    writer: MetricsWriter
+    context: faults.RunContext
+    end_step: int
 
 
 def initial_state(model, tx, root: jax.Array, shardings: Any, init_from: str = ""):
@@ -243,11 +88,9 @@ def write_config(cfg: config_schema.TrainConfig, workdir: Path, resolved: dict[s
     (workdir / "config_resolved.json").write_text(json.dumps(resolved, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> RunResult:
-    t_start = time.perf_counter()
-    cfg = config_schema.parse(cfg)
-    setup_runtime(cfg)
-    workdir = Path(workdir).absolute()
+def build(cfg: config_schema.TrainConfig, workdir: Path, context: faults.RunContext):
+    """Validates the config, builds model/data/optimizer/step and restores (or initialises) the state.
+    Returns (run, state, start_step)."""
     devices = config_lib.mesh_devices(cfg)
     config_lib.validate(cfg, num_devices=len(devices))
     primary = jax.process_index() == 0
@@ -256,9 +99,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> RunResult:
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, devices=devices)
     model, expert_params = config_lib.build_model(cfg)
     global_batch_size = cfg.data.global_batch_size
-    schedules = make_schedules(config_lib.schedule_config(cfg), global_batch_size)
+    schedules = make_schedules(cfg.schedule, global_batch_size)
     abstract_params = jax.eval_shape(model.init_student, jax.random.key(0))
-    tx = make_optimizer(abstract_params, schedules, config_lib.optim_config(cfg))
+    tx = make_optimizer(abstract_params, schedules, cfg.optim)
     step_cfg = config_lib.step_config(cfg, num_devices=len(devices))
     root = jax.random.key(cfg.seed)
     abstract_state = jax.eval_shape(lambda k: init_state(model, tx, k), root)
@@ -270,10 +113,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> RunResult:
         "mesh": dict(mesh.shape), "compute_dtype": config_lib.compute_dtype(cfg),
         "teacher_dtypes": config_lib.teacher_dtypes(cfg), "max_masked": step_cfg.max_masked,
         "koleo_groups": step_cfg.koleo_groups, "data_shards": config_lib.num_shards(cfg), "end_step": end_step,
-        "peak_lr": peak_lr(config_lib.schedule_config(cfg), global_batch_size),
+        "peak_lr": peak_lr(cfg.schedule, global_batch_size),
         "param_count": int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(abstract_params))),
     }
     ckpt_dir = workdir / CHECKPOINT_DIR
+    context.checkpoint_dir = ckpt_dir
     if primary:
         write_config(cfg, workdir, resolved)
         ckpt.write_encoder_meta(ckpt_dir, model.vit)
@@ -286,9 +130,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> RunResult:
     stream = DataStream(source, config_lib.pipeline_config(cfg), list(range(first, first + per_process)),
                         shard_count)
 
-    checkpointer = ckpt.Checkpointer(ckpt_dir, cfg.checkpoint.every, cfg.checkpoint.keep, cfg.checkpoint.keep_period,
-                                     cfg.checkpoint.async_save)
+    writer = MetricsWriter(workdir, primary=primary, total_steps=end_step, batch_size=global_batch_size,
+                           tb_every=cfg.log.every, tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
+    checkpointer = ckpt.Checkpointer(ckpt_dir, cfg.checkpoint, announce=writer.message)
+    context.enter("restore", 0, cfg.deadline.checkpoint_s, "checkpoint_s")
     state, restored_step = checkpointer.restore_latest(ckpt.with_shardings(abstract_state, shardings), stream)
+    context.enter("setup", 0, cfg.deadline.first_step_s, "first_step_s")
     if state is None:
         state = initial_state(model, tx, root, shardings, cfg.init_from)
         start = 0
@@ -299,68 +146,197 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> RunResult:
     experts = sharding.place(expert_params, mesh)
     step_fn = jit_train_step(make_train_step(model, schedules, tx, step_cfg), mesh, abstract_state, expert_params)
     sanity_fn = make_sanity_fn(model, schedules, step_cfg.loss.student_temp, mesh) if cfg.log.sanity_every else None
-
-    writer = MetricsWriter(workdir, primary=primary, total_steps=end_step, start_step=start,
-                           batch_size=global_batch_size, tb_every=cfg.log.every, tensorboard=cfg.log.tensorboard,
-                           progress=cfg.log.progress)
+    writer.start(start)
     writer.message(f"gpfm-train: {origin}; iterations {start} -> {end_step}; {len(devices)} devices "
                    f"{dict(mesh.shape)} on {jax.process_count()} process(es); workdir {workdir}")
-    result = RunResult("done", start, start)
-    if start >= end_step:
-        writer.message(f"nothing to do: the checkpoint is at iteration {start} >= {end_step}")
-        writer.close()
-        checkpointer.close()
-        return dataclasses.replace(result, status="nothing_to_do", wall_s=time.perf_counter() - t_start)
+    run = Run(cfg, workdir, mesh, model, schedules, step_fn, sanity_fn, experts, stream, checkpointer, writer,
+              context, end_step)
+    return run, state, start
 
-    stop = _StopFlag()
-    stop.install()
-    step = start
+
+def train(cfg: ml_collections.ConfigDict | config_schema.TrainConfig, workdir: str | Path) -> RunResult:
+    t_start = time.perf_counter()
+    cfg = config_schema.parse(cfg)
+    d = cfg.deadline
+    runtime.setup(cfg.runtime, heartbeat_interval_s=min(1.0, d.peer_s / 5) if d.peer_s else 1.0)
+    context = faults.RunContext(process_index=jax.process_index(), process_count=jax.process_count())
+    context.enter("setup", 0, d.first_step_s, "first_step_s")
+    watchdog = faults.Watchdog(context, d.poll_s, d.grace_s, runtime.heartbeat(), d.peer_s)
     try:
-        writer.start_timer()
-        while step < end_step:
-            local, skipped = next(stream)
-            if step == cfg.runtime.inject_nan_at_step:
-                local = {**local, "global_crops": np.full_like(local["global_crops"], np.nan)}
-            batch = sharding.global_batch(local, mesh)
-            state, metrics = step_fn(state, batch, experts)
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            skipped, stopping = _host_sum_and_any(skipped, stop.signum is not None)
-            metrics["data/num_skipped"] = float(skipped)
-            loss = metrics["loss/total"]
-            if not math.isfinite(loss):
-                writer.write_step(step, metrics)
-                checkpointer.wait()
-                good = checkpointer.all_steps()
-                result.status = "nonfinite"
-                result.message = (f"non-finite loss ({loss}) at iteration {step}: stopping without saving; the last "
-                                  f"good checkpoint is " + (f"step {good[-1]} in {ckpt_dir}" if good else "none"))
-                writer.message(result.message)
-                break
-            result.first_loss = loss if result.first_loss is None else result.first_loss
-            result.last_loss = loss
-            writer.write_step(step, metrics)
+        run, state, start = build(cfg, Path(workdir).absolute(), context)
+        result = RunResult("done", start, start)
+        try:
+            if start >= run.end_step:
+                run.writer.message(f"nothing to do: the checkpoint is at iteration {start} >= {run.end_step}")
+                result.status = "nothing_to_do"
+            else:
+                state = _iterate(run, state, start, watchdog, result)
+        finally:
+            _close(run, result)
+        result.wall_s = time.perf_counter() - t_start
+        if result.status == "done":
+            end_of_run(run, state, result)
+        return result
+    finally:
+        watchdog.stop()
+
+
+def end_of_run(run: Run, state: Any, result: RunResult) -> None:
+    """Called once after a run that reached its last iteration (state = the final TrainState, checkpoint saved):
+    the place for end-of-run reports and evaluations. Today: the summary line."""
+    result.message = (f"done: iterations {result.start_step} -> {result.end_step} in {result.wall_s:.1f} s; loss "
+                      f"{result.first_loss:.4f} -> {result.last_loss:.4f}; checkpoints in {run.checkpointer.directory}")
+    run.writer.message(result.message)
+
+
+def _close(run: Run, result: RunResult) -> None:
+    """Writers always; the checkpointer waits for an async save in flight unless a peer is gone (it would wait for
+    that peer at orbax's barrier; the watchdog's grace period bounds the other cases)."""
+    try:
+        if result.status not in ("peer_lost", "save_failed"):
+            run.context.enter("checkpoint", result.end_step, run.cfg.deadline.checkpoint_s, "checkpoint_s")
+            run.checkpointer.close()
+    finally:
+        run.writer.close()
+
+
+def _wait(get: Callable[[float], Any], watchdog: faults.Watchdog, poll_s: float) -> Any:
+    """get(timeout) until it returns something; a report from the watchdog (deadline, lost peer) is raised here."""
+    while True:
+        item = get(poll_s)
+        if item is not None:
+            return item
+        watchdog.raise_if_expired()
+
+
+def _iterate(run: Run, state: Any, start: int, watchdog: faults.Watchdog, result: RunResult) -> Any:
+    cfg, ctx, d = run.cfg, run.context, run.cfg.deadline
+    inject = cfg.runtime.inject_nan_at_step
+
+    def transform(iteration: int, local: dict) -> dict:
+        if iteration == inject:
+            return {**local, "global_crops": np.full_like(local["global_crops"], np.nan)}
+        return local
+
+    prefetcher = Prefetcher(run.stream, lambda local: sharding.global_batch(local, run.mesh), start,
+                            transform=transform)
+    reader, flags = StepReader(), HostFlags(run.mesh)
+    stop = faults.StopFlag()
+    stop.install()
+    progress = _Progress(run, result)
+    step, position = start, None
+    try:
+        while step < run.end_step and progress.status is None:
+            ctx.enter("data", step, d.data_s, "data_s")
+            t_wait = time.perf_counter()
+            item = _wait(prefetcher.get, watchdog, d.poll_s)
+            data_wait = time.perf_counter() - t_wait
+            first = step - start < FIRST_ITERATIONS
+            ctx.enter("step", step, d.first_step_s if first else d.step_s, "first_step_s" if first else "step_s")
+            t_dispatch = time.perf_counter()
+            state, metrics = run.step_fn(state, item.batch, run.experts)
+            host_flags = flags.reduce([item.skipped, int(stop.signum is not None)])
             step += 1
-            if sanity_fn is not None and (step % cfg.log.sanity_every == 0 or step == end_step):
-                writer.write_scalars(step - 1, {k: float(v) for k, v in jax.device_get(sanity_fn(state, batch)).items()})
-            if stopping:
-                checkpointer.save(step, state, stream, force=True)
-                checkpointer.wait()
-                result.status = "preempted"
-                result.message = f"signal received: saved iteration {step} to {ckpt_dir} and stopped"
-                writer.message(result.message)
-                break
-            checkpointer.save(step, state, stream, force=step == end_step)
+            sanity = None
+            if run.sanity_fn is not None and (step % cfg.log.sanity_every == 0 or step == run.end_step):
+                sanity = run.sanity_fn(state, item.batch)
+            reader.submit(step - 1, metrics, host_flags, sanity, t_dispatch, (item, data_wait))
+            position = item.position
+            while reader.pending > 1 and progress.status is None:  # step - 2's results: the devices run step - 1
+                progress.take(_wait(reader.get, watchdog, d.poll_s))
+            if progress.status is None and (progress.stop_requested or run.checkpointer.due(step)
+                                             or step == run.end_step):
+                while reader.pending and progress.status is None:  # every result in: no bad state is saved
+                    progress.take(_wait(reader.get, watchdog, d.poll_s))
+                if progress.status is not None:
+                    break
+                ctx.enter("checkpoint", step, d.checkpoint_s, "checkpoint_s")
+                run.checkpointer.save(step, state, position, force=progress.stop_requested or step == run.end_step)
+                if progress.stop_requested:
+                    run.checkpointer.wait()
+                    progress.preempted(step, run.checkpointer.directory)
             if cfg.runtime.step_sleep_s:
                 time.sleep(cfg.runtime.step_sleep_s)
-        result.end_step = step
-        checkpointer.wait()
+        while reader.pending and progress.status is None:
+            progress.take(_wait(reader.get, watchdog, d.poll_s))
+        result.status = progress.status or "done"
+        result.end_step = step if result.status in ("done", "preempted") else progress.last_good
+    except (faults.Stalled, faults.PeerLost) as err:
+        result.status = "stalled" if isinstance(err, faults.Stalled) else "peer_lost"
+        result.message, result.end_step = str(err), progress.last_good
+    except ckpt.CheckpointSaveError as err:
+        result.status, result.message, result.end_step = "save_failed", str(err), progress.last_good
+        faults.report(result.message)
+    except Exception as err:  # noqa: BLE001 - a collective failing because a peer died: say which, if known
+        lost = _peer_loss_behind(err, watchdog, d)
+        if lost is None:
+            raise
+        result.status, result.message, result.end_step = "peer_lost", str(lost), progress.last_good
     finally:
         stop.restore()
-        writer.close()
-        checkpointer.close()
-    result.wall_s = time.perf_counter() - t_start
-    if result.status == "done":
-        result.message = (f"done: iterations {start} -> {step} in {result.wall_s:.1f} s; loss {result.first_loss:.4f} "
-                          f"-> {result.last_loss:.4f}; checkpoints in {ckpt_dir}")
-        writer.message(result.message)
-    return result
+        prefetcher.close()
+        reader.close()
+    return state
+
+
+def _peer_loss_behind(err: Exception, watchdog: faults.Watchdog, d: config_schema.DeadlineConfig):
+    """In a multi-process run a failed step usually means a peer died (gloo: "Connection reset by peer"): give the
+    heartbeat up to deadline.peer_s to name it. None: not a peer loss (the error is re-raised)."""
+    if jax.process_count() == 1 or not d.peer_s:
+        return None
+    deadline = time.monotonic() + d.peer_s + 2 * d.poll_s
+    while time.monotonic() < deadline and watchdog.expired is None:
+        time.sleep(d.poll_s / 2)
+    if isinstance(watchdog.expired, faults.PeerLost):
+        log.error("the step failed with %s: %s", type(err).__name__, str(err)[:500])
+        return watchdog.expired
+    return None
+
+
+class _Progress:
+    """Takes the steps' outcomes in order: logs them, sums the flags, and decides to stop (non-finite loss, a
+    signal on any process)."""
+
+    def __init__(self, run: Run, result: RunResult):
+        self.run, self.result = run, result
+        self.status: str | None = None
+        self.stop_requested = False
+        self.last_good = result.start_step  # the iteration count whose state is known finite
+        self.previous_ready: float | None = None
+
+    def take(self, outcome: StepOutcome) -> None:
+        item, data_wait = outcome.extra
+        metrics = dict(outcome.metrics)
+        metrics["data/num_skipped"] = float(outcome.flags["skipped"])
+        metrics["perf/data_wait_s"] = data_wait
+        metrics["perf/data_s"] = item.data_s
+        metrics["perf/h2d_s"] = item.h2d_s
+        began = outcome.dispatched if self.previous_ready is None else max(outcome.dispatched, self.previous_ready)
+        metrics["perf/step_s"] = outcome.ready - began
+        if self.previous_ready is not None:
+            metrics["perf/iteration_s"] = outcome.ready - self.previous_ready
+        self.previous_ready = outcome.ready
+        writer, i = self.run.writer, outcome.iteration
+        writer.write_step(i, metrics)
+        if outcome.sanity is not None:
+            writer.write_scalars(i, outcome.sanity)
+        loss = metrics["loss/total"]
+        if not math.isfinite(loss):
+            self.status = "nonfinite"
+            self.run.checkpointer.wait()  # an async save in flight holds an earlier, good state: let it commit
+            self.result.message = (
+                f"non-finite loss ({loss}) at iteration {i}: stopping without saving; the last good checkpoint is "
+                + (f"step {s[-1]} in {self.run.checkpointer.directory}"
+                   if (s := faults.committed_steps(self.run.checkpointer.directory)) else "none"))
+            writer.message(self.result.message)
+            return
+        self.result.first_loss = loss if self.result.first_loss is None else self.result.first_loss
+        self.result.last_loss = loss
+        self.last_good = i + 1
+        if outcome.flags["stop"]:
+            self.stop_requested = True
+
+    def preempted(self, step: int, directory: Path) -> None:
+        self.status = "preempted"
+        self.result.message = f"signal received: saved iteration {step} to {directory} and stopped"
+        self.run.writer.message(self.result.message)

@@ -6,7 +6,8 @@
 The default config is configs/demo.py (a few minutes on a laptop CPU). Run the same command again to resume from
 the latest checkpoint in DIR/checkpoints. Multi-host: one command per host; jax.distributed is initialised from the
 environment (SLURM, TPU pods, JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID). See docs/training.md.
-Exit status: 0 done or pre-empted (checkpoint saved), 1 non-finite loss, 2 bad config.
+Exit status: 0 done or pre-empted (checkpoint saved), 1 non-finite loss, 2 bad config, 3 a checkpoint save failed
+(disk full, I/O error), 4 a phase passed its deadline (stalled data, step or checkpoint), 5 a peer process was lost.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def main(argv) -> int:
         raise app.UsageError("--workdir is required")
     if not FLAGS["verbosity"].present:  # orbax logs every save at INFO
         absl_logging.set_verbosity(absl_logging.WARNING)
+    from gpfm_jax.train import faults
     from gpfm_jax.train.config import ConfigError
     from gpfm_jax.train.loop import train
 
@@ -41,11 +43,16 @@ def main(argv) -> int:
         result = train(FLAGS.config, FLAGS.workdir)
     except ConfigError as err:
         print(f"gpfm-train: config error: {err}", file=sys.stderr)
-        return 2
+        return faults.EXIT_CONFIG
+    codes = {"nonfinite": faults.EXIT_NONFINITE, "save_failed": faults.EXIT_SAVE_FAILED,
+             "stalled": faults.EXIT_STALLED, "peer_lost": faults.EXIT_PEER_LOST}
     if result.status == "nonfinite":
         print(f"gpfm-train: {result.message}", file=sys.stderr)
-        return 1
-    return 0
+    if result.status in ("stalled", "peer_lost"):
+        # Threads may still be blocked (a data read, a collective waiting for the dead peer) and the interpreter's
+        # exit would wait for them and at jax.distributed's shutdown barrier: leave now, everything is written.
+        faults.hard_exit(codes[result.status])
+    return codes.get(result.status, 0)
 
 
 def cli() -> None:

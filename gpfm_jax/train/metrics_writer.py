@@ -1,11 +1,13 @@
 """Where a run's metrics go: a per-iteration JSONL log, TensorBoard event files (tensorboardX) and a tqdm progress
-bar with ETA and images/s. Only the primary process (jax.process_index() == 0) writes."""
+bar with ETA and images/s. Only the primary process (jax.process_index() == 0) writes.
+
+Rows also carry the loop's time breakdown (`perf/data_wait_s`, `perf/data_s`, `perf/h2d_s`, `perf/step_s`,
+`perf/iteration_s`, `perf/images_per_s`; docs/training.md, "Where the time goes")."""
 
 from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -13,20 +15,24 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsWriter:
-    def __init__(self, workdir: str | Path, *, primary: bool, total_steps: int, start_step: int, batch_size: int,
+    """`start(step)` opens the progress bar; `write_step` logs one iteration's metrics (their `perf/iteration_s`
+    feeds the bar's images/s)."""
+
+    def __init__(self, workdir: str | Path, *, primary: bool, total_steps: int, batch_size: int,
                  tb_every: int = 10, tensorboard: bool = True, progress: bool = True):
         self.primary = primary
         self.batch_size = batch_size
+        self.total_steps = total_steps
         self.tb_every = max(1, tb_every)
+        self.progress = progress
         self._jsonl = None
         self._tb = None
         self._bar = None
-        self._t_last = None
         self._ips = None
-        self._steps_timed = 0
         if not primary:
             return
         workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
         path = workdir / METRICS_FILE
         if path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
             with open(path, "a") as f:  # a killed run may have left half a line: end it
@@ -35,24 +41,20 @@ class MetricsWriter:
         if tensorboard:
             SummaryWriter = _summary_writer_class()
             self._tb = SummaryWriter(str(workdir / "tensorboard"), flush_secs=10)
-        if progress:
+
+    def start(self, start_step: int) -> None:
+        if self.primary and self.progress:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total_steps, initial=start_step, unit="it", dynamic_ncols=True, mininterval=1.0,
-                             smoothing=0.1)
-
-    def start_timer(self) -> None:
-        self._t_last = time.perf_counter()
+            self._bar = tqdm(total=self.total_steps, initial=start_step, unit="it", dynamic_ncols=True,
+                             mininterval=1.0, smoothing=0.1)
 
     def write_step(self, step: int, metrics: Mapping[str, float]) -> None:
         """`step`: the 0-based iteration the metrics come from."""
-        now = time.perf_counter()
-        if self._t_last is not None and self._steps_timed > 0:  # the first iteration includes compilation
-            dt = max(now - self._t_last, 1e-9)
-            ips = self.batch_size / dt
+        dt = metrics.get("perf/iteration_s")
+        if dt:  # absent for the first iteration after a start (it includes compilation)
+            ips = self.batch_size / max(dt, 1e-9)
             self._ips = ips if self._ips is None else 0.8 * self._ips + 0.2 * ips
-        self._steps_timed += 1
-        self._t_last = now
         if not self.primary:
             return
         row = {"step": int(step), **{k: _json_float(v) for k, v in metrics.items()}}

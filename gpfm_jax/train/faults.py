@@ -1,0 +1,239 @@
+"""What a gpfm-train process does when something goes wrong that is not a bad value: a signal (pre-emption), a phase
+that never ends (a blocked data read, a hung step or checkpoint), a peer process that dies. Each is reported on one
+line that names the iteration, the process, the phase and the last committed checkpoint, and the run stops with its
+own exit status instead of hanging (docs/training.md, "Failures").
+
+- `RunContext`: what the process is doing now (iteration, phase, since when, under which deadline); every report
+  reads it, so a report written from a watchdog thread says where the main thread was.
+- `StopFlag`: SIGTERM / SIGINT set a flag; the loop saves and stops at an iteration all processes agree on.
+- `Watchdog`: a thread that checks the current phase against its deadline, and in multi-process runs the peers'
+  heartbeats. When a deadline passes it reports, asks the main thread to stop (`expired`), and if the main thread
+  is stuck in a call that never returns (a collective, a compile) exits the process after `grace_s`.
+- `PeerHeartbeat`: each process writes a counter into the JAX coordination service's key-value store every
+  `interval_s`; a peer whose counter stops for `deadline.peer_s` is reported lost. That is quicker than, and comes
+  before, JAX's own heartbeat timeout (`runtime.heartbeat_timeout_s`), whose abort prints a C++ stack trace instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+log = logging.getLogger("gpfm_jax.train")
+
+# Exit statuses of gpfm-train (main.py): 0 finished or stopped by a signal after saving.
+EXIT_NONFINITE = 1
+EXIT_CONFIG = 2
+EXIT_SAVE_FAILED = 3
+EXIT_STALLED = 4
+EXIT_PEER_LOST = 5
+
+
+class Stalled(RuntimeError):
+    """A phase exceeded its deadline; the message is the report line."""
+
+
+class PeerLost(RuntimeError):
+    """Another process of the run is gone; the message is the report line."""
+
+
+def committed_steps(directory: str | Path) -> list[int]:
+    """Finished checkpoints, read off the folder names alone (no orbax call, no collective: safe in a failing run).
+    orbax writes a step under a temporary name and renames it when every process is done."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+@dataclasses.dataclass
+class RunContext:
+    """The process's current iteration and phase ("setup", "restore", "data", "step", "checkpoint", ...)."""
+
+    checkpoint_dir: Path | None = None
+    process_index: int = 0
+    process_count: int = 1
+    iteration: int = 0
+    phase: str = "setup"
+    since: float = dataclasses.field(default_factory=time.monotonic)
+    deadline_s: float = 0.0
+    deadline_field: str = ""
+
+    def enter(self, phase: str, iteration: int, deadline_s: float, deadline_field: str) -> None:
+        # one assignment per field; the watchdog thread only reads them
+        self.iteration, self.deadline_s, self.deadline_field = iteration, deadline_s, deadline_field
+        self.since = time.monotonic()
+        self.phase = phase
+
+    def where(self) -> str:
+        return (f"process {self.process_index} of {self.process_count}, iteration {self.iteration}, "
+                f"phase {self.phase!r}")
+
+    def last_checkpoint(self) -> str:
+        if self.checkpoint_dir is None:
+            return "no checkpoint folder yet"
+        steps = committed_steps(self.checkpoint_dir)
+        if not steps:
+            return f"no committed checkpoint in {self.checkpoint_dir} (a rerun starts from scratch)"
+        return f"the last committed checkpoint is step {steps[-1]} in {self.checkpoint_dir}"
+
+
+class StopFlag:
+    """SIGTERM / SIGINT set `signum`; a second Ctrl-C raises KeyboardInterrupt at once."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+def report(line: str) -> None:
+    """The one line a failure prints: stderr (every process: the job log of a pod shows each host's) and the log."""
+    print(f"gpfm-train: {line}", file=sys.stderr, flush=True)
+    log.error(line)
+
+
+def hard_exit(code: int) -> None:
+    """Leaves now: the main thread is stuck in a call that does not return (a collective waiting for a dead peer,
+    a hung device), and a normal exit would wait at jax.distributed's shutdown barrier for the same peer."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
+
+
+class PeerHeartbeat:
+    """Writes this process's counter into the coordination service's key-value store every `interval_s`, and keeps
+    when each peer's counter last moved. `client` is jax's distributed runtime client."""
+
+    PREFIX = "gpfm_train/heartbeat/"
+
+    def __init__(self, client: Any, process_index: int, process_count: int, interval_s: float = 1.0):
+        self.client = client
+        self.me = process_index
+        self.count = process_count
+        self.interval_s = interval_s
+        now = time.monotonic()
+        self.last_seen = {p: now for p in range(process_count)}  # a peer gets the whole deadline after we start
+        self._values: dict[int, str] = {}
+        self.last_ok = now  # last successful exchange with the coordination service
+        self.error = ""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gpfm-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        beat = 0
+        while not self._stop.is_set():
+            beat += 1
+            try:
+                self.client.key_value_set(f"{self.PREFIX}{self.me}", str(beat), allow_overwrite=True)
+                now = time.monotonic()
+                for p in range(self.count):
+                    if p == self.me:
+                        continue
+                    try:
+                        value = self.client.key_value_try_get(f"{self.PREFIX}{p}")
+                    except Exception:  # noqa: BLE001 - not written yet
+                        continue
+                    if value != self._values.get(p):
+                        self._values[p], self.last_seen[p] = value, now
+                self.last_ok = now
+            except Exception as err:  # noqa: BLE001 - the service (on process 0) is unreachable
+                self.error = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            self._stop.wait(self.interval_s)
+
+    def lost(self, deadline_s: float) -> list[tuple[int, float]]:
+        """[(process, seconds silent)] for peers silent longer than `deadline_s`; process 0 if the coordination
+        service itself (hosted by process 0) has not answered for that long."""
+        now = time.monotonic()
+        if now - self.last_ok > deadline_s and self.me != 0:
+            return [(0, now - self.last_ok)]
+        return [(p, now - t) for p, t in sorted(self.last_seen.items()) if p != self.me and now - t > deadline_s]
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class Watchdog:
+    """Checks `context` every `poll_s`. A phase past its deadline, or a lost peer: report once, set `expired` (the
+    main thread polls it in its waits and unwinds cleanly), and exit with `code` if the main thread has not finished
+    within `grace_s` (it is stuck in a call that does not return)."""
+
+    def __init__(self, context: RunContext, poll_s: float = 1.0, grace_s: float = 30.0,
+                 heartbeat: PeerHeartbeat | None = None, peer_deadline_s: float = 0.0,
+                 exit_fn: Callable[[int], None] = hard_exit):
+        self.context = context
+        self.poll_s = poll_s
+        self.grace_s = grace_s
+        self.heartbeat = heartbeat
+        self.peer_deadline_s = peer_deadline_s
+        self.exit_fn = exit_fn
+        self.expired: Stalled | PeerLost | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gpfm-watchdog", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            if self.expired is None:
+                self.expired = self._check()
+                if self.expired is not None:
+                    report(str(self.expired))
+                    deadline = time.monotonic() + self.grace_s
+            elif time.monotonic() > deadline:
+                code = EXIT_PEER_LOST if isinstance(self.expired, PeerLost) else EXIT_STALLED
+                report(f"the main thread did not return within {self.grace_s:.0f} s of the report above (it is "
+                       f"blocked in {self.context.phase!r}); exiting with status {code}")
+                self.exit_fn(code)
+                return
+
+    def _check(self) -> Stalled | PeerLost | None:
+        c = self.context
+        if self.heartbeat is not None and self.peer_deadline_s > 0:
+            lost = self.heartbeat.lost(self.peer_deadline_s)
+            if lost:
+                who = ", ".join(f"process {p}" + (" (the coordinator)" if p == 0 else "") + f" silent {s:.1f} s"
+                                for p, s in lost)
+                extra = f"; last error: {self.heartbeat.error}" if self.heartbeat.error else ""
+                return PeerLost(f"lost {who} (no heartbeat for more than config.deadline.peer_s="
+                                f"{self.peer_deadline_s:g} s{extra}) at {c.where()}; {c.last_checkpoint()}; stopping: "
+                                f"rerun the same command on every host to resume from it")
+        elapsed = time.monotonic() - c.since
+        if c.deadline_s > 0 and elapsed > c.deadline_s:
+            return Stalled(f"stalled: {c.where()} has run {elapsed:.1f} s, past its deadline "
+                           f"config.deadline.{c.deadline_field}={c.deadline_s:g}; {c.last_checkpoint()}; stopping: "
+                           f"rerun the same command to resume from it")
+        return None
+
+    def raise_if_expired(self) -> None:
+        if self.expired is not None:
+            raise self.expired
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
