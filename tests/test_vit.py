@@ -159,3 +159,81 @@ def test_logical_axes_shard_params_and_activations_without_changing_results():
     with jax.set_mesh(mesh):
         got = fwd(sharded, jax.device_put(x, NamedSharding(mesh, P("data"))))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+
+
+def test_batch_subset_drop_path_draws_a_subset_per_shard():
+    x = jax.random.normal(jax.random.key(0), (16, 3, 4))
+    branch = lambda y: 2.0 * y + 1.0  # noqa: E731 - per-sample, so the reference can apply it to any subset
+    rng = jax.random.key(7)
+    out = np.asarray(add_residual(x, branch, 0.4, "subset", rng, shards=4))
+    want = np.asarray(x).copy()
+    for s, key in enumerate(jax.random.split(rng, 4)):  # each shard of 4 samples keeps int(4 * 0.6) = 2 of them
+        index = 4 * s + np.asarray(jax.random.permutation(key, 4)[:2])
+        want[index] += np.asarray(branch(x[index])) * (4 / 2)
+    np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
+    changed = np.flatnonzero(np.abs(out - np.asarray(x)).sum(axis=(1, 2)) > 0).reshape(4, 2) // 4
+    np.testing.assert_array_equal(changed, np.repeat(np.arange(4)[:, None], 2, axis=1))  # two in every shard
+    # one shard: the single permutation over the whole batch (what a single device has always done)
+    one = np.asarray(add_residual(x, branch, 0.4, "subset", rng, shards=1))
+    index = np.asarray(jax.random.permutation(rng, 16)[:9])
+    ref = np.asarray(x).copy()
+    ref[index] += np.asarray(branch(x[index])) * (16 / 9)
+    np.testing.assert_allclose(one, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_batch_subset_drop_path_under_a_mesh_moves_no_activations():
+    """Per-shard subsets on 8 devices: the same numbers as the 8-shard computation on one device, and the compiled
+    program has no collective at all (the old global permutation all-reduced / all-gathered the activations)."""
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+    from gpfm_jax.plan.roofline import parse_collectives
+
+    mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
+    rules = (("batch", ("data", "fsdp")), ("tokens", None), ("embed", None))
+    w = jax.random.normal(jax.random.key(1), (16, 16)) / 4.0
+    x = jax.random.normal(jax.random.key(2), (32, 5, 16))
+    branch = lambda y: jnp.tanh(y @ w)  # noqa: E731
+
+    @jax.jit
+    def step(x, key):
+        with nn.logical_axis_rules(rules):
+            return add_residual(x, branch, 0.4, "subset", key)
+
+    with jax.set_mesh(mesh):
+        xs = jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"))))
+        got = step(xs, jax.random.key(3))
+        hlo = step.lower(xs, jax.random.key(3)).compile().as_text()
+    want = add_residual(x, branch, 0.4, "subset", jax.random.key(3), shards=8)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+    assert parse_collectives(hlo, 8) == []
+
+
+def test_padded_attention_with_key_mask_is_exact_to_xla_attention():
+    """The cuDNN path pads 257 tokens to 258 and masks the padded key by its sequence length. Through XLA (what
+    this machine can run) the padded computation equals plain attention in fp32: outputs and all input gradients."""
+    from gpfm_jax.models import attention
+
+    keys = jax.random.split(jax.random.key(0), 4)
+    q, k, v, g = (jax.random.normal(kk, (3, 257, 4, 16), jnp.float32) for kk in keys)
+
+    def with_grads(fn):
+        out, vjp = jax.vjp(fn, q, k, v)
+        return (out, *vjp(g))
+
+    padded = with_grads(lambda q, k, v: attention.padded_attention(q, k, v, "xla"))
+    plain = with_grads(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"))
+    loop = with_grads(lambda q, k, v: attention.dot_product_attention(q, k, v, "loop"))
+    for got, want, other in zip(padded, plain, loop):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=2e-6)
+        np.testing.assert_allclose(np.asarray(other), np.asarray(want), rtol=1e-5, atol=2e-6)
+    assert attention.padded_attention(q[:, :256], k[:, :256], v[:, :256], "xla").shape == (3, 256, 4, 16)
+
+
+def test_auto_attention_resolves_per_backend_and_dtype():
+    from gpfm_jax.models.attention import resolve_impl
+
+    assert resolve_impl("auto", "cpu", "bfloat16") == "loop"
+    assert resolve_impl("auto", "gpu", "bfloat16") == "cudnn"  # flash attention needs a half-precision type
+    assert resolve_impl("auto", "gpu", "float32") == "xla"
+    assert resolve_impl("auto", "tpu", "bfloat16") == "xla"
+    assert resolve_impl("xla", "gpu", "bfloat16") == "xla"

@@ -8,17 +8,19 @@ leading layer axis (compile time independent of depth); `gpfm_jax.convert.layout
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gpfm_jax.models import attention
 from gpfm_jax.models.pos_embed import needs_resampling, resample_patch_pos_embed
 
 DROP_PATH_MODES = ("auto", "sample", "subset")
 FFN_TYPES = ("mlp", "swiglu")
-ATTENTION_IMPLS = ("auto", "loop", "xla", "cudnn")
+ATTENTION_IMPLS = attention.IMPLS
 
 
 class JsonConfig:
@@ -71,10 +73,8 @@ class ViTConfig(JsonConfig):
     remat_policy: str = "none"  # "none", "full", or a jax.checkpoint_policies name, e.g. "dots_saveable"
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    # "auto": "loop" when JAX's default backend is the CPU, else jax.nn.dot_product_attention choosing its own
-    # implementation. "loop": softmax(q k^T / sqrt(hd)) v one sample at a time (lax.map: each sample's scores stay in
-    # cache; faster on CPU, see docs/performance.md). "xla" / "cudnn": jax.nn.dot_product_attention with that
-    # implementation. All compute the same function.
+    # "auto": "loop" on CPU, cuDNN flash attention on GPU in bf16/fp16, "xla" otherwise; "loop", "xla", "cudnn"
+    # force one. All compute the same function (gpfm_jax/models/attention.py).
     attention_impl: str = "auto"
 
     def __post_init__(self):
@@ -169,22 +169,6 @@ class PatchProj(nn.Module):
         return out + bias.astype(cfg.dtype)
 
 
-def _sample_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """One sample, heads first: q, k, v (heads, n, hd) -> (heads, n, hd). Scale folded into q, logits and softmax
-    in fp32 (as jax.nn.dot_product_attention), normalisation applied after the PV product (n x hd, not n x n)."""
-    scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
-    logits = jnp.einsum("hqd,hkd->hqk", q * scale, k, preferred_element_type=jnp.float32)
-    weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-    out = jnp.einsum("hqk,hkd->hqd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return (out / jnp.sum(weights, axis=-1, keepdims=True)).astype(v.dtype)
-
-
-def _attention_impl(cfg: ViTConfig) -> str | None:
-    if cfg.attention_impl == "auto":
-        return "loop" if jax.default_backend() == "cpu" else None  # None: jax.nn.dot_product_attention decides
-    return cfg.attention_impl
-
-
 class Attention(nn.Module):
     cfg: ViTConfig
 
@@ -195,15 +179,8 @@ class Attention(nn.Module):
         head_dim = d // cfg.num_heads
         qkv = _dense(3 * d, ("embed", "qkv"), cfg.qkv_bias, cfg, "qkv")(x)
         qkv = nn.with_logical_constraint(qkv, ("batch", "tokens", "qkv")).reshape(b, n, 3, cfg.num_heads, head_dim)
-        impl = _attention_impl(cfg)
-        if impl == "loop":
-            # XLA:CPU materialises the (b, heads, n, n) scores between fusions: a loop over samples keeps each
-            # sample's (heads, n, n) block in cache. softmax(q k^T / sqrt(hd)) v, as below.
-            q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # (b, heads, n, head_dim) each
-            out = jax.lax.map(lambda qkv_i: _sample_attention(*qkv_i), (q, k, v)).transpose(0, 2, 1, 3)
-        else:
-            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-            out = jax.nn.dot_product_attention(q, k, v, implementation=impl)  # softmax(q k^T / sqrt(hd)) v
+        impl = attention.resolve_impl(cfg.attention_impl, dtype=cfg.dtype)
+        out = attention.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], impl)
         out = nn.with_logical_constraint(out.reshape(b, n, d), ("batch", "tokens", "heads"))
         return _dense(d, ("heads", "embed"), cfg.proj_bias, cfg, "proj")(out)
 
@@ -246,23 +223,63 @@ def drop_path_mode(rate: float, mode: str) -> str:
     return mode
 
 
+def batch_shards() -> int:
+    """How many devices split the logical "batch" axis here: the mesh set by `jax.set_mesh` and the flax logical
+    axis rules in force (1 outside a mesh, as in plain `apply`)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    axes = next((mapped for name, mapped in nn.get_logical_axis_rules() if name == "batch"), None)
+    if axes is None:
+        return 1
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    return int(math.prod(mesh.shape[a] for a in axes if a in mesh.shape))
+
+
+def _subset_residual(x: jax.Array, branch: Callable[[jax.Array], jax.Array], rate: float, rng: jax.Array,
+                     shards: int) -> jax.Array:
+    """Batch-subset stochastic depth drawn per shard of the batch axis (DINOv2 draws per GPU): the batch is viewed
+    as [shards, B / shards], each shard keeps its own random subset of max(int(B/shards (1 - rate)), 1) samples,
+    and the gather / scatter-add stay inside the shard, so no activation crosses devices. One shard = one
+    permutation of the whole batch (a single device, or a plain apply)."""
+    batch = x.shape[0]
+    if batch % shards:
+        raise ValueError(f"batch-subset drop path: batch {batch} does not split into {shards} shards")
+    per_shard = batch // shards
+    subset = max(int(per_shard * (1.0 - rate)), 1)
+    scale = per_shard / subset
+    if shards == 1:
+        index = jax.random.permutation(rng, batch)[:subset]
+        residual = branch(nn.with_logical_constraint(x[index], ("batch", "tokens", "embed")))
+        return x.at[index].add(residual * jnp.asarray(scale, residual.dtype))
+    rest = x.shape[1:]
+    xs = nn.with_logical_constraint(x.reshape((shards, per_shard) + rest), ("batch", None, "tokens", "embed"))
+    index = jax.vmap(lambda k: jax.random.permutation(k, per_shard)[:subset])(jax.random.split(rng, shards))
+    index = nn.with_logical_constraint(index, ("batch", None))
+    picked = jax.vmap(lambda xi, ii: xi[ii])(xs, index)  # [shards, subset, ...]: a gather batched over shards
+    picked = nn.with_logical_constraint(picked.reshape((shards * subset,) + rest), ("batch", "tokens", "embed"))
+    residual = branch(picked).reshape((shards, subset) + rest) * jnp.asarray(scale, x.dtype)
+    residual = nn.with_logical_constraint(residual, ("batch", None, "tokens", "embed"))
+    out = jax.vmap(lambda xi, ii, ri: xi.at[ii].add(ri))(xs, index, residual.astype(x.dtype))
+    return out.reshape(x.shape)
+
+
 def add_residual(
-    x: jax.Array, branch: Callable[[jax.Array], jax.Array], rate: float, mode: str, rng: jax.Array | None
+    x: jax.Array, branch: Callable[[jax.Array], jax.Array], rate: float, mode: str, rng: jax.Array | None,
+    shards: int | None = None,
 ) -> jax.Array:
     """x + branch(x) with stochastic depth.
 
     "sample": each sample's branch is kept with p = 1 - rate and rescaled by 1 / p.
-    "subset": the branch is computed only on a random subset of max(int(B (1 - rate)), 1) samples and added back
-    scaled by B / subset, which also saves that share of the compute (DINOv2).
+    "subset": the branch is computed only on a random subset of each batch shard (max(int(b (1 - rate)), 1) of its
+    b samples) and added back scaled by b / subset, which also saves that share of the compute (DINOv2, per GPU).
+    `shards` defaults to the devices the batch axis is split over (`batch_shards`).
     """
     if rate == 0.0 or rng is None:
         return x + branch(x)
     batch = x.shape[0]
     if drop_path_mode(rate, mode) == "subset":
-        subset = max(int(batch * (1.0 - rate)), 1)
-        index = jax.random.permutation(rng, batch)[:subset]
-        residual = branch(nn.with_logical_constraint(x[index], ("batch", "tokens", "embed")))
-        return x.at[index].add(residual * jnp.asarray(batch / subset, residual.dtype))
+        return _subset_residual(x, branch, rate, rng, batch_shards() if shards is None else shards)
     keep_prob = 1.0 - rate
     keep = jax.random.bernoulli(rng, keep_prob, (batch,) + (1,) * (x.ndim - 1))
     return x + branch(x) * (keep.astype(x.dtype) / jnp.asarray(keep_prob, x.dtype))

@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 
 from gpfm_jax import losses
 from gpfm_jax.teachers import split_targets, teacher_targets
-from gpfm_jax.train import sharding
+from gpfm_jax.train import sharding, xla_options
 from gpfm_jax.train.model import GPFMModel, ema_subset
 from gpfm_jax.train.optim import ema_update, grad_norms
 from gpfm_jax.train.schedules import Schedules, schedule_values
@@ -183,5 +183,6 @@ def jit_train_step(train_step: Callable, mesh: Mesh, state: Any, expert_params: 
         in_shardings=(state_sh, sharding.batch_sharding(mesh), sharding.state_shardings(expert_params, mesh)),
         out_shardings=(state_sh, sharding.replicated(mesh)),
         donate_argnums=(0,),
+        compiler_options=xla_options.compiler_options(mesh.devices.flat[0].platform) or None,
     )
     return ShardedStep(jitted, mesh)

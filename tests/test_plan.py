@@ -1,0 +1,176 @@
+"""gpfm-plan: the HLO collective parser and the jaxpr FLOP count on hand-computed inputs, the plan of a small
+config on fake CPU devices (always), and deviceless TPU / H100 compiles of the same config when libtpu / the JAX
+CUDA plugin are installed (`pip install -e ".[tpu]"` / `".[gpu]"`)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # before any backend starts: libtpu's lockfile
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from gpfm_jax.plan import analysis, roofline, targets  # noqa: E402
+from gpfm_jax.plan.cli import load_config, main  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "configs" / "demo.py"
+
+# A partitioned module as XLA prints it: a scanned body (trip count 24) with an async all-gather, a combined
+# reduce-scatter in an async wrapper, an all-reduce with an iota group list, and an explicit-group all-to-all.
+HLO = """HloModule jit_step, num_partitions=8
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%async_rs (p0: bf16[64,32]) -> bf16[8,32] {
+  %p0 = bf16[64,32]{1,0} parameter(0)
+  ROOT %rs = bf16[8,32]{1,0} reduce-scatter(%p0), channel_id=3, replica_groups=mesh['axis_0'=1,'axis_1'=8] {'axis_1'}, dimensions={0}, to_apply=%add, metadata={op_name="jit(step)/transpose(jvp(ViT))/dot_general"}
+}
+
+%body (p: (s32[], bf16[16,128])) -> (s32[], bf16[16,128]) {
+  %p = (s32[], bf16[16,128]{1,0}) parameter(0)
+  %x = bf16[16,128]{1,0} get-tuple-element(%p), index=1
+  %ags = (bf16[2,128]{1,0}, bf16[16,128]{1,0}) all-gather-start(%x), channel_id=1, replica_groups=mesh['axis_0'=1,'axis_1'=8] {'axis_1'}, dimensions={0}, metadata={op_name="jit(step)/ViT/blocks/attn/qkv/dot_general"}
+  %agd = bf16[16,128]{1,0} all-gather-done(%ags)
+  ROOT %t = (s32[], bf16[16,128]{1,0}) tuple(%i, %agd)
+}
+
+%cond (p: (s32[], bf16[16,128])) -> pred[] {
+  %p = (s32[], bf16[16,128]{1,0}) parameter(0)
+  ROOT %c = pred[] constant(true)
+}
+
+ENTRY %main (x: bf16[16,128], g: bf16[64,32], y: f32[1000]) -> f32[1000] {
+  %x = bf16[16,128]{1,0} parameter(0)
+  %g = bf16[64,32]{1,0} parameter(1)
+  %y = f32[1000]{0} parameter(2)
+  %w = (s32[], bf16[16,128]{1,0}) while(%t0), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"24"}}
+  %rss = ((bf16[64,32]{1,0}), bf16[8,32]{1,0}) async-start(%g), calls=%async_rs
+  %rsd = bf16[8,32]{1,0} async-done(%rss), calls=%async_rs
+  %ar = f32[1000]{0} all-reduce(%y), channel_id=2, replica_groups=[2,4]<=[8], to_apply=%add, metadata={op_name="jit(step)/grad_norm"}
+  ROOT %a2a = f32[1000]{0} all-to-all(%ar), channel_id=4, replica_groups={{0,1},{2,3},{4,5},{6,7}}, dimensions={0}
+}
+"""
+
+
+def test_parse_collectives_counts_loops_async_pairs_and_group_forms():
+    found = {c.kind: c for c in roofline.parse_collectives(HLO, 8)}
+    ag, rs, ar, a2a = found["all-gather"], found["reduce-scatter"], found["all-reduce"], found["all-to-all"]
+    assert (ag.count, ag.bytes, ag.group_size) == (24, 16 * 128 * 2, 8)  # the gathered result, 24 loop trips
+    assert ag.op_name == "jit(step)/ViT/blocks/attn/qkv/dot_general"
+    assert (rs.count, rs.bytes, rs.group_size) == (1, 64 * 32 * 2, 8)  # the full operand, not the shard
+    assert (ar.bytes, ar.group_size, ar.link_bytes) == (4000, 4, 2 * 4000 * 3 / 4)  # ring all-reduce: 2 (n-1)/n
+    assert (a2a.group_size, a2a.link_bytes) == (2, 4000 / 2)
+    assert ag.link_bytes == 16 * 128 * 2 * 7 / 8
+    # islands: devices 0-3 on one host, 4-7 on another; the iota groups [2,4]<=[8] are {0-3}, {4-7}: local
+    islands = [0, 0, 0, 0, 1, 1, 1, 1]
+    crossing = {c.kind: c.cross_island for c in roofline.parse_collectives(HLO, 8, islands)}
+    assert crossing == {"all-gather": True, "reduce-scatter": True, "all-reduce": False, "all-to-all": False}
+
+
+def test_replica_group_forms_expand_to_device_ids():
+    mesh = roofline.replica_group_ids("replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_0'}", 8)
+    np.testing.assert_array_equal(mesh, [[0, 4], [1, 5], [2, 6], [3, 7]])
+    iota = roofline.replica_group_ids("replica_groups=[4,2]<=[2,4]T(1,0)", 8)
+    np.testing.assert_array_equal(iota, [[0, 4], [1, 5], [2, 6], [3, 7]])
+    np.testing.assert_array_equal(roofline.replica_group_ids("channel_id=1", 4), [[0, 1, 2, 3]])
+    assert roofline.shape_bytes("(bf16[2,3]{1,0:T(8,128)(2,1)}, f32[], /*index=2*/s32[5])") == 12 + 4 + 20
+
+
+def test_jaxpr_flops_counts_matmuls_in_scans_and_remat_recomputation():
+    w, x = jnp.ones((8, 16)), jnp.ones((4, 8))
+
+    def scanned(w, x):
+        return jax.lax.scan(lambda c, _: (jnp.tanh(c @ w[:, :8]), None), x, None, length=3)[0]
+
+    assert roofline.jaxpr_flops(jax.make_jaxpr(scanned)(w, x)) == 3 * 2 * 4 * 8 * 8
+
+    def loss(w, remat):
+        f = lambda w: jnp.tanh(x @ w) @ w.T  # noqa: E731 - two dots of 2*4*8*16 each
+        return (jax.checkpoint(f) if remat else f)(w).sum()
+
+    one = 2 * 4 * 8 * 16
+    plain = roofline.jaxpr_flops(jax.make_jaxpr(jax.grad(lambda w: loss(w, False)))(w))
+    remat = roofline.jaxpr_flops(jax.make_jaxpr(jax.grad(lambda w: loss(w, True)))(w))
+    assert plain == 2 * one + 3 * one  # forward, and the backward's three (dx of the second dot is x-independent)
+    assert remat == plain + one  # x @ w recomputed (tanh's input); the second dot's output is never needed
+
+
+def test_target_table_and_peak_lookup():
+    assert targets.get_target("v5p-8").chips == 8 and targets.get_target("h100-16").hosts == 2
+    assert targets.peak_bf16_for("NVIDIA H100 80GB HBM3") == 989.4e12
+    assert targets.peak_bf16_for("NVIDIA H200") == 989.4e12
+    assert targets.peak_bf16_for("Some GPU") is None
+    assert "gpu_device_info" in targets.h100_target_config()
+    with pytest.raises(ValueError, match="unknown target"):
+        targets.get_target("v5p-9")
+
+
+@pytest.fixture(scope="module")
+def cpu_plan(tmp_path_factory):
+    """gpfm-plan on 8 fake CPU devices: the demo config with the official stochastic depth (0.4: batch subsets)
+    and FSDP over all 8 devices, 2 images per device."""
+    out = tmp_path_factory.mktemp("plan") / "plan.json"
+    rc = main(["--config", str(DEMO), "--target", "cpu-8", "--per-device-batch", "2", "--json", str(out),
+               "--config.mesh.fsdp=8", "--config.model.vit.drop_path_rate=0.4"])
+    return rc, json.loads(out.read_text())
+
+
+def test_cpu_plan_fits_and_reports_memory_flops_and_collectives(cpu_plan):
+    rc, plan = cpu_plan
+    assert rc == 0 and plan["memory"]["fits"]
+    assert plan["mesh"] == {"data": 1, "fsdp": 8} and plan["per_device_batch"] == 2
+    m = plan["memory"]
+    assert m["peak"] == m["argument"] + m["output"] - m["alias"] + m["temp"] + m["code"] > 0
+    assert plan["flops_per_step"] == plan["model_flops_per_step"] > 0  # no remat: nothing recomputed
+    assert plan["roofline"]["img_per_s_per_chip"] > 0 and plan["collectives"]["top"]
+
+
+def test_per_shard_drop_path_keeps_collectives_within_3x_the_parameter_bytes(cpu_plan):
+    """The issue's target: weight gathers (forward, backward) and gradient reduce-scatters only. With the old global
+    subset the activations of every block were all-reduced and all-gathered (hundreds of x the parameters)."""
+    _, plan = cpu_plan
+    params = sum(plan["param_bytes"].values())
+    total = sum(plan["collectives"]["bytes_by_kind"].values())
+    assert total <= 3 * params, (total, params)
+    assert not any("scatter-add" in op["op_name"] or "/gather" in op["op_name"] for op in plan["collectives"]["top"])
+
+
+def test_cli_reports_bad_overrides_and_missing_config(tmp_path, capsys):
+    assert main(["--config", str(tmp_path / "nope.py"), "--target", "cpu-8"]) == 2
+    assert main(["--config", str(DEMO), "--target", "cpu-8", "--config.mesh.nope=3"]) == 2
+    assert "no field 'nope'" in capsys.readouterr().err
+
+
+def _small_accelerator_plan(name: str) -> analysis.PlanResult:
+    cfg = load_config(DEMO)
+    cfg.mesh.fsdp = 8
+    cfg.model.vit.drop_path_rate = 0.4
+    return analysis.plan_point(cfg, targets.get_target(name), per_device_batch=4, standin_teachers=True)
+
+
+@pytest.mark.skipif(not targets.available(targets.get_target("v5e-8")), reason="libtpu not installed (.[tpu])")
+def test_tpu_deviceless_compile_of_a_small_config():
+    plan = _small_accelerator_plan("v5e-8")
+    assert not plan.error and plan.memory.fits and plan.compute_dtype == "bfloat16"
+    assert plan.attention_impl == "xla"
+    assert 0 < plan.memory.peak < 2 * 2**30
+    assert plan.collective_bytes <= 3 * sum(plan.param_bytes.values())
+
+
+@pytest.mark.skipif(not targets.available(targets.get_target("h100-8")), reason="JAX CUDA plugin not installed")
+def test_h100_deviceless_compile_of_a_small_config():
+    plan = _small_accelerator_plan("h100-8")
+    assert not plan.error and plan.memory.fits and plan.attention_impl == "cudnn"
+    assert plan.collective_bytes <= 3 * sum(plan.param_bytes.values())
