@@ -243,11 +243,11 @@ def test_abmil_learns_few_key_tiles_with_bounded_compiles():
     xs, y, keys = _synthetic_bags(160, 32, key_tiles=5, seed=0)
     store = _ListStore(xs)
     sizes = np.array([len(x) for x in xs])
-    buckets = bags.bucket_sizes(int(sizes.max()), 64, 1.5, 64)
+    buckets = bags.bucket_sizes(int(sizes.max()), 128, 1.5, 64)  # 128, 192, 320
     idx = np.arange(160)
     train, val, test = idx[:100], idx[100:120], idx[120:]
     model_cfg = MILConfig("abmil", hidden_dim=64, attention_dim=32, dropout=0.0)
-    cfg = TrainConfig(learning_rate=2e-3, epochs=30, patience=8, bucket_min=64)
+    cfg = TrainConfig(learning_rate=2e-3, epochs=30, patience=8, bucket_min=128)
     compiles = shared_compiles(model_cfg, cfg)
     before = sum(compiles.values())
     trained = train_mil(store, sizes, Targets(label=y), train, val, model_cfg, cfg, 32, buckets)
