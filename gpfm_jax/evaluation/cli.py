@@ -246,13 +246,20 @@ def _run_heatmap(args) -> dict[str, Any]:
     return {"command": "heatmap", "out": str(out)}
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the current sys.stderr (looked up per record, so redirections made later are honoured)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def _log_to_stderr() -> None:
     """Warnings naming slides / folds go to stderr (our own handler: absl may own the root logger)."""
     log = logging.getLogger("gpfm_jax.evaluate")
-    if not any(getattr(h, "_gpfm_eval", False) for h in log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("gpfm-eval: warning: %(message)s"))
-        handler._gpfm_eval = True
         log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
