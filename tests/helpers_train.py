@@ -79,20 +79,32 @@ def _set(cfg, key: str, value: str):
 
 def run_phases(argv: list[str]) -> int:
     """`python tests/helpers_train.py WORKDIR STEPS[,STEPS...] key=value ...`: the tiny config trained to each
-    STEPS in turn in this one process (each phase restores the previous phase's last checkpoint from disk)."""
-    from gpfm_jax.train import loop
+    STEPS in turn in this one process (each phase restores the previous phase's last checkpoint from disk).
+    `inject.<name>=<value>` arguments install a fault (tests/fault_injection.py). Exit status as gpfm-train's."""
+    from gpfm_jax.train import faults, loop
 
     workdir, phases, *overrides = argv
+    injections = {k[len("inject."):]: v for k, v in (a.split("=", 1) for a in overrides) if k.startswith("inject.")}
+    if injections:
+        import fault_injection
+
+        fault_injection.install(**injections)
+    codes = {"nonfinite": faults.EXIT_NONFINITE, "save_failed": faults.EXIT_SAVE_FAILED,
+             "stalled": faults.EXIT_STALLED, "peer_lost": faults.EXIT_PEER_LOST}
     for steps in phases.split(","):
         cfg = get_config()
         for item in overrides:
             key, value = item.split("=", 1)
-            _set(cfg, key, value)
+            if not key.startswith("inject."):
+                _set(cfg, key, value)
         cfg.steps = int(steps)
         result = loop.train(cfg, workdir)
-        if result.status != "done":
-            print(result.message)
-            return 1
+        if result.status not in ("done", "nothing_to_do", "preempted"):
+            print(result.message, flush=True)
+            faults.hard_exit(codes.get(result.status, 1))
+        if result.status == "preempted":
+            print(result.message, flush=True)
+            return 0
     return 0
 
 

@@ -1,7 +1,8 @@
 """gpfm-extract command line (also `python -m gpfm_jax.extract`).
 
 Exit status: 0 all done (or already done), 1 some slides failed (the others are written), 2 nothing could start
-(bad encoder path, empty or missing input, bad options).
+(bad encoder path, empty or missing input, bad options), 3 an output write failed (e.g. a full disk: files finished
+before are intact, no partial file is left).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     from gpfm_jax.convert.torch_io import CheckpointError
     from gpfm_jax.extract import runner
     from gpfm_jax.extract.encoder import load_feature_encoder
+    from gpfm_jax.extract.h5out import OutputWriteError
     from gpfm_jax.extract.inputs import SlideInput, resolve_input
 
     loader = runner.LoaderOptions(workers=args.workers, depth=args.prefetch, progress=not args.no_progress)
@@ -86,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
             out = out / f"{Path(spec.origin).stem or 'tiles'}.h5"
         try:
             result = runner.extract_tiles(encoder, spec, out, loader, overwrite=args.overwrite)
+        except OutputWriteError as e:  # a full disk: nothing half-written is left
+            print(f"gpfm-extract: error: {e}", file=sys.stderr)
+            return 3
         except ValueError as e:
             print(f"gpfm-extract: error: {e}", file=sys.stderr)
             return 2
@@ -98,7 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     tiling = runner.SlideOptions(tile_size=args.tile_size, magnification=args.magnification, stride=args.stride,
                                  min_tissue=args.min_tissue, default_magnification=args.default_magnification,
                                  cache_dir=args.cache_dir)
-    report = runner.extract_slides(encoder, spec.slides, args.out, tiling, loader)
+    try:
+        report = runner.extract_slides(encoder, spec.slides, args.out, tiling, loader)
+    except OutputWriteError as e:  # a full disk stops the run: finished slides are intact, no partial file is left
+        print(f"gpfm-extract: error: {e}", file=sys.stderr)
+        return 3
     rate = report.num_tiles / max(report.seconds, 1e-9)
     print(f"slides: {len(report.done)} done ({report.num_tiles} tiles, {rate:.1f} tiles/s), "
           f"{len(report.skipped)} already done, {len(report.failed)} failed")

@@ -1,11 +1,14 @@
 """HDF5 output written under a temporary name and renamed when complete: a file with the final name is always
 whole, so "the .h5 exists" is a safe resume test, and an interrupted run leaves at most a `.NAME.partial` file,
-which the next run overwrites.
+which the next run overwrites. A write that fails (a full disk, an I/O error) removes the partial file and raises
+`OutputWriteError` naming the file and the free space; files finished before are untouched.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,40 @@ def _attr(value: Any) -> Any:
     return np.nan if value is None else value
 
 
+class OutputWriteError(OSError):
+    """Writing an output file failed; the message names the file, the reason and the free space."""
+
+
+def _free_space(path: Path) -> str:
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return "free space unknown"
+    return f"{free / 2**20:.1f} MiB free on the filesystem of {probe}"
+
+
+def _free_space_is_zero(path: Path) -> bool:
+    """HDF5 does not always pass errno through ("Can't write data"): an empty filesystem says it all."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return shutil.disk_usage(probe).free < 64 * 1024
+    except OSError:
+        return False
+
+
+def _no_space(err: BaseException) -> bool:
+    while err is not None:
+        if getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 class AtomicH5:
     """Context manager: appendable datasets in a temp file; renamed to `path` on clean exit, deleted on error."""
 
@@ -32,10 +69,28 @@ class AtomicH5:
 
     def __enter__(self) -> "AtomicH5":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = h5py.File(self.tmp, "w")
-        for k, v in self.attrs.items():
-            self.file.attrs[k] = _attr(v)
+        try:
+            self.file = h5py.File(self.tmp, "w")
+            for k, v in self.attrs.items():
+                self.file.attrs[k] = _attr(v)
+        except OSError as err:
+            self._fail(err)
         return self
+
+    def _fail(self, err: OSError) -> None:
+        """Drops the partial file and raises OutputWriteError (full disk: says so, with the free space)."""
+        f, self.file = self.file, None
+        if f is not None:
+            try:
+                f.close()
+            except Exception:  # noqa: BLE001 - the file is being discarded
+                pass
+        self.tmp.unlink(missing_ok=True)
+        reason = "no space left on the device" if _no_space(err) or _free_space_is_zero(self.path) else (
+            f"{type(err).__name__}: {err}")
+        raise OutputWriteError(errno.ENOSPC if "no space" in reason else getattr(err, "errno", None) or errno.EIO,
+                               f"writing {self.path} failed: {reason}; {_free_space(self.path)}; the partial file "
+                               f"was removed, files finished before are intact") from err
 
     def create(self, name: str, tail: tuple[int, ...], dtype, chunk_rows: int = 512,
                attrs: dict[str, Any] | None = None) -> None:
@@ -49,21 +104,31 @@ class AtomicH5:
         n = len(rows)
         if n == 0:
             return
-        ds.resize(ds.shape[0] + n, axis=0)
-        ds[-n:] = rows
+        try:
+            ds.resize(ds.shape[0] + n, axis=0)
+            ds[-n:] = rows
+            self.file.flush()  # each batch on disk: a full disk shows up here, at the slide that hit it
+        except OSError as err:
+            self._fail(err)
 
     def set_attrs(self, **attrs: Any) -> None:
         for k, v in attrs.items():
             self.file.attrs[k] = _attr(v)
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        f, self.file = self.file, None
-        try:
-            f.close()
-        finally:
-            if exc_type is not None:
+        if exc_type is not None:
+            f, self.file = self.file, None
+            try:
+                if f is not None:
+                    f.close()
+            finally:
                 self.tmp.unlink(missing_ok=True)
-        if exc_type is None:
+            return
+        try:
+            self.file.close()
+            self.file = None
             with open(self.tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
             os.replace(self.tmp, self.path)
+        except OSError as err:
+            self._fail(err)

@@ -265,28 +265,31 @@ class Checkpointer:
             self._failed(step, err)
 
     def _failed(self, step: int, err: BaseException) -> None:
+        """Reports a failed save (path, reason, free space, the intact checkpoints); "stop": raises
+        CheckpointSaveError, "retry": goes on (the next interval saves again)."""
         self._in_flight = None
         self.failed_saves.append(step)
         nospace = _find(err, OSError)
-        reason = "no space left on the device" if nospace is not None and nospace.errno == errno.ENOSPC else (
-            f"{type(err).__name__}: {str(err)[:300]}")
-        if nospace is None and "No space left" in str(err):
+        if (nospace is not None and nospace.errno == errno.ENOSPC) or "No space left" in str(err):
             reason = "no space left on the device"
+        else:
+            reason = f"{type(err).__name__}: {str(err)[:300]}"
+        disk = disk_report(self.directory)  # as the write found it
         try:  # a fresh manager; it removes the failed save's temporary folder (frees what it had written)
             self.manager.close()
         except Exception:  # noqa: BLE001 - the old manager is broken anyway
             pass
         self.manager = self._open()
         good = committed_steps(self.directory)
-        message = (f"checkpoint save of step {step} to {self.directory / str(step)} failed: {reason}; "
-                   f"{disk_report(self.directory)}; earlier checkpoints intact: "
-                   f"{'steps ' + ', '.join(map(str, good)) if good else 'none'}")
-        log.error(message)
+        message = (f"checkpoint save of step {step} to {self.directory / str(step)} failed: {reason}; {disk}; "
+                   f"earlier checkpoints intact: {'steps ' + ', '.join(map(str, good)) if good else 'none'}")
         if self.config.on_save_error == "stop":
             raise CheckpointSaveError(message + "; stopping (config.checkpoint.on_save_error=stop): free space and "
                                       "rerun the same command to resume from the last checkpoint") from err
-        self.announce(message + "; training goes on and saves again at the next interval "
-                      "(config.checkpoint.on_save_error=retry)")
+        message += ("; training goes on and saves again at the next interval "
+                    "(config.checkpoint.on_save_error=retry)")
+        log.warning(message)
+        self.announce(message)
 
     def wait(self) -> None:
         self._check_previous()

@@ -149,7 +149,7 @@ class DeadlineConfig:
     step_s: float = 600.0  # waiting for a step's results
     first_step_s: float = 3600.0  # setup, restore and the first two iterations (compilation)
     checkpoint_s: float = 1800.0  # a checkpoint save (its blocking part), the wait for it, a restore
-    peer_s: float = 60.0  # multi-process: a peer's heartbeat silent this long = lost (keep < runtime.heartbeat_timeout_s)
+    peer_s: float = 30.0  # multi-process: a peer's heartbeat silent this long = lost (< runtime.heartbeat_timeout_s)
     grace_s: float = 60.0  # after a report, time to stop cleanly before the process exits anyway
     poll_s: float = 1.0  # how often the watchdog looks
 

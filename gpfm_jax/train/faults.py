@@ -8,7 +8,8 @@ own exit status instead of hanging (docs/training.md, "Failures").
 - `StopFlag`: SIGTERM / SIGINT set a flag; the loop saves and stops at an iteration all processes agree on.
 - `Watchdog`: a thread that checks the current phase against its deadline, and in multi-process runs the peers'
   heartbeats. When a deadline passes it reports, asks the main thread to stop (`expired`), and if the main thread
-  is stuck in a call that never returns (a collective, a compile) exits the process after `grace_s`.
+  is stuck in a call that never returns (a collective, a compile) exits the process after `grace_s` (after
+  3 polls for a lost peer: whatever the main thread is waiting for needs that peer).
 - `PeerHeartbeat`: each process writes a counter into the JAX coordination service's key-value store every
   `interval_s`; a peer whose counter stops for `deadline.peer_s` is reported lost. That is quicker than, and comes
   before, JAX's own heartbeat timeout (`runtime.heartbeat_timeout_s`), whose abort prints a C++ stack trace instead.
@@ -17,7 +18,6 @@ own exit status instead of hanging (docs/training.md, "Failures").
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import signal
 import sys
@@ -25,8 +25,6 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
-
-log = logging.getLogger("gpfm_jax.train")
 
 # Exit statuses of gpfm-train (main.py): 0 finished or stopped by a signal after saving.
 EXIT_NONFINITE = 1
@@ -111,9 +109,8 @@ class StopFlag:
 
 
 def report(line: str) -> None:
-    """The one line a failure prints: stderr (every process: the job log of a pod shows each host's) and the log."""
+    """The one line a failure prints, on stderr (every process: the job log of a pod shows each host's)."""
     print(f"gpfm-train: {line}", file=sys.stderr, flush=True)
-    log.error(line)
 
 
 def hard_exit(code: int) -> None:
@@ -204,11 +201,14 @@ class Watchdog:
                 self.expired = self._check()
                 if self.expired is not None:
                     report(str(self.expired))
-                    deadline = time.monotonic() + self.grace_s
+                    # a lost peer: nothing left to finish cleanly needs it, and the main thread is most likely in a
+                    # collective that waits for it; leave before JAX's heartbeat timeout aborts with a stack trace
+                    grace = 3 * self.poll_s if isinstance(self.expired, PeerLost) else self.grace_s
+                    deadline = time.monotonic() + grace
             elif time.monotonic() > deadline:
                 code = EXIT_PEER_LOST if isinstance(self.expired, PeerLost) else EXIT_STALLED
-                report(f"the main thread did not return within {self.grace_s:.0f} s of the report above (it is "
-                       f"blocked in {self.context.phase!r}); exiting with status {code}")
+                report(f"the main thread did not return after the report above (it is blocked in phase "
+                       f"{self.context.phase!r}); exiting with status {code}")
                 self.exit_fn(code)
                 return
 

@@ -1,0 +1,86 @@
+"""Test-only fault injection for gpfm-train runs (in this process, or in a `helpers_train.py` subprocess through
+`inject.<name>=<value>` arguments). Nothing here is imported by the package.
+
+- `block_data_at=N`: the data stream's N-th batch (0-based, counted in this process) never comes.
+- `slow_data_s=X`: every batch takes X s longer to read (a slow filesystem).
+- `slow_step_s=X`: every step takes X s longer *on the device* (a host callback inside a jitted function the step's
+  outputs depend on): the host is not blocked, as with a real slow step. `slow_step_from=N`: only from the N-th
+  dispatched step on (e.g. a hang after a few good steps).
+- `enospc_at_save=N`: the N-th checkpoint save (0-based) fails with OSError(ENOSPC) while writing the data position.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+import time
+from typing import Any
+
+RELEASE = threading.Event()  # set() lets blocked data reads and slow steps finish (in-process tests clean up)
+
+
+def install(**options: Any) -> None:
+    """Patches the package for the given options (idempotent per option set; call `RELEASE.set()` to unblock)."""
+    from gpfm_jax.train import checkpoint, data_stream, loop
+
+    block_at = options.get("block_data_at")
+    slow_data = float(options.get("slow_data_s", 0) or 0)
+    if block_at is not None or slow_data:
+        original_next = data_stream.DataStream.__next__
+        count = {"n": 0}
+
+        def __next__(self):
+            n = count["n"]
+            count["n"] += 1
+            if block_at is not None and n >= int(block_at):
+                RELEASE.wait()
+            if slow_data:
+                time.sleep(slow_data)
+            return original_next(self)
+
+        data_stream.DataStream.__next__ = __next__
+
+    slow_step = float(options.get("slow_step_s", 0) or 0)
+    if slow_step:
+        loop.jit_train_step = _slow_step_factory(loop.jit_train_step, slow_step, int(options.get("slow_step_from", 0)))
+
+    enospc_at = options.get("enospc_at_save")
+    if enospc_at is not None:
+        original_save = checkpoint.DataStateHandler.save
+        saves = {"n": 0}
+
+        def save(self, directory, args=None):
+            n = saves["n"]
+            saves["n"] += 1
+            if n == int(enospc_at):
+                raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+            return original_save(self, directory, args)
+
+        checkpoint.DataStateHandler.save = save
+
+
+def _slow_step_factory(real_factory, seconds: float, first: int):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    def delay(step):
+        if int(step) >= first + 1:  # step counts iterations done: the n-th dispatched step outputs n + 1
+            RELEASE.wait(seconds)
+        return np.zeros((), np.int32)
+
+    @jax.jit
+    def slow(state, metrics):
+        z = jax.pure_callback(delay, jax.ShapeDtypeStruct((), jnp.int32), state.step)
+        return state._replace(step=state.step + z), {**metrics, "loss/total": metrics["loss/total"] + z}
+
+    def factory(*args, **kwargs):
+        step = real_factory(*args, **kwargs)
+
+        def wrapped(state, batch, experts):
+            state, metrics = step(state, batch, experts)
+            return slow(state, metrics)
+
+        return wrapped
+
+    return factory
