@@ -112,6 +112,8 @@ def _heatmap_parser(sub) -> None:
     p.add_argument("--max-size", type=int, default=2048, help="longest side of the thumbnail")
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--tile-span", type=int, default=None, help="level-0 tile size if the files lack it")
+    p.add_argument("--scale", choices=("percentile", "linear"), default="percentile",
+                   help="colour by within-slide percentile (CLAM) or by attention / max")
 
 
 def _splits(args) -> tuple[list[str], dict[str, tuple[np.ndarray, np.ndarray]]]:
@@ -241,7 +243,7 @@ def _run_heatmap(args) -> dict[str, Any]:
     from gpfm_jax.evaluation.heatmap import slide_heatmap
 
     out = slide_heatmap(args.slide, args.attention, args.out, args.features, args.max_size, args.alpha,
-                        args.tile_span)
+                        args.tile_span, args.scale)
     print(f"heatmap -> {out}")
     return {"command": "heatmap", "out": str(out)}
 

@@ -1,7 +1,8 @@
 """Attention heatmaps over the slide thumbnail, as CLAM draws them: each tile's attention converted to its
-percentile within the slide (so slides and models compare on one scale), coloured with a jet colormap, averaged
-where tiles overlap, blended over the thumbnail (tissue without tiles and background stay as they are), and a
-colour bar on the right. The PNG is written under a temporary name and renamed.
+percentile within the slide (so slides and models compare on one scale; `scale="linear"` shows attention / max
+instead, i.e. where the attention mass is), coloured with a jet colormap, averaged where tiles overlap, blended over
+the thumbnail (tissue without tiles and background stay as they are), and a colour bar on the right. The PNG is
+written under a temporary name and renamed.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 from PIL import Image, ImageDraw
+
+SCALES = ("percentile", "linear")
 
 
 def percentiles(scores: np.ndarray) -> np.ndarray:
@@ -64,13 +67,15 @@ def read_attention(attention_h5: str | os.PathLike, features_h5: str | os.PathLi
 
 
 def draw_heatmap(thumbnail: Image.Image, scale: float, coords: np.ndarray, scores: np.ndarray, span: int,
-                 alpha: float = 0.5, legend: bool = True) -> Image.Image:
+                 alpha: float = 0.5, legend: bool = True, value_scale: str = "percentile") -> Image.Image:
     """thumbnail: RGB image of the slide at `scale` thumbnail pixels per level-0 pixel."""
+    if value_scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {value_scale!r}")
     base = np.asarray(thumbnail.convert("RGB"), np.float64)
     h, w = base.shape[:2]
     acc = np.zeros((h, w), np.float64)
     cnt = np.zeros((h, w), np.float64)
-    pct = percentiles(scores)
+    pct = percentiles(scores) if value_scale == "percentile" else scores / max(float(np.max(scores)), 1e-30)
     for (x, y), p in zip(np.asarray(coords, np.float64), pct):
         x0, y0 = int(np.floor(x * scale)), int(np.floor(y * scale))
         x1, y1 = int(np.ceil((x + span) * scale)), int(np.ceil((y + span) * scale))
@@ -82,10 +87,11 @@ def draw_heatmap(thumbnail: Image.Image, scale: float, coords: np.ndarray, score
     colour = jet(np.where(covered, acc / np.maximum(cnt, 1), 0.0)).astype(np.float64)
     out = np.where(covered[..., None], (1 - alpha) * base + alpha * colour, base)
     img = Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8))
-    return _with_colour_bar(img) if legend else img
+    return _with_colour_bar(img, "attention %ile" if value_scale == "percentile" else "attention / max") \
+        if legend else img
 
 
-def _with_colour_bar(img: Image.Image) -> Image.Image:
+def _with_colour_bar(img: Image.Image, title: str) -> Image.Image:
     bar_w, pad = max(12, img.width // 40), 8
     canvas = Image.new("RGB", (img.width + bar_w + 5 * pad + 30, img.height), "white")
     canvas.paste(img, (0, 0))
@@ -94,15 +100,15 @@ def _with_colour_bar(img: Image.Image) -> Image.Image:
     x0 = img.width + pad
     canvas.paste(Image.fromarray(ramp), (x0, top))
     draw = ImageDraw.Draw(canvas)
-    draw.text((x0 + bar_w + 4, top - 4), "100", fill="black")
+    draw.text((x0 + bar_w + 4, top - 4), "100" if "ile" in title else "1", fill="black")
     draw.text((x0 + bar_w + 4, bottom - 10), "0", fill="black")
-    draw.text((x0, 2), "attention %ile", fill="black")
+    draw.text((x0, 2), title, fill="black")
     return canvas
 
 
 def slide_heatmap(slide_path: str | os.PathLike, attention_h5: str | os.PathLike, out_png: str | os.PathLike,
                   features_h5: str | os.PathLike | None = None, max_size: int = 2048, alpha: float = 0.5,
-                  tile_span: int | None = None) -> Path:
+                  tile_span: int | None = None, value_scale: str = "percentile") -> Path:
     """Draws the attention of one slide over its thumbnail (longest side max_size) and writes the PNG."""
     import openslide
 
@@ -118,7 +124,7 @@ def slide_heatmap(slide_path: str | os.PathLike, attention_h5: str | os.PathLike
         thumb = slide.get_thumbnail((max_size, max_size))
     finally:
         slide.close()
-    img = draw_heatmap(thumb, thumb.width / w0, coords, scores, span, alpha)
+    img = draw_heatmap(thumb, thumb.width / w0, coords, scores, span, alpha, value_scale=value_scale)
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial")
