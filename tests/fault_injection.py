@@ -16,12 +16,13 @@ import threading
 import time
 from typing import Any
 
-RELEASE = threading.Event()  # set() lets blocked data reads and slow steps finish (in-process tests clean up)
 
-
-def install(**options: Any) -> None:
-    """Patches the package for the given options (idempotent per option set; call `RELEASE.set()` to unblock)."""
+def install(setattr_=setattr, **options: Any) -> threading.Event:
+    """Patches the package for the given options (`setattr_`: e.g. pytest's monkeypatch.setattr, undone after the
+    test). Returns an Event whose set() lets blocked data reads and slow steps finish."""
     from gpfm_jax.train import checkpoint, data_stream, loop
+
+    release = threading.Event()
 
     block_at = options.get("block_data_at")
     slow_data = float(options.get("slow_data_s", 0) or 0)
@@ -33,16 +34,17 @@ def install(**options: Any) -> None:
             n = count["n"]
             count["n"] += 1
             if block_at is not None and n >= int(block_at):
-                RELEASE.wait()
+                release.wait()
             if slow_data:
                 time.sleep(slow_data)
             return original_next(self)
 
-        data_stream.DataStream.__next__ = __next__
+        setattr_(data_stream.DataStream, "__next__", __next__)
 
     slow_step = float(options.get("slow_step_s", 0) or 0)
     if slow_step:
-        loop.jit_train_step = _slow_step_factory(loop.jit_train_step, slow_step, int(options.get("slow_step_from", 0)))
+        setattr_(loop, "jit_train_step", _slow_step_factory(loop.jit_train_step, slow_step,
+                                                            int(options.get("slow_step_from", 0)), release))
 
     enospc_at = options.get("enospc_at_save")
     if enospc_at is not None:
@@ -56,17 +58,18 @@ def install(**options: Any) -> None:
                 raise OSError(errno.ENOSPC, "No space left on device", str(directory))
             return original_save(self, directory, args)
 
-        checkpoint.DataStateHandler.save = save
+        setattr_(checkpoint.DataStateHandler, "save", save)
+    return release
 
 
-def _slow_step_factory(real_factory, seconds: float, first: int):
+def _slow_step_factory(real_factory, seconds: float, first: int, release: threading.Event):
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     def delay(step):
         if int(step) >= first + 1:  # step counts iterations done: the n-th dispatched step outputs n + 1
-            RELEASE.wait(seconds)
+            release.wait(seconds)
         return np.zeros((), np.int32)
 
     @jax.jit

@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gpfm_jax.extract.encoder import FeatureEncoder
-from gpfm_jax.extract.h5out import AtomicH5
+from gpfm_jax.extract.h5out import AtomicH5, reserve_bytes
 from gpfm_jax.extract.inputs import TileInput
 from gpfm_jax.extract.loader import Batch, prefetch_batches
 from gpfm_jax.extract.preprocess import resize_tile
@@ -105,7 +105,8 @@ def extract_tiles(encoder: FeatureEncoder, tiles: TileInput, out: str | os.PathL
     failed: list[tuple[str, str]] = []
     written = 0
     attrs = {**encoder.attrs(), "kind": "tiles", "input": tiles.origin, "root": tiles.root}
-    with AtomicH5(out, attrs) as h5, _bar(len(tiles.paths), out.name, loader.progress) as bar:
+    reserve = reserve_bytes(len(tiles.paths), 4 * encoder.feature_dim + 256)  # features + a relative path
+    with AtomicH5(out, attrs, reserve=reserve) as h5, _bar(len(tiles.paths), out.name, loader.progress) as bar:
         h5.create("features", (encoder.feature_dim,), np.float32)
         h5.create("paths", (), h5py.string_dtype())
         read = _preprocessed(encoder, lambda i: read_image_file(tiles.paths[i]))
@@ -149,7 +150,9 @@ class _SlideJob:
     def open(self, encoder: FeatureEncoder) -> AtomicH5:
         if self.out is None:
             plan = self.plan
-            self.out = AtomicH5(self.target, {**encoder.attrs(), **plan.attrs(), "kind": "slide"}).__enter__()
+            reserve = reserve_bytes(len(plan.coords), 4 * encoder.feature_dim + 16)  # features + coords
+            self.out = AtomicH5(self.target, {**encoder.attrs(), **plan.attrs(), "kind": "slide"},
+                                reserve=reserve).__enter__()
             self.out.create("features", (encoder.feature_dim,), np.float32)
             self.out.create("coords", (2,), np.int64, attrs={
                 "patch_level": 0, "patch_size": plan.level0_tile_size, "tile_size": plan.tile_size,
@@ -267,16 +270,16 @@ def extract_slides(encoder: FeatureEncoder, slides: list[Path], out: str | os.Pa
         rows: dict[int, list[int]] = {}
         for r, (j, _) in enumerate(batch.items):
             rows.setdefault(j, []).append(r)
-        for j, rs in rows.items():
+        for j in touched:  # slide order: a slide is committed before the next one's file is opened
             job = jobs[j]
+            rs = rows.get(j, [])
             job.seen += len(rs)
-            if job.error is None:
+            if rs and job.error is None:
                 out_file = job.open(encoder)
                 out_file.append("features", feats[rs])
                 out_file.append("coords", job.plan.coords[[batch.items[r][1] for r in rs]])
-        for j in touched:
-            if jobs[j].plan_error is not None or jobs[j].seen == jobs[j].num_tiles:
-                settle(jobs[j], bar)
+            if job.plan_error is not None or job.seen == job.num_tiles:
+                settle(job, bar)
 
     with _bar(0, "tiles", loader.progress) as bar:  # the total grows as slides are tiled
         batches = prefetch_batches(items(), read, encoder.batch_size, workers=loader.workers, depth=loader.depth,
