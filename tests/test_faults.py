@@ -370,7 +370,7 @@ def test_extract_on_a_full_disk_leaves_finished_slides_and_no_partial_file(tmp_p
     assert status == 3
     err = capsys.readouterr().err
     assert re.search(rf"gpfm-extract: error: writing {re.escape(str(out / 'b.h5'))} failed: no space left on the "
-                     r"device; [\d.]+ (B|KiB|MiB) free on the filesystem of ", err), err[-2000:]
+                     r"device; [\d.]+ (B|KiB|MiB|GiB|TiB) free on the filesystem of ", err), err[-2000:]
     assert names == ["a.h5"]  # finished slide kept, nothing half-written
     roomy = tx._read_h5(tmp_path / "roomy" / "a.h5")
     np.testing.assert_array_equal(a["coords"], roomy["coords"])
