@@ -263,3 +263,18 @@ def test_abmil_learns_few_key_tiles_with_bounded_compiles():
     print(f"ABMIL synthetic: test AUC {auc:.4f}, median attention on key tiles {np.median(mass):.3f}")
     assert auc >= 0.95, auc
     assert np.median(mass) >= 0.5, np.median(mass)
+
+
+@pytest.mark.parametrize("rate", [0.25, 0.1])
+def test_packed_dropout_masks_have_the_stated_keep_probability(rate):
+    from gpfm_jax.evaluation.mil_models import keep_mask
+
+    mask, keep = keep_mask(jax.random.key(0), (1000, 1000), 1.0 - rate)
+    assert keep == pytest.approx(1.0 - rate, abs=1 / 65536)
+    assert keep == (0.75 if rate == 0.25 else keep)  # 0.25: exactly 192/256
+    m = np.asarray(mask)
+    sd = np.sqrt(keep * (1 - keep) / m.size)
+    assert abs(m.mean() - keep) < 4 * sd
+    assert abs(m[:, ::2].mean() - m[:, 1::2].mean()) < 6 * sd  # neighbouring bytes are independent
+    other, _ = keep_mask(jax.random.key(1), (1000, 1000), 1.0 - rate)
+    assert abs((m & np.asarray(other)).mean() - keep**2) < 4 * sd  # independent keys, independent masks

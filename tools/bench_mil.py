@@ -5,7 +5,7 @@ on the same synthetic bags (same sizes, feature width, widths of the layers), in
                               [--threads N] [--jax-single-thread]
 
 Both sides train CLAM_SB's gated-attention ABMIL (fc dim->512 + ReLU + dropout 0.25, attention 512->256 gated,
-classifier), one bag per step, AdamW (lr 2e-4, wd 1e-5) with a cosine schedule; torchmil's ABMIL has one output
+classifier; no dropout in the attention branches, which torchmil's AttentionPool lacks), one bag per step, AdamW (lr 2e-4, wd 1e-5) with a cosine schedule; torchmil's ABMIL has one output
 with BCE, ours two with cross-entropy (a 512x1 vs 512x2 head: no measurable difference). JAX pads each bag to its
 bucket (sizes x1.5), torch runs each bag at its own size. Warm-up epochs (JAX: compiles, counted and timed) are
 excluded; then the two alternate, and the ratio is the median over rounds.
@@ -36,8 +36,8 @@ class JaxSide:
         from gpfm_jax.evaluation.mil_models import MILConfig
         from gpfm_jax.evaluation.mil_train import MILTrainer, TrainConfig
 
-        self.trainer = MILTrainer(MILConfig("abmil", num_outputs=2), TrainConfig(bucket_factor=bucket_factor), dim,
-                                  steps)
+        model = MILConfig("abmil", num_outputs=2, attention_dropout=0.0)  # torchmil: dropout only after fc
+        self.trainer = MILTrainer(model, TrainConfig(bucket_factor=bucket_factor), dim, steps)
         self.bucket_factor = bucket_factor
 
     def epoch(self, bags, labels, order, buckets) -> float:

@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gpfm_jax.evaluation.mil_models import MILConfig, Projection
+from gpfm_jax.evaluation.mil_models import Dropout, MILConfig
 
 
 def pinv_newton(x: jax.Array, iters: int) -> jax.Array:
@@ -85,7 +85,7 @@ class NystromAttention(nn.Module):
         out = out.transpose(1, 0, 2).reshape(size, self.dim)
         if self.out_proj:
             out = nn.Dense(self.dim, name="to_out")(out)
-        out = nn.Dropout(self.dropout, deterministic=not train)(out)
+        out = Dropout(self.dropout, deterministic=not train)(out)
         back = jnp.clip(jnp.arange(t) + pad, 0, size - 1)
         res = out[back]  # [T, dim] token layout again
         if not want_cls_attention:
@@ -128,7 +128,7 @@ class _Bag(nn.Module):
         h = nn.Dense(dim, name="fc")(x)
         if c.fc_relu:
             h = nn.relu(h)
-        h = nn.Dropout(c.dropout, deterministic=not train)(h)
+        h = Dropout(c.dropout, deterministic=not train)(h)
         cls = self.param("cls_token", nn.initializers.normal(1e-6), (dim,))
         size = x.shape[0]
         grid = math.isqrt(size - 1) + 1 if size > 1 else 1  # ceil(sqrt(N)), static
