@@ -130,18 +130,19 @@ def reference(tmp_path_factory, cache_dir):
 
 def test_full_disk_during_a_save_stops_cleanly_and_keeps_earlier_checkpoints(tmp_path, cache_dir, reference):
     """The checkpoint folder on a 2.6 MB tmpfs (one checkpoint of the tiny run is ~1 MB): saves 2 and 4 fit, save 6
-    runs out of space. gpfm-train reports the path and the free space, exits 3, leaves no temporary folder, and
+    (async) runs out of space. gpfm-train notices within an iteration or two (at the latest at the next save),
+    reports the path and the free space, exits 3 well before its last iteration, leaves no temporary folder, and
     checkpoint 4 restores bitwise equal to the uninterrupted run's. Without a mountable tmpfs the same failure is
     injected as a write raising ENOSPC."""
     workdir = tmp_path / "full"
     if _can_mount_tmpfs(tmp_path):
         with _tmpfs(workdir / "checkpoints", 2600):
-            result = run_cli(workdir, "--config.steps=8", "--config.checkpoint.every=2", "--config.checkpoint.keep=5",
+            result = run_cli(workdir, "--config.steps=12", "--config.checkpoint.every=2", "--config.checkpoint.keep=5",
                              f"--config.runtime.compile_cache_dir={cache_dir}")
             kept = sorted(p.name for p in (workdir / "checkpoints").iterdir())
             state4 = _state(workdir, 4)
     else:
-        result = _phases(workdir, "8", "checkpoint.every=2", "checkpoint.keep=5", "inject.enospc_at_save=2",
+        result = _phases(workdir, "12", "checkpoint.every=2", "checkpoint.keep=5", "inject.enospc_at_save=2",
                          cache=cache_dir)
         kept = sorted(p.name for p in (workdir / "checkpoints").iterdir())
         state4 = _state(workdir, 4)
@@ -152,7 +153,7 @@ def test_full_disk_during_a_save_stops_cleanly_and_keeps_earlier_checkpoints(tmp
     assert f"to {workdir / 'checkpoints' / '6'}" in line and "earlier checkpoints intact: steps 2, 4" in line
     assert kept == ["2", "4", "encoder.json"]  # no half-written step 6, no temporary folder
     _assert_states_equal(state4, _state(reference, 4))
-    assert sorted(read_metrics(workdir)) == list(range(6))  # training stopped at the failed save
+    assert 6 <= max(read_metrics(workdir)) <= 8  # training stopped once the failed save was known
 
 
 def test_full_disk_in_retry_mode_saves_again_at_the_next_interval(tmp_path, cache_dir, reference):

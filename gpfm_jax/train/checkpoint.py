@@ -291,6 +291,12 @@ class Checkpointer:
         log.warning(message)
         self.announce(message)
 
+    def poll(self) -> None:
+        """Surfaces the error of an async save that has finished, without waiting (each iteration, single-process
+        runs; multi-process runs find it at the next save, at the same iteration on every process)."""
+        if self._in_flight is not None and jax.process_count() == 1 and not self.manager.is_saving_in_progress():
+            self._check_previous()
+
     def wait(self) -> None:
         self._check_previous()
 

@@ -255,6 +255,7 @@ def _iterate(run: Run, state: Any, start: int, watchdog: faults.Watchdog, result
                 if progress.stop_requested:
                     run.checkpointer.wait()
                     progress.preempted(step, run.checkpointer.directory)
+            run.checkpointer.poll()
             if cfg.runtime.step_sleep_s:
                 time.sleep(cfg.runtime.step_sleep_s)
         while reader.pending and progress.status is None:
