@@ -204,6 +204,8 @@ def test_buckets():
     assert sizes[0] == 256 and sizes[-1] >= 100_000 and len(sizes) <= 16
     assert all(s % 64 == 0 for s in sizes) and all(b / a <= 1.5 + 64 / a for a, b in zip(sizes, sizes[1:]))
     assert bags.bucket_for(256, sizes) == 256 and bags.bucket_for(257, sizes) == sizes[1]
+    default = bags.bucket_sizes(100_000)  # x1.25: waste <= 1/5 of a bag's compute, 27 buckets up to 100k tiles
+    assert len(default) == 27 and all(b / a <= 1.25 + 64 / a for a, b in zip(default, default[1:]))
     with pytest.raises(bags.BagError, match="exceeds"):
         bags.bucket_for(sizes[-1] + 1, sizes)
 

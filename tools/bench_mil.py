@@ -7,7 +7,7 @@ on the same synthetic bags (same sizes, feature width, widths of the layers), in
 Both sides train CLAM_SB's gated-attention ABMIL (fc dim->512 + ReLU + dropout 0.25, attention 512->256 gated,
 classifier; no dropout in the attention branches, which torchmil's AttentionPool lacks), one bag per step, AdamW (lr 2e-4, wd 1e-5) with a cosine schedule; torchmil's ABMIL has one output
 with BCE, ours two with cross-entropy (a 512x1 vs 512x2 head: no measurable difference). JAX pads each bag to its
-bucket (sizes x1.5), torch runs each bag at its own size. Warm-up epochs (JAX: compiles, counted and timed) are
+bucket (sizes x1.25), torch runs each bag at its own size. Warm-up epochs (JAX: compiles, counted and timed) are
 excluded; then the two alternate, and the ratio is the median over rounds.
 """
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tiles", type=int, default=8000)
     ap.add_argument("--dim", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--bucket-factor", type=float, default=1.5)
+    ap.add_argument("--bucket-factor", type=float, default=1.25)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
     ap.add_argument("--jax-single-thread", action="store_true",
                     help="XLA on one thread too (compare with --threads 1)")

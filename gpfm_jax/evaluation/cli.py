@@ -96,7 +96,7 @@ def _mil_parser(sub) -> None:
     p.add_argument("--attention-dim", type=int, default=256)
     p.add_argument("--dropout", type=float, default=0.25)
     p.add_argument("--survival-bins", type=int, default=4)
-    p.add_argument("--bucket-factor", type=float, default=1.5, help="padded bag sizes grow by this factor")
+    p.add_argument("--bucket-factor", type=float, default=1.25, help="padded bag sizes grow by this factor")
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-attention", default=None, help="folder for each test slide's attention (.h5)")

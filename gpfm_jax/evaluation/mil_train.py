@@ -38,7 +38,7 @@ class TrainConfig:
     batch_size: int = 0  # 0 = auto: 1 bag per step, 16 for the Cox loss
     max_instances: int | None = None  # random subset of tiles per training bag
     bucket_min: int = 256
-    bucket_factor: float = 1.5
+    bucket_factor: float = 1.25
     surv_alpha: float = 0.0  # NLL-surv weight of the uncensored-only term (MCAT's alpha_surv)
     cox_ties: str = "breslow"
     seed: int = 0
