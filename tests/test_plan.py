@@ -79,6 +79,61 @@ def test_parse_collectives_counts_loops_async_pairs_and_group_forms():
     assert crossing == {"all-gather": True, "reduce-scatter": True, "all-reduce": False, "all-to-all": False}
 
 
+# TPU prints no trip counts: a windowed-einsum loop unrolled twice (i += 2 while i < 4: 2 trips) inside a layer scan
+# (i < 24 from 0: 24 trips), each trip two collective-permutes of a weight shard.
+TPU_HLO = """HloModule jit_step, num_partitions=8
+
+%win_cond (p: (u32[], bf16[4,8])) -> pred[] {
+  %p = (u32[], bf16[4,8]{1,0}) parameter(0)
+  %c4 = u32[]{:T(128)} constant(4)
+  %i = u32[]{:T(128)} get-tuple-element(%p), index=0
+  ROOT %lt = pred[]{:T(512)} compare(%i, %c4), direction=LT
+}
+
+%win_body (p: (u32[], bf16[4,8])) -> (u32[], bf16[4,8]) {
+  %p = (u32[], bf16[4,8]{1,0}) parameter(0)
+  %two = u32[]{:T(128)} constant(2)
+  %i = u32[]{:T(128)} get-tuple-element(%p), index=0
+  %w = bf16[4,8]{1,0} get-tuple-element(%p), index=1
+  %cps = (bf16[4,8]{1,0}, bf16[4,8]{1,0}, u32[], u32[]) collective-permute-start(%w), channel_id=1, source_target_pairs={{0,1},{1,2},{2,3},{3,4},{4,5},{5,6},{6,7},{7,0}}, metadata={op_name="jit(step)/fc1/dot_general"}
+  %cpd = bf16[4,8]{1,0} collective-permute-done(%cps)
+  %cps2 = (bf16[4,8]{1,0}, bf16[4,8]{1,0}, u32[], u32[]) collective-permute-start(%cpd), channel_id=2, source_target_pairs={{0,7},{1,0},{2,1},{3,2},{4,3},{5,4},{6,5},{7,6}}, metadata={op_name="jit(step)/fc1/dot_general"}
+  %cpd2 = bf16[4,8]{1,0} collective-permute-done(%cps2)
+  %next = u32[]{:T(128)} add(%i, %two)
+  ROOT %t = (u32[], bf16[4,8]{1,0}) tuple(%next, /*index=1*/%cpd2)
+}
+
+%layer_cond (p: (s32[], bf16[4,8])) -> pred[] {
+  %p = (s32[], bf16[4,8]{1,0}) parameter(0)
+  %c24 = s32[]{:T(128)} constant(24)
+  %i = s32[]{:T(128)} get-tuple-element(%p), index=0
+  ROOT %lt = pred[]{:T(512)} compare(%i, %c24), direction=LT
+}
+
+%layer_body (p: (s32[], bf16[4,8])) -> (s32[], bf16[4,8]) {
+  %p = (s32[], bf16[4,8]{1,0}) parameter(0)
+  %x = bf16[4,8]{1,0} get-tuple-element(%p), index=1
+  %zero = u32[] constant(0)
+  %t0 = (u32[], bf16[4,8]{1,0}) tuple(%zero, %x)
+  %win = (u32[], bf16[4,8]{1,0}) while(%t0), condition=%win_cond, body=%win_body
+  ROOT %out = (s32[], bf16[4,8]{1,0}) tuple(%i, %x)
+}
+
+ENTRY %main (x: bf16[4,8]) -> bf16[4,8] {
+  %x = bf16[4,8]{1,0} parameter(0)
+  %zero = s32[] constant(0)
+  %t0 = (s32[], bf16[4,8]{1,0}) tuple(%zero, %x)
+  %layers = (s32[], bf16[4,8]{1,0}) while(%t0), condition=%layer_cond, body=%layer_body
+  ROOT %r = bf16[4,8]{1,0} get-tuple-element(%layers), index=1
+}
+"""
+
+
+def test_unannotated_loops_take_their_trip_counts_from_the_condition_and_the_step():
+    found = roofline.parse_collectives(TPU_HLO, 8)
+    assert [(c.kind, c.count, c.bytes, c.link_bytes) for c in found] == [("collective-permute", 24 * 2, 64, 64)] * 2
+
+
 def test_replica_group_forms_expand_to_device_ids():
     mesh = roofline.replica_group_ids("replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_0'}", 8)
     np.testing.assert_array_equal(mesh, [[0, 4], [1, 5], [2, 6], [3, 7]])

@@ -237,3 +237,23 @@ def test_auto_attention_resolves_per_backend_and_dtype():
     assert resolve_impl("auto", "gpu", "float32") == "xla"
     assert resolve_impl("auto", "tpu", "bfloat16") == "xla"
     assert resolve_impl("xla", "gpu", "bfloat16") == "xla"
+
+
+def test_loop_attention_on_a_sharded_batch_stays_on_each_device():
+    """The CPU attention loop runs over the samples within each batch shard: same numbers as XLA attention, and no
+    collective (a loop over the sharded batch axis would all-gather q, k and v onto every device)."""
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+    from gpfm_jax.models import attention
+    from gpfm_jax.plan.roofline import parse_collectives
+
+    mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
+    q, k, v = (jax.random.normal(kk, (16, 9, 2, 8)) for kk in jax.random.split(jax.random.key(0), 3))
+    fn = jax.jit(lambda q, k, v: attention.dot_product_attention(q, k, v, "loop", shards=8))
+    with jax.set_mesh(mesh):
+        args = [jax.device_put(t, NamedSharding(mesh, P(("data", "fsdp")))) for t in (q, k, v)]
+        got = fn(*args)
+        hlo = fn.lower(*args).compile().as_text()
+    want = jax.nn.dot_product_attention(q, k, v, implementation="xla")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=2e-6)
+    assert parse_collectives(hlo, 8) == []

@@ -62,11 +62,24 @@ def padded_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: s
     return out[:, :n]
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str) -> jax.Array:
-    """softmax(q k^T / sqrt(hd)) v for q, k, v (b, n, heads, hd); `impl` already resolved (not "auto")."""
-    if impl == "loop":
-        qt, kt, vt = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (b, heads, n, hd)
+def _loop_attention(q: jax.Array, k: jax.Array, v: jax.Array, shards: int) -> jax.Array:
+    """The per-sample loop. With the batch split over `shards` devices the loop runs over the samples *within* a
+    shard ([b, ...] viewed as [b / shards, shards, ...], mapped over the first axis, vmapped over the shards): a
+    loop over the sharded axis itself would make XLA gather the whole batch onto every device."""
+    b = q.shape[0]
+    qt, kt, vt = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (b, heads, n, hd)
+    if shards <= 1 or b % shards:
         return jax.lax.map(lambda x: _sample_attention(*x), (qt, kt, vt)).transpose(0, 2, 1, 3)
+    split = lambda t: t.reshape((shards, b // shards) + t.shape[1:]).swapaxes(0, 1)  # noqa: E731
+    out = jax.lax.map(lambda x: jax.vmap(_sample_attention)(*x), tuple(split(t) for t in (qt, kt, vt)))
+    return out.swapaxes(0, 1).reshape((b,) + out.shape[2:]).transpose(0, 2, 1, 3)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str, shards: int = 1) -> jax.Array:
+    """softmax(q k^T / sqrt(hd)) v for q, k, v (b, n, heads, hd); `impl` already resolved (not "auto"); `shards`:
+    the devices the batch axis is split over (only the "loop" implementation needs to know)."""
+    if impl == "loop":
+        return _loop_attention(q, k, v, shards)
     if impl == "cudnn":
         return padded_attention(q, k, v, "cudnn")
     if impl == "xla":

@@ -180,7 +180,8 @@ class Attention(nn.Module):
         qkv = _dense(3 * d, ("embed", "qkv"), cfg.qkv_bias, cfg, "qkv")(x)
         qkv = nn.with_logical_constraint(qkv, ("batch", "tokens", "qkv")).reshape(b, n, 3, cfg.num_heads, head_dim)
         impl = attention.resolve_impl(cfg.attention_impl, dtype=cfg.dtype)
-        out = attention.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], impl)
+        shards = batch_shards() if impl == "loop" else 1
+        out = attention.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], impl, shards)
         out = nn.with_logical_constraint(out.reshape(b, n, d), ("batch", "tokens", "heads"))
         return _dense(d, ("heads", "embed"), cfg.proj_bias, cfg, "proj")(out)
 
