@@ -3,9 +3,9 @@
 
 - `block_data_at=N`: the data stream's N-th batch (0-based, counted in this process) never comes.
 - `slow_data_s=X`: every batch takes X s longer to read (a slow filesystem).
-- `slow_step_s=X`: every step takes X s longer *on the device* (a host callback inside a jitted function the step's
-  outputs depend on): the host is not blocked, as with a real slow step. `slow_step_from=N`: only from the N-th
-  dispatched step on (e.g. a hang after a few good steps).
+- `slow_step_s=X`: every step takes X s longer (a host callback inside a jitted function that the step's outputs
+  depend on; on the CPU backend XLA may run it inside the dispatch, so the dispatching thread waits too, like a
+  busy device whose queue is full). `slow_step_from=N`: only from iteration N on (e.g. a hang after good steps).
 - `enospc_at_save=N`: the N-th checkpoint save (0-based) fails with OSError(ENOSPC) while writing the data position.
 """
 
