@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 
 from helpers_train import REPO, get_config as tiny_config, run_cli
@@ -110,3 +114,113 @@ def test_cli_reports_a_bad_config_before_compiling(tmp_path):
     assert not (tmp_path / "w" / "checkpoints").exists()
     result = run_cli(tmp_path / "w", "--config.data.no_such_field=1", timeout=120)
     assert result.returncode != 0 and "no_such_field" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Every config field is read by the code it configures
+
+
+class _ReadRecorder:
+    """Records (dataclass, field) attribute reads made by gpfm_jax code, except the generic ones (the schema's
+    conversion, validation, __post_init__ checks, dataclasses' replace/asdict/__eq__/__hash__): a field that only
+    those touch configures nothing."""
+
+    GENERIC = {"validate", "_require", "__post_init__", "to_dict", "from_dict", "replace", "write_config",
+               "__repr__", "__eq__", "__hash__"}
+
+    def __init__(self, classes):
+        import gpfm_jax
+
+        self.package = str(Path(gpfm_jax.__file__).parent)
+        self.reads: set[tuple[type, str]] = set()
+        self.classes = classes
+
+    def install(self, monkeypatch):
+        import sys
+
+        for cls in self.classes:
+            names = {f.name for f in dataclasses.fields(cls)}
+
+            def getattribute(obj, name, _cls=cls, _names=names, _get=object.__getattribute__):
+                if name in _names:
+                    code = sys._getframe(1).f_code
+                    if (code.co_filename.startswith(self.package) and not code.co_filename.endswith("config_schema.py")
+                            and code.co_name not in self.GENERIC):
+                        self.reads.add((_cls, name))
+                return _get(obj, name)
+
+            monkeypatch.setattr(cls, "__getattribute__", getattribute)
+
+
+def _config_classes_and_leaves():
+    """Every dataclass the schema holds and every (class, field) leaf of the generated ConfigDict."""
+    from gpfm_jax.train.config_schema import TrainConfig, config_fields
+
+    classes, leaves = set(), []
+
+    def walk(obj, path):
+        classes.add(type(obj))
+        for f in config_fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{path}{f.name}.")
+            else:
+                leaves.append((type(obj), f.name, f"config.{path}{f.name}"))
+
+    walk(TrainConfig(), "")
+    return classes, leaves
+
+
+def test_every_config_field_is_read_by_the_code_it_configures(tmp_path, monkeypatch):
+    """A short real run (2 iterations, checkpoint, sanity metric, TensorBoard) plus the branches a run takes only
+    for other settings (each data source kind, multi-process runtime, Sinkhorn centering, pathology
+    augmentations): every field of the config must be read by package code somewhere. A field nothing reads (as
+    checkpoint.keep was: passed on, then dropped inside a comment) fails here, named. A new field read only under
+    some setting: add that setting to the branches below."""
+    from gpfm_jax.data.augment import multi_crop
+    from gpfm_jax.train import config_schema, loop, runtime
+
+    classes, leaves = _config_classes_and_leaves()
+    recorder = _ReadRecorder(classes)
+    recorder.install(monkeypatch)
+
+    cfg = tiny_config()
+    cfg.mesh.num_devices = 1
+    cfg.steps = 2
+    cfg.checkpoint.every = 1
+    cfg.log.sanity_every = 1
+    result = loop.train(cfg, tmp_path / "run")
+    assert result.status == "done", result.message
+
+    # branches of other settings
+    typed = config_schema.parse(cfg)
+    for source, path in (("index", tmp_path / "index.json"), ("folder", tmp_path), ("tfds", "no_such_dataset")):
+        c = dataclasses.replace(typed, data=dataclasses.replace(typed.data, source=source, path=str(path)))
+        with pytest.raises(Exception):
+            config_lib.make_source(c)
+    r = dataclasses.replace(typed.runtime, distributed="on", coordinator_address="10.0.0.1:1234", num_processes=2,
+                            process_id=1, cpu_devices=2, cpu_collectives="gloo", compile_cache_dir="/tmp/x")
+    assert runtime.distributed_kwargs(r, {})["heartbeat_timeout_seconds"] == r.heartbeat_timeout_s
+    assert ("jax_num_cpu_devices", 2) in runtime.jax_settings(r)
+    sk = dataclasses.replace(typed, loss=dataclasses.replace(typed.loss, centering="sinkhorn_knopp"))
+    model, expert_params = config_lib.build_model(sk)
+    from gpfm_jax.train.optim import make_optimizer
+    from gpfm_jax.train.schedules import make_schedules
+    from gpfm_jax.train.step import init_state, make_train_step
+
+    schedules = make_schedules(sk.schedule, sk.data.global_batch_size)
+    tx = make_optimizer(jax.eval_shape(model.init_student, jax.random.key(0)), schedules, sk.optim)
+    state = jax.eval_shape(lambda k: init_state(model, tx, k), jax.random.key(0))
+    step_cfg = config_lib.step_config(sk, num_devices=1, process_count=1)
+    mc = sk.data.multicrop
+    g, l_, n = mc.global_size, mc.local_size, mc.num_local_crops
+    batch = {"global_crops": jax.ShapeDtypeStruct((16, 2, g, g, 3), np.float32),
+             "local_crops": jax.ShapeDtypeStruct((16, n, l_, l_, 3), np.float32),
+             "masks": jax.ShapeDtypeStruct((16, 2, (g // 16) ** 2), bool)}
+    jax.eval_shape(make_train_step(model, schedules, tx, step_cfg), state, batch, expert_params)
+    patho = dataclasses.replace(mc, vflip_p=1.0, rot90=True, hed_p=1.0)
+    multi_crop(np.random.default_rng(0).integers(0, 255, (96, 96, 3), dtype=np.uint8), np.random.default_rng(1),
+               patho)
+
+    unread = [path for cls, name, path in leaves if (cls, name) not in recorder.reads]
+    assert not unread, f"config fields that no code reads: {unread}"

@@ -214,6 +214,7 @@ class Checkpointer:
         self.announce = announce
         self._in_flight: int | None = None
         self.failed_saves: list[int] = []
+        self.stop_on_error = config.on_save_error == "stop"
         policies = [LatestN(n=config.keep)]
         if config.keep_period:
             policies.append(EveryNSteps(interval_steps=config.keep_period))
@@ -283,7 +284,7 @@ class Checkpointer:
         good = committed_steps(self.directory)
         message = (f"checkpoint save of step {step} to {self.directory / str(step)} failed: {reason}; {disk}; "
                    f"earlier checkpoints intact: {'steps ' + ', '.join(map(str, good)) if good else 'none'}")
-        if self.config.on_save_error == "stop":
+        if self.stop_on_error:
             raise CheckpointSaveError(message + "; stopping (config.checkpoint.on_save_error=stop): free space and "
                                       "rerun the same command to resume from the last checkpoint") from err
         message += ("; training goes on and saves again at the next interval "

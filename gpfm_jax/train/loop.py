@@ -212,6 +212,7 @@ def _wait(get: Callable[[float], Any], watchdog: faults.Watchdog, poll_s: float)
 def _iterate(run: Run, state: Any, start: int, watchdog: faults.Watchdog, result: RunResult) -> Any:
     cfg, ctx, d = run.cfg, run.context, run.cfg.deadline
     inject = cfg.runtime.inject_nan_at_step
+    first_deadline, step_deadline = (d.first_step_s, "first_step_s"), (d.step_s, "step_s")
 
     def transform(iteration: int, local: dict) -> dict:
         if iteration == inject:
@@ -231,8 +232,7 @@ def _iterate(run: Run, state: Any, start: int, watchdog: faults.Watchdog, result
             t_wait = time.perf_counter()
             item = _wait(prefetcher.get, watchdog, d.poll_s)
             data_wait = time.perf_counter() - t_wait
-            first = step - start < FIRST_ITERATIONS
-            ctx.enter("step", step, d.first_step_s if first else d.step_s, "first_step_s" if first else "step_s")
+            ctx.enter("step", step, *(first_deadline if step - start < FIRST_ITERATIONS else step_deadline))
             t_dispatch = time.perf_counter()
             state, metrics = run.step_fn(state, item.batch, run.experts)
             host_flags = flags.reduce([item.skipped, int(stop.signum is not None)])

@@ -52,19 +52,27 @@ def distributed_kwargs(r: RuntimeConfig, env: Mapping[str, str]) -> dict[str, An
     return kwargs  # the rest (SLURM, TPU pods, Open MPI) is auto-detected by jax
 
 
+def jax_settings(r: RuntimeConfig) -> list[tuple[str, Any]]:
+    """The jax.config updates this config asks for (before the backend starts)."""
+    settings: list[tuple[str, Any]] = []
+    if r.cpu_devices:
+        settings.append(("jax_num_cpu_devices", int(r.cpu_devices)))
+    if r.cpu_collectives:
+        settings.append(("jax_cpu_collectives_implementation", r.cpu_collectives))
+    if r.compile_cache_dir:
+        settings += [("jax_compilation_cache_dir", str(r.compile_cache_dir)),
+                     ("jax_persistent_cache_min_compile_time_secs", 0.0),
+                     ("jax_persistent_cache_min_entry_size_bytes", 0)]
+    return settings
+
+
 def setup(r: RuntimeConfig, heartbeat_interval_s: float = 1.0) -> None:
     """Once per process (later calls do nothing: the backend is up by then)."""
     global _runtime_done, _heartbeat
     if _runtime_done:
         return
-    if r.cpu_devices:
-        jax.config.update("jax_num_cpu_devices", int(r.cpu_devices))
-    if r.cpu_collectives:
-        jax.config.update("jax_cpu_collectives_implementation", r.cpu_collectives)
-    if r.compile_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", str(r.compile_cache_dir))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    for name, value in jax_settings(r):
+        jax.config.update(name, value)
     kwargs = distributed_kwargs(r, os.environ)
     if kwargs is not None:
         jax.distributed.initialize(**kwargs)
