@@ -163,7 +163,8 @@ def soak(seed: int, steps: int, every: int, kills: int, sig: str, workdir: Path,
             log(f"  run reached iteration {start}: fewer kill points left than asked ({len(done)} done)")
             break
         write = rng.random() < during_write
-        target = None if write else rng.randrange(start + 1, steps - 1)
+        span = max(1, (steps - 2 - start) // (kills - len(done)))  # leave room for the kills still to come
+        target = None if write else start + 1 + rng.randrange(span)
         proc = launch(config, faulted, steps, every, cache, extra)
         kill = kill_once(proc, faulted, sig, target)
         if kill is None:
