@@ -240,13 +240,9 @@ def _synthetic_bags(num: int, dim: int, key_tiles: int, seed: int):
     return out, labels, keys
 
 
-class _ListStore(list):
-    pass
-
-
 def test_abmil_learns_few_key_tiles_with_bounded_compiles():
     xs, y, keys = _synthetic_bags(160, 32, key_tiles=5, seed=0)
-    store = _ListStore(xs)
+    store = list(xs)  # any indexable of bags works as the store
     sizes = np.array([len(x) for x in xs])
     buckets = bags.bucket_sizes(int(sizes.max()), 128, 1.5, 64)  # 128, 192, 320
     idx = np.arange(160)
