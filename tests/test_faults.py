@@ -7,10 +7,8 @@ resume), and gpfm-extract's HDF5 output on a full disk."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -20,7 +18,6 @@ import jax
 import numpy as np
 import pytest
 
-import fault_injection
 from helpers_train import FAST_COMPILE, REPO, get_config, run_cli
 from gpfm_jax.train import loop
 from gpfm_jax.train.faults import committed_steps

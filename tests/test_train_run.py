@@ -22,7 +22,7 @@ import pytest
 
 from helpers_train import FAST_COMPILE, REPO, get_config, run_cli
 from gpfm_jax.train import checkpoint as ckpt
-from gpfm_jax.train import loop, sharding
+from gpfm_jax.train import encoder_meta, loop, sharding
 from gpfm_jax.train.config_schema import CheckpointConfig
 from gpfm_jax.train.metrics_writer import read_metrics
 
@@ -333,7 +333,7 @@ def test_init_from_an_encoder_bundle_sets_student_and_ema_teacher_backbones(tmp_
     backbone = _raw_state(uninterrupted, 6)["teacher"]["backbone"]
     cfg = _tiny(**{"mesh.num_devices": 1})
     model, _ = config_lib.build_model(cfg)
-    meta = ckpt.encoder_meta(model.vit)
+    meta = encoder_meta.encoder_meta(model.vit)
     save_bundle(tmp_path / "bundle", backbone, {k: v for k, v in meta.items() if k not in ("format", "version")})
     tx = make_optimizer(jax.eval_shape(model.init_student, jax.random.key(0)),
                         make_schedules(config_lib.schedule_config(cfg), 16))
@@ -348,7 +348,7 @@ def test_init_from_an_encoder_bundle_sets_student_and_ema_teacher_backbones(tmp_
     bad_model, _ = config_lib.build_model(bad)
     bad_shapes = jax.eval_shape(bad_model.init_student, jax.random.key(0))["backbone"]
     with pytest.raises(ValueError, match="config.init_from=.*differs from config.model.vit in embed_dim"):
-        ckpt.load_init_backbone(tmp_path / "bundle", bad_model.vit, bad_shapes)
+        encoder_meta.load_init_backbone(tmp_path / "bundle", bad_model.vit, bad_shapes)
 
 
 def test_a_changed_data_shard_count_is_a_config_error_not_a_corrupt_checkpoint(tmp_path, cache_dir, uninterrupted):

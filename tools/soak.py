@@ -41,6 +41,8 @@ class Kill:
     committed: list[int]  # committed checkpoints at that moment
     writing: list[str]  # checkpoint folders being written at that moment
     exit_status: int | None
+    launch_s: float = 0.0  # from the launch to the signal
+    exit_s: float = 0.0  # from the signal to the exit
 
 
 def launch(config: str, workdir: Path, steps: int, every: int, cache: Path, extra: list[str], quiet: bool = True):
@@ -96,10 +98,11 @@ def kill_once(proc: subprocess.Popen, workdir: Path, sig: str, target_iteration:
         it = last_iteration(workdir)
         hit = bool(writing) if target_iteration is None else (it is not None and it >= target_iteration)
         if hit:
+            t_signal = time.time()
             proc.send_signal(signal.SIGKILL if sig == "KILL" else signal.SIGTERM)
             status = proc.wait(timeout=300)
             return Kill(sig, "checkpoint write" if target_iteration is None else f"iteration {target_iteration}", it,
-                        committed, writing, status)
+                        committed, writing, status, t_signal - started, time.time() - t_signal)
         time.sleep(0.002)
     if proc.poll() is None:
         proc.kill()
@@ -172,7 +175,8 @@ def soak(seed: int, steps: int, every: int, kills: int, sig: str, workdir: Path,
             break
         done.append(kill)
         log(f"  kill {len(done)}: SIG{sig} at {kill.target}: last logged iteration {kill.at_iteration}, committed "
-            f"checkpoints {kill.committed}, being written {kill.writing or 'none'}, exit status {kill.exit_status}")
+            f"checkpoints {kill.committed}, being written {kill.writing or 'none'}, exit status {kill.exit_status} "
+            f"({kill.launch_s:.0f} s after the launch, exited {kill.exit_s:.1f} s after the signal)")
     status = launch(config, faulted, steps, every, cache, []).wait()
     committed, writing = checkpoint_folders(faulted)
     log(f"  final resume: exit {status}; checkpoints {committed}; leftover temporary folders {writing or 'none'}")

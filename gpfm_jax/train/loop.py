@@ -25,7 +25,7 @@ import numpy as np
 
 from gpfm_jax.train import checkpoint as ckpt
 from gpfm_jax.train import config as config_lib
-from gpfm_jax.train import config_schema, faults, runtime, sharding
+from gpfm_jax.train import config_schema, encoder_meta, faults, runtime, sharding
 from gpfm_jax.train.data_stream import DataStream, Prefetcher
 from gpfm_jax.train.metrics_writer import MetricsWriter
 from gpfm_jax.train.optim import make_optimizer
@@ -75,7 +75,7 @@ def initial_state(model, tx, root: jax.Array, shardings: Any, init_from: str = "
     state = jax.jit(lambda k: init_state(model, tx, k), out_shardings=shardings)(root)
     if init_from:
         abstract = jax.eval_shape(lambda: state.params["backbone"])
-        backbone = ckpt.load_init_backbone(init_from, model.vit, abstract)
+        backbone = encoder_meta.load_init_backbone(init_from, model.vit, abstract)
         state = state._replace(
             params={**state.params, "backbone": jax.device_put(backbone, shardings.params["backbone"])},
             teacher={**state.teacher, "backbone": jax.device_put(backbone, shardings.teacher["backbone"])})
@@ -120,7 +120,7 @@ def build(cfg: config_schema.TrainConfig, workdir: Path, context: faults.RunCont
     context.checkpoint_dir = ckpt_dir
     if primary:
         write_config(cfg, workdir, resolved)
-        ckpt.write_encoder_meta(ckpt_dir, model.vit)
+        encoder_meta.write_encoder_meta(ckpt_dir, model.vit)
 
     # data: this process feeds shards [p * S/P, (p + 1) * S/P)
     shard_count = config_lib.num_shards(cfg)
