@@ -138,9 +138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    samples=args.samples, margin=args.margin, log=print)
             if result.plan is not None:
                 print(analysis.format_report(result.plan, target))
+            last = result.policies[-1].remat
             print(f"gpfm-plan --search: {target.name} at {batch} images/device: "
                   + (f"remat {result.chosen}, largest batch {result.max_batch}/device" if result.chosen
-                     else "no remat policy fits"))
+                     else f"no remat policy fits; with remat {last} the largest batch is {result.max_batch}/device"))
             payload, ok = result.to_dict(), result.chosen is not None
         else:
             hlo: list[str] = []

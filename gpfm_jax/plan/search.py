@@ -1,9 +1,11 @@
 """`gpfm-plan --search`: the cheapest remat policy that fits the requested batch, and the largest batch it allows.
 
 Policies are ranked by the matmul FLOPs they execute (traced, not compiled; ties keep the order below: saving more
-is cheaper in elementwise recomputation). Peak memory is close to affine in the per-device batch (state and code
-are fixed, activations scale), so two compiles per policy (the batch and half of it) give its slope and the
-largest batch that fits is predicted, then confirmed by compiling it (stepping down until it fits).
+is cheaper in elementwise recomputation) and compiled at the requested batch in that order until one fits (a TPU
+program that does not fit is refused early in the compile). Peak memory is close to affine in the per-device batch
+(state and code are fixed, activations scale), so one more compile at half the batch gives the slope, the largest
+batch that fits is predicted and then confirmed by compiling it (stepping down 5% until it fits). When no policy
+fits the batch, the largest batch is searched for the policy that keeps the least ("full").
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ class PolicyResult:
     flops_per_step: float  # at the requested batch (traced)
     peak_at_batch: int
     fits_at_batch: bool
-    max_batch: int  # largest per-device batch predicted to fit (0: none)
+    max_batch: int  # largest per-device batch confirmed to fit (0: not searched / none)
     points: list[dict[str, Any]]  # (batch, peak, fits) compiled
 
 
@@ -36,7 +38,7 @@ class SearchResult:
     target: str
     per_device_batch: int
     chosen: str | None  # cheapest policy that fits the requested batch
-    max_batch: int  # confirmed largest per-device batch for the chosen policy
+    max_batch: int  # confirmed largest per-device batch for the chosen policy (or "full" when none fits)
     policies: list[PolicyResult]
     plan: analysis.PlanResult | None  # the full plan of the chosen point
 
@@ -72,32 +74,34 @@ def search(cfg: ml_collections.ConfigDict, target: Target, per_device_batch: int
 
     results, chosen, chosen_plan = [], None, None
     for remat in order:
-        full = point(per_device_batch, remat)
-        half_batch = max(1, per_device_batch // 2)
-        half = point(half_batch, remat) if half_batch != per_device_batch else full
-        limit = full.memory.limit
-        usable = not full.error and not half.error and full.memory.peak > 0 and half.memory.peak > 0
-        max_batch = _affine_max(half_batch, half.memory.peak, per_device_batch, full.memory.peak, limit) if usable else 0
-        results.append(PolicyResult(remat, flops[remat], full.memory.peak, full.memory.fits, max_batch,
-                                     [dict(batch=b, peak=r.memory.peak, fits=r.memory.fits)
-                                      for b, r in ((half_batch, half), (per_device_batch, full))]))
-        if full.memory.fits and chosen is None:
-            chosen, chosen_plan = remat, full
-            break  # more expensive policies are not needed
+        r = point(per_device_batch, remat)
+        results.append(PolicyResult(remat, flops[remat], r.memory.peak, r.memory.fits, 0,
+                                    [dict(batch=per_device_batch, peak=r.memory.peak, fits=r.memory.fits)]))
+        if r.memory.fits:
+            chosen, chosen_plan = remat, r
+            break  # the more expensive policies are not needed
+    # the largest batch: for the chosen policy, or (nothing fits) for the one that saves the most memory
+    policy = results[-1]
+    half_batch = max(1, per_device_batch // 2)
+    half = point(half_batch, policy.remat) if half_batch != per_device_batch else None
     confirmed = 0
-    if chosen is not None:
-        candidate = results[-1].max_batch
+    if half is not None and not half.error and half.memory.peak > 0 and policy.peak_at_batch > 0:
+        policy.points.insert(0, dict(batch=half_batch, peak=half.memory.peak, fits=half.memory.fits))
+        candidate = _affine_max(half_batch, half.memory.peak, per_device_batch, policy.peak_at_batch,
+                                half.memory.limit)
+        floor = per_device_batch if policy.fits_at_batch else (half_batch if half.memory.fits else 0)
         for _ in range(4):
-            if candidate <= per_device_batch:
-                confirmed = per_device_batch
+            if candidate <= floor:
                 break
-            r = point(candidate, chosen)
-            results[-1].points.append(dict(batch=candidate, peak=r.memory.peak, fits=r.memory.fits))
+            r = point(candidate, policy.remat)
+            policy.points.append(dict(batch=candidate, peak=r.memory.peak, fits=r.memory.fits))
             if r.memory.fits:
                 confirmed = candidate
                 break
-            candidate = max(per_device_batch, int(candidate * 0.95))
-        else:
-            confirmed = per_device_batch
+            candidate = max(floor, int(candidate * 0.95))
+        confirmed = confirmed or floor
+    elif policy.fits_at_batch:
+        confirmed = per_device_batch
+    policy.max_batch = confirmed
     return SearchResult(target.name, per_device_batch, chosen, confirmed, results, chosen_plan)
 

@@ -118,10 +118,12 @@ def h100_target_config() -> str:
 
 def prepare_environment() -> None:
     """Environment settings that must precede jax's backend initialisation: several processes may load libtpu
-    for deviceless compiles at once (otherwise the second one fails on libtpu's lockfile), and no GCE metadata
-    server is asked for a TPU that is not there."""
+    for deviceless compiles at once (otherwise the second one fails on libtpu's lockfile), no GCE metadata server
+    is asked for a TPU that is not there, and the CUDA plugin registers without probing a driver (its version check
+    calls cuInit, which fails without a GPU and leaves the "cuda" platform unregistered)."""
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # register the CUDA plugin without a driver
 
 
 def _require(module: str, extra: str, target: Target) -> None:
