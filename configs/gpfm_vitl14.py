@@ -8,6 +8,18 @@ UNI + Phikon + CONCH expert teachers from encoder bundles made by tools/port_tea
 Data: the GPFM JSON index {slide_dir: [tile, ...]} (data.source="index"), or a TFDS dataset
 (data.source="tfds", data.path=<name or builder dir>, data.data_dir=...). Compute: bf16 with fp32 master params on
 GPU/TPU, fp32 on CPU (compute.dtype="auto"); scanned blocks (compile time independent of depth).
+
+Memory and layout, chosen with gpfm-plan (docs/plan.md) for the recipe's 96 images per device:
+- compute.remat_policy = "dots_saveable": matmul outputs are kept, elementwise work is recomputed in the backward
+  pass (+0.5% executed matmul FLOPs on H100, where the flash-attention forward is recomputed; +0% on TPU). Peak per
+  device at 96 images: H100 x8 31.9 GiB (largest batch 213), v5p x8 81.7 GiB (largest 101). Without remat the step
+  needs 95.7 GiB on H100 (80 GB) and 132.7 GiB on v5p (libtpu refuses it); "full" fits in ~14 GiB but recomputes
+  the whole forward (+19%).
+- mesh.fsdp = 8: state sharded over 8 devices (an H100 node, a v5p 2x2x2 slice), data parallel across groups of
+  8 (16 GPUs: data=2 x fsdp=8). Data parallelism alone peaks at 71.1 GiB per device on H100 x8 (same remat) for
+  ~7 ms less communication per ~430 ms step. Needs a device count divisible by 8 (else --config.mesh.fsdp=1).
+- On GPUs XLA's allocator takes 75% of the memory unless told otherwise; the plan counts 90% of HBM as usable, so
+  run gpfm-train with XLA_PYTHON_CLIENT_MEM_FRACTION=0.9. GPU compiler options: gpfm_jax/train/xla_options.py.
 """
 
 from gpfm_jax.train.config_schema import base_config
@@ -22,5 +34,7 @@ def get_config():
     c.data.path = "data/index.json"
     c.data.worker_count = 8
     c.compute.scan_layers = True
+    c.compute.remat_policy = "dots_saveable"  # gpfm-plan --search on h100-8 and v5p-8 at 96/device (docs/plan.md)
+    c.mesh.fsdp = 8
     c.steps = 87_500  # the released model's iteration (schedules still span schedule.total_steps = 500k)
     return c
