@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -147,6 +148,7 @@ def step_section(devices: list, args: argparse.Namespace) -> dict[str, Any]:
     from gpfm_jax.plan import compile as compile_lib
 
     cfg = _step_config(args.tiny)
+    cfg.mesh.fsdp = math.gcd(int(cfg.mesh.fsdp), len(devices))  # the recipe's FSDP over 8, or what this host has
     target = _local_target(devices, args.tiny)
     batch = args.per_device_batch or (2 if args.tiny else 96)
     built = compile_lib.build(cfg, target, batch, standin_teachers=args.tiny, devices=devices)
@@ -177,7 +179,7 @@ def step_section(devices: list, args: argparse.Namespace) -> dict[str, Any]:
     roof = roofline.roofline(flops, summary.seconds, batch, target, analysis.DEFAULT_MFU, analysis.RELEASED_SAMPLES)
     return {
         "config": "configs/demo.py shrunk, stand-in teachers" if args.tiny else "configs/gpfm_vitl14.py",
-        "per_device_batch": batch, "devices": n, "remat": built.cfg.compute.remat_policy,
+        "per_device_batch": batch, "devices": n, "mesh": built.mesh_shape, "remat": built.cfg.compute.remat_policy,
         "attention_impl": built.cfg.model.vit.attention_impl, "compute_dtype": built.cfg.compute.dtype,
         "compile_s": round(compile_s, 2), "iters": args.iters, "step_s": step_s, "img_per_s_per_device": img_s,
         "model_flops_per_step": model_flops, "executed_flops_per_step": flops, "mfu": mfu,
