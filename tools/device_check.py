@@ -161,7 +161,7 @@ def step_section(devices: list, args: argparse.Namespace) -> dict[str, Any]:
     flops = roofline.jaxpr_flops(traced.jaxpr)
     model_flops = flops if built.cfg.compute.remat_policy == "none" else analysis.traced_flops(
         cfg, target, batch, "none", args.tiny, devices)
-    predicted_peak = analysis._memory(compiled, target, 0.0).peak
+    predicted_peak = analysis.memory_of(compiled, target, 0.0).peak
     for _ in range(args.warmup):
         state, metrics = compiled(state, data, experts)
     jax.block_until_ready(state)

@@ -61,7 +61,7 @@ class PlanResult:
         return sum(self.collectives.bytes_by_kind.values()) if self.collectives else float("nan")
 
 
-def _memory(compiled: Any, target: Target, margin: float) -> Memory:
+def memory_of(compiled: Any, target: Target, margin: float) -> Memory:
     m = compiled.memory_analysis()
     code = int(getattr(m, "generated_code_size_in_bytes", 0) or 0)
     peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes + code
@@ -123,7 +123,7 @@ def plan_point(cfg: ml_collections.ConfigDict, target: Target, per_device_batch:
     islands = [d.process_index for d in mesh_devices] if target.dcn_bytes_per_s else None
     summary = roofline_lib.summarize(roofline_lib.parse_collectives(hlo, target.chips, islands), target)
     roof = roofline_lib.roofline(flops, summary.seconds, built.per_device_batch, target, mfu, samples)
-    return PlanResult(**base, memory=_memory(result.compiled, target, margin), flops_per_step=flops,
+    return PlanResult(**base, memory=memory_of(result.compiled, target, margin), flops_per_step=flops,
                       model_flops_per_step=mflops, collectives=summary, roofline=roof, trace_s=result.trace_s,
                       compile_s=result.compile_s)
 
