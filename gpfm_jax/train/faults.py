@@ -119,8 +119,73 @@ def hard_exit(code: int) -> None:
     try:
         sys.stdout.flush()
         sys.stderr.flush()
+        if _notice is not None:
+            _notice.clean()
     finally:
         os._exit(code)
+
+
+_WATCHER = r"""
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C / SIGTERM to the group is the trainer's to handle
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+folder = ""
+for line in sys.stdin:
+    line = line.rstrip("\n")
+    if line == "clean":
+        sys.exit(0)
+    if line.startswith("dir "):
+        folder = line[4:]
+steps = sorted(int(n) for n in (os.listdir(folder) if folder and os.path.isdir(folder) else []) if n.isdigit())
+last = (f"the last committed checkpoint is step {steps[-1]} in {folder}" if steps else
+        f"no committed checkpoint in {folder or 'the workdir'} (a rerun starts from scratch)")
+sys.stderr.write(f"gpfm-train: {sys.argv[1]} ended without a clean exit (killed, or aborted by JAX's coordination "
+                 f"service after losing a peer; 'leader task' in JAX's message above means the coordinator, process "
+                 f"0); {last}; rerun the same command on every host to resume from it\n")
+"""
+
+
+class DeathNotice:
+    """A tiny watcher process (no jax) that prints the report line when this process dies without a clean exit:
+    JAX's coordination service aborts every process at once when the coordinator (process 0) is lost, leaving no
+    chance to report from here. The watcher reads this process's checkpoint folder name through a pipe and sees
+    the pipe close when the process dies."""
+
+    def __init__(self, process_index: int, process_count: int):
+        import atexit
+        import subprocess
+
+        self._proc = subprocess.Popen([sys.executable, "-c", _WATCHER, f"process {process_index} of {process_count}"],
+                                      stdin=subprocess.PIPE, text=True, start_new_session=False)
+        atexit.register(self.clean)
+
+    def _send(self, line: str) -> None:
+        try:
+            self._proc.stdin.write(line + "\n")
+            self._proc.stdin.flush()
+        except (OSError, ValueError):  # the watcher is gone
+            pass
+
+    def checkpoint_dir(self, path: Path) -> None:
+        self._send(f"dir {path}")
+
+    def clean(self) -> None:
+        """This process stops on its own terms (its own report, if any, is printed)."""
+        self._send("clean")
+
+
+_notice: DeathNotice | None = None
+
+
+def start_death_notice(process_index: int, process_count: int) -> DeathNotice:
+    global _notice
+    if _notice is None:
+        _notice = DeathNotice(process_index, process_count)
+    return _notice
+
+
+def death_notice() -> DeathNotice | None:
+    return _notice
 
 
 class PeerHeartbeat:

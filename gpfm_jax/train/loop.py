@@ -118,6 +118,8 @@ def build(cfg: config_schema.TrainConfig, workdir: Path, context: faults.RunCont
     }
     ckpt_dir = workdir / CHECKPOINT_DIR
     context.checkpoint_dir = ckpt_dir
+    if (notice := faults.death_notice()) is not None:
+        notice.checkpoint_dir(ckpt_dir)
     if primary:
         write_config(cfg, workdir, resolved)
         encoder_meta.write_encoder_meta(ckpt_dir, model.vit)

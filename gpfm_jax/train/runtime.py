@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import jax
 
 from gpfm_jax.train.config_schema import ConfigError, RuntimeConfig
-from gpfm_jax.train.faults import PeerHeartbeat
+from gpfm_jax.train.faults import PeerHeartbeat, start_death_notice
 
 _runtime_done = False
 _heartbeat: PeerHeartbeat | None = None
@@ -77,6 +77,8 @@ def setup(r: RuntimeConfig, heartbeat_interval_s: float = 1.0) -> None:
     if kwargs is not None:
         jax.distributed.initialize(**kwargs)
         client = _distributed_client()
+        if jax.process_count() > 1:
+            start_death_notice(jax.process_index(), jax.process_count())
         if client is not None and jax.process_count() > 1:
             _heartbeat = PeerHeartbeat(client, jax.process_index(), jax.process_count(), heartbeat_interval_s)
     _runtime_done = True
