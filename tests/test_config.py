@@ -75,6 +75,9 @@ def test_full_recipe_without_bundles_names_the_teacher_field():
         ({"mesh.fsdp": 3}, "config.mesh.fsdp=3 does not divide the number of devices (8)"),
         ({"data.shards": 3}, "config.data.global_batch_size=16 is not divisible by the data shards (3)"),
         ({"init_from": "/nonexistent"}, "config.init_from='/nonexistent': not an encoder bundle"),
+        ({"checkpoint.on_save_error": "ignore"}, "config.checkpoint.on_save_error='ignore': expected one of"),
+        ({"deadline.peer_s": 120.0}, "config.deadline.peer_s=120 must be below config.runtime.heartbeat_timeout_s=100"),
+        ({"deadline.data_s": -1.0}, "config.deadline.data_s=-1.0 must be >= 0"),
         ({"model.heads.out_dims": 3}, "config.model.heads: unknown fields ['out_dims']"),
     ],
 )
