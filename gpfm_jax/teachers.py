@@ -124,7 +124,8 @@ def teacher_spec(name: str) -> TeacherSpec:
 
 
 def standin_spec(name: str, embed_dim: int = 64, depth: int = 2, num_heads: int = 4, pooler_dim: int = 32) -> TeacherSpec:
-    """A tiny random teacher with the same structure and output interface as `name` (smaller widths)."""
+    """A tiny random teacher with the same structure and output interface as `name` (smaller widths); it takes any
+    input size (the reference's fixed input size belongs to the real model, not to the stand-in)."""
     spec = teacher_spec(name)
     vit = spec.vit.replace(embed_dim=embed_dim, depth=depth, num_heads=num_heads,
                            layerscale_init=None if spec.vit.layerscale_init is None else 0.1)
@@ -132,7 +133,7 @@ def standin_spec(name: str, embed_dim: int = 64, depth: int = 2, num_heads: int 
     if spec.pooler is not None:
         pooler = spec.pooler.replace(dim=pooler_dim, context_dim=embed_dim, num_heads=num_heads,
                                      proj_dim=None if spec.pooler.proj_dim is None else pooler_dim)
-    return spec.replace(vit=vit, pooler=pooler, reference=f"random stand-in for {name}")
+    return spec.replace(vit=vit, pooler=pooler, reference=f"random stand-in for {name}", fixed_input_size=None)
 
 
 @dataclasses.dataclass(frozen=True)

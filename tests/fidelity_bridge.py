@@ -84,9 +84,10 @@ def jax_twin(trainer, *, experts=None, expert_params=None, distill_heads=None, l
         s_params["distill_heads"] = {
             name: jax.tree_util.tree_map(jnp.asarray, head_keys.dino_head_from_torch(torch_state(h), name, prefix=""))
             for name, h in distill_heads.items()}
+    distill_dim = 256 if distill_heads is None else next(iter(distill_heads.values())).mlp.weight.shape[0]
     model = GPFMModel(vit, HeadConfig(out_dim=heads.head_n_prototypes, hidden_dim=heads.head_hidden_dim,
-                                      bottleneck_dim=heads.head_bottleneck_dim, nlayers=heads.head_nlayers),
-                      experts or {})
+                                      bottleneck_dim=heads.head_bottleneck_dim, nlayers=heads.head_nlayers,
+                                      distill_bottleneck_dim=distill_dim), experts or {})
     loss_cfg = losses.LossConfig(
         dino_weight=cfg.dino.loss_weight, ibot_weight=cfg.ibot.loss_weight, koleo_weight=cfg.dino.koleo_loss_weight,
         centering=cfg.train.centering, **(NO_DISTILL if distill_heads is None else {}), **(loss_overrides or {}))
@@ -129,15 +130,16 @@ def flat(tree, prefix="") -> dict[str, np.ndarray]:
     return out
 
 
-def worst_relative(ours: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> tuple[float, str]:
-    """max over leaves of max|a - b| / max|b| (leaves that are all zero: absolute)."""
+def worst_relative(ours: dict[str, np.ndarray], ref: dict[str, np.ndarray], norm: bool = False) -> tuple[float, str]:
+    """max over leaves of max|a - b| / max|b|, or with `norm` ||a - b|| / ||b|| (all-zero leaves: absolute)."""
     assert set(ours) == set(ref), sorted(set(ours) ^ set(ref))[:5]
     worst, name = 0.0, ""
     for k in ref:
         a, b = np.asarray(ours[k], np.float64), np.asarray(ref[k], np.float64)
         assert a.shape == b.shape, (k, a.shape, b.shape)
-        scale = np.max(np.abs(b))
-        err = np.max(np.abs(a - b)) / (scale if scale > 0 else 1.0)
+        size = (lambda x: np.linalg.norm(x.ravel())) if norm else (lambda x: np.max(np.abs(x)))
+        scale = size(b)
+        err = size(a - b) / (scale if scale > 0 else 1.0)
         if err > worst:
             worst, name = float(err), k
     return worst, name
@@ -167,3 +169,120 @@ def oracle_teacher_as_jax(trainer) -> dict[str, np.ndarray]:
     _, p = module_pair_to_jax(torch_state(trainer.model.teacher.backbone), torch_state(trainer.model.teacher.dino_head),
                               trainer.model.teacher.backbone.num_heads, trainer.cfg.student.layerscale)
     return flat(p)
+
+
+def real_crop_batches(n_batches: int, batch: int, cfg, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Multi-crop batches (gpfm_jax's augmentation, the oracle's sizes) of the real H&E tiles in tests/data,
+    in the oracle's torch layout: {"global": f32[B, 2, C, H, W], "local": f32[B, L, C, h, w]}."""
+    from conftest import real_rgb_tiles
+
+    from gpfm_jax.data.augment import MultiCropConfig, multi_crop
+
+    tiles = real_rgb_tiles()
+    mc = MultiCropConfig(global_size=cfg.crops.global_crops_size, local_size=cfg.crops.local_crops_size,
+                         num_local_crops=cfg.crops.local_crops_number)
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_batches):
+        views = [multi_crop(tiles[int(rng.integers(len(tiles)))], rng, mc) for _ in range(batch)]
+        out.append({"global": np.stack([v["global_crops"] for v in views]).transpose(0, 1, 4, 2, 3),
+                    "local": np.stack([v["local_crops"] for v in views]).transpose(0, 1, 4, 2, 3)})
+    return out
+
+
+def run_dynamics(mods, trainer, twin: JaxTwin, batches: list[dict], experts=None, expert_params=None,
+                 targets_ref: dict | None = None, collate_seed: int = 0):
+    """Both systems for len(batches) iterations on the same batches and masks; per-iteration loss terms of each
+    (gpfm_jax's unweighted terms). With experts, `targets_ref["current"]` feeds the oracle's distillation loss."""
+    from dinov2_oracle import collate
+
+    b = trainer.cfg.train.batch_size_per_gpu
+    grid = (trainer.cfg.crops.global_crops_size // trainer.cfg.student.patch_size,) * 2
+    ref, ours = [], []
+    state = twin.state
+    for it, crops in enumerate(batches):
+        data = collate(mods, crops, trainer.cfg, seed=collate_seed + it)
+        batch = jax_batch(data, b)
+        if experts:
+            targets_ref["current"] = expert_targets(experts, expert_params, batch, grid)
+        ref.append(unweighted(oracle_terms(trainer.step(data, it))))
+        state, metrics = twin.train_step(state, batch, expert_params or {})
+        ours.append({k[len("loss/"):]: float(v) for k, v in metrics.items() if k.startswith("loss/") and k != "loss/total"})
+    twin.state = state
+    return ref, ours
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPFM on top of the oracle: expert distillation (shared/SPEC.md, "Heads" and "Losses"), which DINOv2 lacks
+
+
+DISTILL_CLS = {"uni": 1.0, "phikon": 0.5, "conch": 1.0}
+DISTILL_PATCH = {"uni": 0.25, "phikon": 0.125}
+
+
+def standin_experts(embed_dim: int = 32, seed: int = 0):
+    """Small random UNI / Phikon / CONCH stand-ins (gpfm_jax's, frozen): ({name: Teacher}, {name: params})."""
+    from gpfm_jax.teachers import build_teacher, random_params, standin_spec
+
+    experts, params = {}, {}
+    for i, name in enumerate(DISTILL_CLS):
+        teacher = build_teacher(standin_spec(name, embed_dim=embed_dim, depth=1, num_heads=2, pooler_dim=16))
+        experts[name] = teacher
+        size = teacher.spec.fixed_input_size or teacher.spec.vit.img_size
+        params[name] = jax.tree_util.tree_map(
+            jnp.asarray, random_params(teacher.module, (1, size, size, 3), seed=seed + i))
+    return experts, params
+
+
+def torch_distill_heads(mods, in_dim: int, experts, bottleneck: int = 32, seed: int = 0):
+    """One DINOv2 DINOHead(nlayers=1) per teacher (GPFM builds its distillation heads this way)."""
+    import torch
+
+    from gpfm_jax.teachers import teacher_dims
+
+    torch.manual_seed(seed)
+    return torch.nn.ModuleDict({name: mods.DINOHead(in_dim=in_dim, out_dim=dim, nlayers=1, bottleneck_dim=bottleneck)
+                                for name, dim in teacher_dims(experts).items()})
+
+
+def expert_targets(experts, expert_params, batch: dict, grid) -> dict[str, dict[str, np.ndarray]]:
+    """The experts' targets for a gpfm_jax batch, reordered to the oracle's view-major crop order."""
+    from gpfm_jax.teachers import teacher_targets
+
+    g = batch["global_crops"]
+    b, v = g.shape[:2]
+    out = teacher_targets(experts, expert_params, g.reshape((b * v,) + g.shape[2:]), student_grid=grid)
+    to_view_major = lambda x: np.swapaxes(np.asarray(x).reshape((b, v) + x.shape[1:]), 0, 1).reshape(x.shape)  # noqa
+    return {name: {k: to_view_major(x) for k, x in t.items()} for name, t in out.items()}
+
+
+def torch_distill_loss(heads, targets_ref: dict):
+    """SPEC's distillation terms in torch on the oracle's captured global-crop outputs (weighted terms, named as
+    gpfm_jax's metrics): CLS 1 - mean cos; patch 0.9 (1 - mean cos) + 0.1 SmoothL1(beta 1)."""
+    import torch
+    import torch.nn.functional as F
+
+    def loss(global_out):
+        terms = {}
+        for name, head in heads.items():
+            tg = {k: torch.from_numpy(v) for k, v in targets_ref["current"][name].items()}
+            cls_pred = head(global_out["x_norm_clstoken"])
+            terms[f"distill/{name}/cls"] = DISTILL_CLS[name] * (1 - F.cosine_similarity(cls_pred, tg["cls"], dim=-1).mean())
+            if name in DISTILL_PATCH:
+                p = head(global_out["x_norm_patchtokens"])
+                cos = 1 - F.cosine_similarity(p, tg["patch"], dim=-1).mean()
+                terms[f"distill/{name}/patch"] = DISTILL_PATCH[name] * (
+                    0.9 * cos + 0.1 * F.smooth_l1_loss(p, tg["patch"], beta=1.0))
+        return terms
+
+    return loss
+
+
+def unweighted(ref_terms: dict[str, float]) -> dict[str, float]:
+    """Weighted torch distillation terms -> gpfm_jax's unweighted metric values."""
+    out = dict(ref_terms)
+    for k, v in ref_terms.items():
+        if k.startswith("distill/"):
+            _, name, part = k.split("/")
+            out[k] = v / (DISTILL_CLS if part == "cls" else DISTILL_PATCH)[name]
+    return out
