@@ -64,15 +64,27 @@ def install_xformers_standin() -> None:
                 start, s = start + n, s + b
             return out
 
-    def memory_efficient_attention(q, k, v, attn_bias=None, op=None):
-        # q, k, v: [B, N, H, d]; exact attention, restricted to the diagonal blocks when a mask is given
+    def attention(q, k, v):  # [B, N, H, d] -> [B, N, H, d], exact softmax attention
         scale = q.shape[-1] ** -0.5
-        qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, N, d]
-        scores = (qh * scale) @ kh.transpose(-2, -1)
-        if attn_bias is not None:
-            ids = torch.repeat_interleave(torch.arange(len(attn_bias.seqlens)), torch.tensor(attn_bias.seqlens))
-            scores = scores.masked_fill(ids[:, None] != ids[None, :], float("-inf"))
-        return (scores.softmax(-1) @ vh).transpose(1, 2)
+        qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
+        return (((qh * scale) @ kh.transpose(-2, -1)).softmax(-1) @ vh).transpose(1, 2)
+
+    def memory_efficient_attention(q, k, v, attn_bias=None, op=None):
+        # q, k, v: [B, N, H, d]; with a block-diagonal mask (B = 1), attention within each block only: runs of
+        # equal-length blocks are attended as one batch
+        if attn_bias is None:
+            return attention(q, k, v)
+        out, start, lens = [], 0, attn_bias.seqlens
+        i = 0
+        while i < len(lens):
+            j = i
+            while j < len(lens) and lens[j] == lens[i]:
+                j += 1
+            n, count = lens[i], j - i
+            seg = [x[0, start : start + n * count].reshape(count, n, *x.shape[2:]) for x in (q, k, v)]
+            out.append(attention(*seg).reshape(1, n * count, *q.shape[2:]))
+            start, i = start + n * count, j
+        return torch.cat(out, dim=1)
 
     def index_select_cat(sources, indices):
         return torch.cat([s[i].flatten() for s, i in zip(sources, indices)])
@@ -130,7 +142,11 @@ def init_single_process_group() -> None:
 
 
 def oracle():
-    """The oracle's modules, imported after the stand-in is in place."""
+    """The oracle's modules, imported after the stand-in is in place. One torch thread: the oracle's ops are tiny
+    here and torch's thread pool stalls when the other core is busy (JAX runs beside it)."""
+    import torch
+
+    torch.set_num_threads(1)
     install_xformers_standin()
     import dinov2.data.collate as collate
     import dinov2.data.masking as masking
