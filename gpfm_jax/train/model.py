@@ -60,7 +60,7 @@ class GPFMModel:
         return {
             "backbone": nn.meta.unbox(self.backbone.init(k_backbone, images))["params"],
             "dino_head": nn.meta.unbox(self.dino_head.init(k_head, tokens))["params"],
-            "distill_heads": nn.meta.unbox(self.distill_heads.init(k_distill, tokens))["params"],
+            "distill_heads": nn.meta.unbox(self.distill_heads.init(k_distill, tokens)).get("params", {}),  # {} without experts
         }
 
 
