@@ -161,20 +161,20 @@ def test_logical_axes_shard_params_and_activations_without_changing_results():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
 
 
-def test_batch_subset_drop_path_draws_a_subset_per_shard():
+def test_batch_subset_drop_path_draws_a_subset_per_group():
     x = jax.random.normal(jax.random.key(0), (16, 3, 4))
     branch = lambda y: 2.0 * y + 1.0  # noqa: E731 - per-sample, so the reference can apply it to any subset
     rng = jax.random.key(7)
-    out = np.asarray(add_residual(x, branch, 0.4, "subset", rng, shards=4))
+    out = np.asarray(add_residual(x, branch, 0.4, "subset", rng, groups=4))
     want = np.asarray(x).copy()
-    for s, key in enumerate(jax.random.split(rng, 4)):  # each shard of 4 samples keeps int(4 * 0.6) = 2 of them
+    for s, key in enumerate(jax.random.split(rng, 4)):  # each group of 4 samples keeps int(4 * 0.6) = 2 of them
         index = 4 * s + np.asarray(jax.random.permutation(key, 4)[:2])
         want[index] += np.asarray(branch(x[index])) * (4 / 2)
     np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
     changed = np.flatnonzero(np.abs(out - np.asarray(x)).sum(axis=(1, 2)) > 0).reshape(4, 2) // 4
-    np.testing.assert_array_equal(changed, np.repeat(np.arange(4)[:, None], 2, axis=1))  # two in every shard
-    # one shard: the single permutation over the whole batch (what a single device has always done)
-    one = np.asarray(add_residual(x, branch, 0.4, "subset", rng, shards=1))
+    np.testing.assert_array_equal(changed, np.repeat(np.arange(4)[:, None], 2, axis=1))  # two in every group
+    # one group: the single permutation over the whole batch (DINOv2 on one GPU)
+    one = np.asarray(add_residual(x, branch, 0.4, "subset", rng, groups=1))
     index = np.asarray(jax.random.permutation(rng, 16)[:9])
     ref = np.asarray(x).copy()
     ref[index] += np.asarray(branch(x[index])) * (16 / 9)
@@ -182,8 +182,8 @@ def test_batch_subset_drop_path_draws_a_subset_per_shard():
 
 
 def test_batch_subset_drop_path_under_a_mesh_moves_no_activations():
-    """Per-shard subsets on 8 devices: the same numbers as the 8-shard computation on one device, and the compiled
-    program has no collective at all (the old global permutation all-reduced / all-gathered the activations)."""
+    """One subset group per device on 8 devices: the same numbers as the 8-group computation on one device, and the
+    compiled program has no collective at all (one global permutation all-reduced / all-gathered the activations)."""
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
     from gpfm_jax.plan.roofline import parse_collectives
@@ -197,13 +197,13 @@ def test_batch_subset_drop_path_under_a_mesh_moves_no_activations():
     @jax.jit
     def step(x, key):
         with nn.logical_axis_rules(rules):
-            return add_residual(x, branch, 0.4, "subset", key)
+            return add_residual(x, branch, 0.4, "subset", key, groups=8)
 
     with jax.set_mesh(mesh):
         xs = jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"))))
         got = step(xs, jax.random.key(3))
         hlo = step.lower(xs, jax.random.key(3)).compile().as_text()
-    want = add_residual(x, branch, 0.4, "subset", jax.random.key(3), shards=8)
+    want = add_residual(x, branch, 0.4, "subset", jax.random.key(3), groups=8)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
     assert parse_collectives(hlo, 8) == []
 

@@ -238,49 +238,52 @@ def batch_shards() -> int:
 
 
 def _subset_residual(x: jax.Array, branch: Callable[[jax.Array], jax.Array], rate: float, rng: jax.Array,
-                     shards: int) -> jax.Array:
-    """Batch-subset stochastic depth drawn per shard of the batch axis (DINOv2 draws per GPU): the batch is viewed
-    as [shards, B / shards], each shard keeps its own random subset of max(int(B/shards (1 - rate)), 1) samples,
-    and the gather / scatter-add stay inside the shard, so no activation crosses devices. One shard = one
-    permutation of the whole batch (a single device, or a plain apply)."""
+                     groups: int) -> jax.Array:
+    """Batch-subset stochastic depth drawn per group of the batch (DINOv2 draws per GPU): the batch is viewed as
+    [groups, B / groups], each group keeps its own random subset of max(int(B/groups (1 - rate)), 1) samples. With
+    one group per device (the trainer's default) the gather and scatter-add stay on the device: no activation
+    crosses devices. One group is a single permutation of the whole batch."""
     batch = x.shape[0]
-    if batch % shards:
-        raise ValueError(f"batch-subset drop path: batch {batch} does not split into {shards} shards")
-    per_shard = batch // shards
-    subset = max(int(per_shard * (1.0 - rate)), 1)
-    scale = per_shard / subset
-    if shards == 1:
+    if batch % groups:
+        raise ValueError(f"batch-subset drop path: batch {batch} does not split into {groups} groups")
+    per_group = batch // groups
+    subset = max(int(per_group * (1.0 - rate)), 1)
+    scale = per_group / subset
+    if groups == 1:
         index = jax.random.permutation(rng, batch)[:subset]
         residual = branch(nn.with_logical_constraint(x[index], ("batch", "tokens", "embed")))
         return x.at[index].add(residual * jnp.asarray(scale, residual.dtype))
     rest = x.shape[1:]
-    xs = nn.with_logical_constraint(x.reshape((shards, per_shard) + rest), ("batch", None, "tokens", "embed"))
-    index = jax.vmap(lambda k: jax.random.permutation(k, per_shard)[:subset])(jax.random.split(rng, shards))
-    index = nn.with_logical_constraint(index, ("batch", None))
-    picked = jax.vmap(lambda xi, ii: xi[ii])(xs, index)  # [shards, subset, ...]: a gather batched over shards
-    picked = nn.with_logical_constraint(picked.reshape((shards * subset,) + rest), ("batch", "tokens", "embed"))
-    residual = branch(picked).reshape((shards, subset) + rest) * jnp.asarray(scale, x.dtype)
-    residual = nn.with_logical_constraint(residual, ("batch", None, "tokens", "embed"))
+    shards = batch_shards()
+    # the group axis carries the batch sharding when the groups split evenly over the devices
+    constrain = nn.with_logical_constraint if groups % shards == 0 else (lambda a, _: a)
+    xs = constrain(x.reshape((groups, per_group) + rest), ("batch", None, "tokens", "embed"))
+    index = jax.vmap(lambda k: jax.random.permutation(k, per_group)[:subset])(jax.random.split(rng, groups))
+    index = constrain(index, ("batch", None))
+    picked = jax.vmap(lambda xi, ii: xi[ii])(xs, index)  # [groups, subset, ...]: a gather batched over groups
+    picked = constrain(picked.reshape((groups * subset,) + rest), ("batch", "tokens", "embed"))
+    residual = branch(picked).reshape((groups, subset) + rest) * jnp.asarray(scale, x.dtype)
+    residual = constrain(residual, ("batch", None, "tokens", "embed"))
     out = jax.vmap(lambda xi, ii, ri: xi.at[ii].add(ri))(xs, index, residual.astype(x.dtype))
     return out.reshape(x.shape)
 
 
 def add_residual(
     x: jax.Array, branch: Callable[[jax.Array], jax.Array], rate: float, mode: str, rng: jax.Array | None,
-    shards: int | None = None,
+    groups: int = 1,
 ) -> jax.Array:
     """x + branch(x) with stochastic depth.
 
     "sample": each sample's branch is kept with p = 1 - rate and rescaled by 1 / p.
-    "subset": the branch is computed only on a random subset of each batch shard (max(int(b (1 - rate)), 1) of its
-    b samples) and added back scaled by b / subset, which also saves that share of the compute (DINOv2, per GPU).
-    `shards` defaults to the devices the batch axis is split over (`batch_shards`).
+    "subset": the branch is computed only on a random subset of each of `groups` contiguous groups of the batch
+    (max(int(b (1 - rate)), 1) of its b samples) and added back scaled by b / subset, which also saves that share of
+    the compute (DINOv2: per GPU; the training step passes one group per device).
     """
     if rate == 0.0 or rng is None:
         return x + branch(x)
     batch = x.shape[0]
     if drop_path_mode(rate, mode) == "subset":
-        return _subset_residual(x, branch, rate, rng, batch_shards() if shards is None else shards)
+        return _subset_residual(x, branch, rate, rng, groups)
     keep_prob = 1.0 - rate
     keep = jax.random.bernoulli(rng, keep_prob, (batch,) + (1,) * (x.ndim - 1))
     return x + branch(x) * (keep.astype(x.dtype) / jnp.asarray(keep_prob, x.dtype))
@@ -291,6 +294,7 @@ class Block(nn.Module):
 
     cfg: ViTConfig
     train: bool = False
+    drop_path_groups: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, _: Any = None) -> tuple[jax.Array, None]:
@@ -303,8 +307,9 @@ class Block(nn.Module):
             ls1 = ls2 = lambda y: y
         rate = cfg.drop_path_rate if self.train else 0.0
         rngs = (self.make_rng("drop_path"), self.make_rng("drop_path")) if rate > 0.0 else (None, None)
-        x = add_residual(x, lambda y: ls1(attn(norm1(y))), rate, cfg.drop_path_mode, rngs[0])
-        x = add_residual(x, lambda y: ls2(mlp(norm2(y))), rate, cfg.drop_path_mode, rngs[1])
+        groups = self.drop_path_groups
+        x = add_residual(x, lambda y: ls1(attn(norm1(y))), rate, cfg.drop_path_mode, rngs[0], groups)
+        x = add_residual(x, lambda y: ls2(mlp(norm2(y))), rate, cfg.drop_path_mode, rngs[1], groups)
         return nn.with_logical_constraint(x, ("batch", "tokens", "embed")), None
 
 
@@ -331,13 +336,15 @@ class VisionTransformer(nn.Module):
     All outputs are after the final LayerNorm: "cls" [B, D] (the GPFM feature, also what KoLeo uses), "patch"
     [B, gh*gw, D], "registers" [B, R, D] and "tokens" [B, 1 + R + gh*gw, D] (everything, for attentional pooling).
     `masks` (True = masked) replace patch embeddings by the mask token BEFORE the position embedding is added.
-    Stochastic depth needs `train=True` and a "drop_path" rng.
+    Stochastic depth needs `train=True` and a "drop_path" rng; batch-subset drop path draws its subsets within
+    `drop_path_groups` contiguous groups of the batch (the training step: one per device).
     """
 
     cfg: ViTConfig
 
     @nn.compact
-    def __call__(self, images: jax.Array, masks: jax.Array | None = None, train: bool = False) -> dict[str, jax.Array]:
+    def __call__(self, images: jax.Array, masks: jax.Array | None = None, train: bool = False,
+                 drop_path_groups: int = 1) -> dict[str, jax.Array]:
         cfg = self.cfg
         x = _PatchEmbed(cfg, name="patch_embed")(images)
         b, n, d = x.shape
@@ -380,10 +387,10 @@ class VisionTransformer(nn.Module):
 
         block_cls = _block_class(cfg)
         if cfg.scan_layers:
-            x, _ = block_cls(cfg, train, name="blocks")(x, None)
+            x, _ = block_cls(cfg, train, drop_path_groups, name="blocks")(x, None)
         else:
             for i in range(cfg.depth):
-                x, _ = block_cls(cfg, train, name=f"blocks_{i}")(x)
+                x, _ = block_cls(cfg, train, drop_path_groups, name=f"blocks_{i}")(x)
 
         x = _layer_norm(cfg, "norm")(x)
         r = cfg.num_register_tokens

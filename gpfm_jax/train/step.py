@@ -41,6 +41,7 @@ class StepConfig:
     n_local: int = 8
     max_masked: int = 0  # buffer for the gathered masked tokens; 0 = all 2B * N patches (small configs)
     koleo_groups: int = 1  # KoLeo neighbours within this many contiguous groups of the batch (reference: per GPU)
+    drop_path_groups: int = 0  # batch-subset drop path drawn per group (reference: per GPU); 0 = koleo_groups
     loss: losses.LossConfig = losses.LossConfig()
 
 
@@ -74,6 +75,7 @@ def make_grad_fn(
     backbone, dino_head, distill_heads = model.backbone, model.dino_head, model.distill_heads
     loss_cfg = cfg.loss
     weights = losses.loss_weights(loss_cfg)
+    drop_path_groups = cfg.drop_path_groups or cfg.koleo_groups
 
     def grad_fn(state: TrainState, batch: Mapping[str, jax.Array], expert_params: Mapping[str, Any]):
         b = batch["global_crops"].shape[0]
@@ -105,9 +107,9 @@ def make_grad_fn(
 
         def loss_fn(params):
             s_global = backbone.apply({"params": params["backbone"]}, global_crops, masks, train=True,
-                                      rngs={"drop_path": key_global})
+                                      rngs={"drop_path": key_global}, drop_path_groups=drop_path_groups)
             s_local = backbone.apply({"params": params["backbone"]}, local_crops, train=True,
-                                     rngs={"drop_path": key_local})
+                                     rngs={"drop_path": key_local}, drop_path_groups=drop_path_groups)
             head = lambda x: dino_head.apply({"params": params["dino_head"]}, x)  # noqa: E731
             dino = losses.dino_loss(
                 _views_first(head(s_global["cls"]), b, n_g), _views_first(dino_probs, b, n_g),
