@@ -171,6 +171,28 @@ def test_ibot_loss_centering_and_sinkhorn(mods, scale_name, scale, temp):
         assert rel(ours_sk, ref_sk) < RTOL
 
 
+def test_ibot_centre_per_gpu_groups(mods):
+    """With several GPUs the oracle's iBOT centre is the mean of the per-GPU token means (each GPU's
+    reduce_center_update, then all_reduce / world_size): group_mean_weights reproduces it from the global buffer."""
+    rng = np.random.default_rng(12)
+    n_crops, n_patches, k, gpus = 8, 16, 24, 2
+    masks = rng.random((n_crops, n_patches)) < np.linspace(0.1, 0.8, n_crops)[:, None]  # unequal counts per GPU
+    tokens = rng.normal(size=(n_crops, n_patches, k)).astype(np.float32)
+    per_gpu = []
+    for g in range(gpus):
+        part = slice(g * n_crops // gpus, (g + 1) * n_crops // gpus)
+        ref = mods.loss.iBOTPatchLoss(k)
+        ref.reduce_center_update(t(tokens[part][masks[part]])[None])  # [1, n_masked, K], as the oracle passes it
+        per_gpu.append(ref.async_batch_center / ref.len_teacher_patch_tokens)
+    ref_center = (sum(per_gpu) / gpus).reshape(-1)  # all_reduce(sum) / (len * world_size)
+    buffer = int(masks.sum()) + 7
+    selected, _, _ = losses.select_masked(jnp.asarray(tokens), masks, buffer)
+    ours = losses.batch_mean(selected, losses.group_mean_weights(jnp.asarray(masks), buffer, gpus))
+    assert rel(ours, ref_center) < RTOL
+    one = losses.batch_mean(selected, losses.group_mean_weights(jnp.asarray(masks), buffer, 1))
+    assert rel(one, tokens[masks].mean(0)) < RTOL
+
+
 # ------------------------------------------------------------------------------------------------------ KoLeo
 
 

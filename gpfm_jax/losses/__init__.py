@@ -3,6 +3,7 @@
 from gpfm_jax.losses.centering import (
     batch_mean,
     centered_softmax,
+    group_mean_weights,
     init_center,
     sinkhorn_knopp,
     teacher_targets,
@@ -26,6 +27,7 @@ __all__ = [
     "cosine_loss",
     "cosine_similarity",
     "dino_loss",
+    "group_mean_weights",
     "distill_terms",
     "ibot_loss",
     "ibot_loss_dense",

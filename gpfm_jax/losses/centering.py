@@ -24,15 +24,34 @@ def centered_softmax(teacher_logits: jax.Array, center: jax.Array, temperature: 
 
 
 def batch_mean(teacher_logits: jax.Array, valid: jax.Array | None = None) -> jax.Array:
-    """Mean over all leading axes (the batch); with `valid` (bool, leading shape) only over valid rows.
+    """Mean over all leading axes (the batch); with `valid` (bool, leading shape) only over valid rows, or with float
+    row weights summing to 1 (`group_mean_weights`) the weighted sum.
 
     For iBOT the rows are the gathered masked patch tokens plus padding; DINOv2 averages over the masked tokens.
     """
     x = teacher_logits.astype(jnp.float32).reshape(-1, teacher_logits.shape[-1])
     if valid is None:
         return jnp.mean(x, axis=0)
+    if jnp.issubdtype(valid.dtype, jnp.floating):
+        return jnp.sum(x * valid.reshape(-1)[:, None], axis=0)
     w = valid.reshape(-1).astype(jnp.float32)
     return jnp.sum(x * w[:, None], axis=0) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def group_mean_weights(masks: jax.Array, max_rows: int, num_groups: int) -> jax.Array:
+    """Row weights for the masked-token buffer of `select_masked(tokens, masks, max_rows)` that make
+    `batch_mean(x, weights)` the mean over `num_groups` contiguous image groups of each group's token mean.
+
+    That is DINOv2's iBOT centre: each GPU averages its own masked tokens and the all-reduce averages those means,
+    each GPU weighing the same whatever its token count. With one group it is the plain token mean.
+    masks bool[I, N] (images in batch order, I divisible by num_groups) -> f32[max_rows].
+    """
+    counts = jnp.sum(masks.reshape(num_groups, -1).astype(jnp.int32), axis=1)  # masked tokens per group
+    rows = jnp.arange(max_rows)
+    group = jnp.searchsorted(jnp.cumsum(counts), rows, side="right")  # the buffer is in (image, patch) order
+    valid = group < num_groups
+    per_row = 1.0 / (num_groups * jnp.maximum(counts[jnp.minimum(group, num_groups - 1)], 1).astype(jnp.float32))
+    return jnp.where(valid, per_row, 0.0)
 
 
 def update_center(center: jax.Array, batch_center: jax.Array, momentum: float = 0.9) -> jax.Array:
@@ -77,11 +96,14 @@ def teacher_targets(
     momentum: float = 0.9,
     n_iterations: int = 3,
     valid: jax.Array | None = None,
+    center_weights: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """(targets, next center) by the configured method; Sinkhorn-Knopp leaves the center as it is (DINOv2)."""
+    """(targets, next center) by the configured method; Sinkhorn-Knopp leaves the center as it is (DINOv2).
+    `center_weights` (e.g. `group_mean_weights`) replaces `valid` in the centre's batch mean."""
     if method == "centering":
+        weights = valid if center_weights is None else center_weights
         return centered_softmax(teacher_logits, center, temperature), update_center(
-            center, batch_mean(teacher_logits, valid), momentum)
+            center, batch_mean(teacher_logits, weights), momentum)
     if method == "sinkhorn_knopp":
         return sinkhorn_knopp(teacher_logits, temperature, n_iterations, valid), center
     raise ValueError(f"unknown centering method {method!r}")
