@@ -30,11 +30,27 @@ def mods():
     return O.oracle()
 
 
+MEASURED: dict[str, float] = {}  # test -> worst relative difference seen, printed at the end (pytest -s)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report():
+    yield
+    print("\nworst relative difference per test:")
+    for name, value in sorted(MEASURED.items()):
+        print(f"  {value:.1e}  {name}")
+
+
 def rel(ours, ref) -> float:
+    import os
+
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     assert ours.shape == ref.shape, (ours.shape, ref.shape)
     scale = np.max(np.abs(ref))
-    return float(np.max(np.abs(ours - ref)) / (scale if scale > 0 else 1.0))
+    value = float(np.max(np.abs(ours - ref)) / (scale if scale > 0 else 1.0))
+    test = os.environ.get("PYTEST_CURRENT_TEST", "?").split("::")[-1].split(" ")[0]
+    MEASURED[test] = max(MEASURED.get(test, 0.0), value)
+    return value
 
 
 def t(x):
@@ -215,7 +231,7 @@ def test_koleo(mods, case):
     ours, grad = jax.value_and_grad(losses.koleo_loss)(jnp.asarray(x))
     assert rel(ours, ref.detach()) < RTOL
     # duplicates: torch's ||x - y + eps|| keeps the distance at eps*sqrt(D), so the gradient is finite but huge
-    assert rel(grad, xt.grad) < (1e-4 if case == "duplicates" else RTOL)
+    assert rel(grad, xt.grad) < RTOL
     # two views: summed, each view its own neighbours (the oracle's `sum(koleo(p) for p in cls.chunk(2))`)
     both = float(mods.loss.KoLeoLoss()(t(x[:6]))) + float(mods.loss.KoLeoLoss()(t(x[6:])))
     assert rel(losses.koleo_global_views(x.reshape(2, 6, -1)), both) < RTOL
