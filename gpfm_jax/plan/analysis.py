@@ -8,10 +8,12 @@ import dataclasses
 import re
 from typing import Any
 
+import jax
 import ml_collections
 
 from gpfm_jax.plan import compile as compile_lib
 from gpfm_jax.plan import roofline as roofline_lib
+from gpfm_jax.plan import targets as targets_lib
 from gpfm_jax.plan.targets import GiB, Target
 
 RELEASED_SAMPLES = 87_500 * 1536  # the released GPFM checkpoint: iteration 87,500 at 1,536 images (134.4M)
@@ -81,8 +83,6 @@ def _oom_memory(message: str, target: Target, margin: float) -> Memory | None:
 def traced_flops(cfg: ml_collections.ConfigDict, target: Target, per_device_batch: int | None, remat: str | None,
                  standin_teachers: bool, devices: list) -> float:
     """Matmul FLOPs per step of the step traced for this point (no compile); remat "none" gives the model FLOPs."""
-    import jax
-
     built = compile_lib.build(cfg, target, per_device_batch, remat, standin_teachers, devices=devices)
     with jax.set_mesh(built.step.mesh):
         traced = built.step.jitted.trace(*built.args)
@@ -94,8 +94,6 @@ def plan_point(cfg: ml_collections.ConfigDict, target: Target, per_device_batch:
                samples: float = RELEASED_SAMPLES, margin: float = DEFAULT_MARGIN, devices: list | None = None,
                keep_hlo: list | None = None) -> PlanResult:
     """Compile one point and analyse it. `keep_hlo`, if a list, receives the compiled HLO text."""
-    from gpfm_jax.plan import targets as targets_lib
-
     devices = targets_lib.devices(target) if devices is None else devices
     built = compile_lib.build(cfg, target, per_device_batch, remat, standin_teachers, devices=devices)
     c = built.cfg
