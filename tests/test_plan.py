@@ -19,8 +19,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from gpfm_jax.plan import analysis, roofline, targets  # noqa: E402
-from gpfm_jax.plan.cli import load_config, main  # noqa: E402
+from gpfm_jax.plan import roofline, targets  # noqa: E402
+from gpfm_jax.plan.cli import main  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.py"
