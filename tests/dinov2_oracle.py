@@ -334,8 +334,8 @@ def collate(mods, crops: dict, cfg, seed: int) -> dict:
 
     grid = cfg.crops.global_crops_size // cfg.student.patch_size
     generator = mods.masking.MaskingGenerator(input_size=(grid, grid), max_num_patches=0.5 * grid * grid)
-    samples = [({"global_crops": list(torch.from_numpy(crops["global"][i])),
-                 "local_crops": list(torch.from_numpy(crops["local"][i]))}, ()) for i in range(crops["global"].shape[0])]
+    samples = [({"global_crops": list(torch.from_numpy(g)), "local_crops": list(torch.from_numpy(loc))}, ())
+               for g, loc in zip(crops["global"], crops["local"])]
     random.seed(seed)
     return mods.collate.collate_data_and_cast(
         samples, mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max), mask_probability=cfg.ibot.mask_sample_probability,

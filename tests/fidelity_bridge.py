@@ -207,7 +207,8 @@ def run_dynamics(mods, trainer, twin: JaxTwin, batches: list[dict], experts=None
             targets_ref["current"] = expert_targets(experts, expert_params, batch, grid)
         ref.append(unweighted(oracle_terms(trainer.step(data, it))))
         state, metrics = twin.train_step(state, batch, expert_params or {})
-        ours.append({k[len("loss/"):]: float(v) for k, v in metrics.items() if k.startswith("loss/") and k != "loss/total"})
+        ours.append({k[len("loss/"):]: float(v) for k, v in metrics.items()
+                     if k.startswith("loss/") and k != "loss/total"})
     twin.state = state
     return ref, ours
 
@@ -267,7 +268,8 @@ def torch_distill_loss(heads, targets_ref: dict):
         for name, head in heads.items():
             tg = {k: torch.from_numpy(v) for k, v in targets_ref["current"][name].items()}
             cls_pred = head(global_out["x_norm_clstoken"])
-            terms[f"distill/{name}/cls"] = DISTILL_CLS[name] * (1 - F.cosine_similarity(cls_pred, tg["cls"], dim=-1).mean())
+            cos = F.cosine_similarity(cls_pred, tg["cls"], dim=-1).mean()
+            terms[f"distill/{name}/cls"] = DISTILL_CLS[name] * (1 - cos)
             if name in DISTILL_PATCH:
                 p = head(global_out["x_norm_patchtokens"])
                 cos = 1 - F.cosine_similarity(p, tg["patch"], dim=-1).mean()

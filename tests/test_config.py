@@ -192,6 +192,8 @@ def test_every_config_field_is_read_by_the_code_it_configures(tmp_path, monkeypa
     cfg.steps = 2
     cfg.checkpoint.every = 1
     cfg.log.sanity_every = 1
+    cfg.probe.enabled = True
+    cfg.probe.max_tiles, cfg.probe.queries = 32, 16
     result = loop.train(cfg, tmp_path / "run")
     assert result.status == "done", result.message
 

@@ -73,7 +73,7 @@ def _assert_trees_equal(a, b):
 
 def test_demo_config_runs_end_to_end_and_exports_to_pytorch(tmp_path, cache_dir):
     """configs/demo.py as shipped (reduced to 3 iterations): logs, checkpoints, TensorBoard, the resolved config,
-    the sanity metric; then tools/convert_to_pytorch.py on the run's checkpoint folder."""
+    the sanity metric, the end-of-run probe; then tools/convert_to_pytorch.py on the run's checkpoint folder."""
     workdir = tmp_path / "demo"
     out = _ok(_cli(workdir, "--config.steps=3", "--config.checkpoint.every=2", "--config.log.sanity_every=2",
                    cache=cache_dir, config=REPO / "configs" / "demo.py"))
@@ -86,6 +86,11 @@ def test_demo_config_runs_end_to_end_and_exports_to_pytorch(tmp_path, cache_dir)
     sanity = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if '"sanity"' in line]
     assert sanity and 0.0 <= sanity[-1]["sanity/argmax_agreement"] <= 1.0 and "sanity/cls_cosine" in sanity[-1]
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    probe = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if '"probe"' in line]
+    assert len(probe) == 1 and probe[0]["step"] == 2 and probe[0]["probe/queries"] > 100
+    assert 0.0 <= probe[0]["probe/top1/init"] <= probe[0]["probe/top5/init"] <= 1.0
+    assert probe[0]["probe/chance"] == pytest.approx(1.0 / probe[0]["probe/tiles"])
+    assert "probe (find a tile from an augmented view" in out
     resolved = json.loads((workdir / "config_resolved.json").read_text())
     assert resolved["compute_dtype"] == "float32" and resolved["devices"] == 1
     assert json.loads((workdir / "config.json").read_text())["data"]["source"] == "slides"

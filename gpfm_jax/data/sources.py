@@ -210,6 +210,12 @@ class SlideTileSource:
                 self._handles[s] = slides_lib.open_slide(self.slide_paths[s])
             return self._handles[s]
 
+    def position(self, index: int) -> tuple[int, int, int, int]:
+        """(slide index, level-0 x, level-0 y, level-0 footprint) of tile `index`, without reading it."""
+        s = int(np.searchsorted(self._offsets, index, side="right") - 1)
+        x, y = (int(v) for v in self._coords[index])
+        return s, x, y, int(self._level0[s])
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         s = int(np.searchsorted(self._offsets, index, side="right") - 1)
         x, y = (int(v) for v in self._coords[index])

@@ -214,7 +214,7 @@ def validate(cfg: Config, num_devices: int | None = None, process_count: int | N
         _require(bool(d.path) and Path(d.path).exists(), f"config.data.path={d.path!r}: no such "
                  f"{'index file' if d.source == 'index' else 'folder'}")
     elif d.source == "slides":
-        missing = [s for s in _slide_paths(d.path) if not Path(s).is_file()]
+        missing = [s for s in slide_paths(d.path) if not Path(s).is_file()]
         _require(bool(d.path) and not missing, f"config.data.path: slides not found: {missing or d.path!r}")
     elif d.source == "tfds":
         _require(bool(d.path), "config.data.path: the TFDS dataset name or builder dir is empty")
@@ -246,7 +246,7 @@ def validate(cfg: Config, num_devices: int | None = None, process_count: int | N
                  f"config.init_from={c.init_from!r}: not an encoder bundle (no encoder.json)")
 
 
-def _slide_paths(value: str) -> list[str]:
+def slide_paths(value: str) -> list[str]:
     return [s.strip() for s in str(value).split(",") if s.strip()]
 
 
@@ -287,7 +287,7 @@ def make_source(cfg: Config, workdir: str | Path | None = None):
         return TfdsSource(d.path, split=d.split, data_dir=d.data_dir or None)
     if d.source == "slides":
         cache = d.cache_dir or (str(Path(workdir) / "slide_cache") if workdir else None)
-        return SlideTileSource(_slide_paths(d.path), d.tile_size, d.magnification, cache_dir=cache,
+        return SlideTileSource(slide_paths(d.path), d.tile_size, d.magnification, cache_dir=cache,
                                min_tissue=d.min_tissue)
     raise ConfigError(f"config.data.source={d.source!r}: expected one of {SOURCES}")
 

@@ -26,6 +26,7 @@ from gpfm_jax.losses import LossConfig
 from gpfm_jax.models.vit import ViTConfig
 from gpfm_jax.train.model import HeadConfig
 from gpfm_jax.train.optim import OptimConfig
+from gpfm_jax.train.probe import ProbeConfig
 from gpfm_jax.train.schedules import ScheduleConfig
 from gpfm_jax.train.step import StepConfig
 
@@ -176,6 +177,8 @@ class TrainConfig:
     log: LogConfig = LogConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     deadline: DeadlineConfig = DeadlineConfig()
+    # after a finished run: copy-detection probe of the EMA teacher vs the start (train/probe.py; slides only)
+    probe: ProbeConfig = ProbeConfig()
 
 
 # ---------------------------------------------------------------------------------------------------------------

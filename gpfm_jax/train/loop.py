@@ -48,6 +48,7 @@ class RunResult:
     last_loss: float | None = None
     wall_s: float = 0.0
     message: str = ""
+    probe: dict[str, float] | None = None
 
 
 @dataclasses.dataclass
@@ -67,6 +68,7 @@ class Run:
     writer: MetricsWriter
     context: faults.RunContext
     end_step: int
+    start_backbone: Callable[[], Any] | None = None  # the student backbone the run started from (for the probe)
 
 
 def initial_state(model, tx, root: jax.Array, shardings: Any, init_from: str = ""):
@@ -151,8 +153,15 @@ def build(cfg: config_schema.TrainConfig, workdir: Path, context: faults.RunCont
     writer.start(start)
     writer.message(f"gpfm-train: {origin}; iterations {start} -> {end_step}; {len(devices)} devices "
                    f"{dict(mesh.shape)} on {jax.process_count()} process(es); workdir {workdir}")
+    def start_backbone():
+        """Where this run's backbone began: the init (same seed, same init_state) or the init_from bundle."""
+        if cfg.init_from:
+            return jax.device_get(encoder_meta.load_init_backbone(cfg.init_from, model.vit,
+                                                                  abstract_state.params["backbone"]))
+        return jax.device_get(jax.jit(lambda k: init_state(model, tx, k).params["backbone"])(root))
+
     run = Run(cfg, workdir, mesh, model, schedules, step_fn, sanity_fn, experts, stream, checkpointer, writer,
-              context, end_step)
+              context, end_step, start_backbone)
     return run, state, start
 
 
@@ -173,6 +182,8 @@ def train(cfg: ml_collections.ConfigDict | config_schema.TrainConfig, workdir: s
                 result.status = "nothing_to_do"
             else:
                 state = _iterate(run, state, start, watchdog, result)
+                if result.status == "done" and cfg.probe.enabled:
+                    result.probe = run_end_probe(run, state)
         finally:
             _close(run, result)
         result.wall_s = time.perf_counter() - t_start
@@ -185,10 +196,35 @@ def train(cfg: ml_collections.ConfigDict | config_schema.TrainConfig, workdir: s
 
 def end_of_run(run: Run, state: Any, result: RunResult) -> None:
     """Called once after a run that reached its last iteration (state = the final TrainState, checkpoint saved):
-    the place for end-of-run reports and evaluations. Today: the summary line."""
+    the place for end-of-run reports. Today: the summary line, with the probe's result when it ran."""
     result.message = (f"done: iterations {result.start_step} -> {result.end_step} in {result.wall_s:.1f} s; loss "
                       f"{result.first_loss:.4f} -> {result.last_loss:.4f}; checkpoints in {run.checkpointer.directory}")
+    if result.probe:
+        p = result.probe
+        result.message += (f"\nprobe (find a tile from an augmented view among {int(p['probe/tiles'])} tiles, chance "
+                           f"{p['probe/chance']:.1%}): EMA teacher top-1 {p['probe/top1/pretrained']:.1%} / top-5 "
+                           f"{p['probe/top5/pretrained']:.1%}; same network at its start top-1 "
+                           f"{p['probe/top1/init']:.1%} / top-5 {p['probe/top5/init']:.1%}")
     run.writer.message(result.message)
+
+
+def run_end_probe(run: Run, state: Any) -> dict[str, float] | None:
+    """train/probe.py on the run's slides: EMA teacher vs the backbone the run started from. Written to the logs
+    (JSONL row of kind "probe", TensorBoard) at the last iteration. Single-process runs on slides only."""
+    from gpfm_jax.train import probe
+
+    cfg = run.cfg
+    if cfg.data.source != "slides" or jax.process_count() > 1:
+        run.writer.message("probe skipped: it needs data.source = 'slides' and a single process")
+        return None
+    run.context.enter("probe", run.end_step, cfg.deadline.checkpoint_s, "checkpoint_s")
+    tiles = probe.probe_tiles(config_lib.slide_paths(cfg.data.path), cfg.data.multicrop.global_size,
+                              cfg.data.magnification, cfg.probe.max_tiles, cfg.data.min_tissue,
+                              cfg.data.cache_dir or str(run.workdir / "slide_cache"))
+    results = probe.run_probe(cfg.probe, run.model.backbone, jax.device_get(state.teacher["backbone"]),
+                              run.start_backbone(), tiles, cfg.data.multicrop)
+    run.writer.write_scalars(run.end_step - 1, results, kind="probe")
+    return results
 
 
 def _close(run: Run, result: RunResult) -> None:

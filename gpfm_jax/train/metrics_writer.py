@@ -72,11 +72,11 @@ class MetricsWriter:
             self._bar.set_postfix(post, refresh=False)
             self._bar.update(1)
 
-    def write_scalars(self, step: int, metrics: Mapping[str, float]) -> None:
-        """Extra scalars (the sanity metrics): JSONL row with a "kind" and TensorBoard."""
+    def write_scalars(self, step: int, metrics: Mapping[str, float], kind: str = "sanity") -> None:
+        """Extra scalars (the sanity metrics, the end-of-run probe): JSONL row with a "kind" and TensorBoard."""
         if not self.primary:
             return
-        row = {"step": int(step), "kind": "sanity", **{k: _json_float(v) for k, v in metrics.items()}}
+        row = {"step": int(step), "kind": kind, **{k: _json_float(v) for k, v in metrics.items()}}
         self._jsonl.write(json.dumps(row) + "\n")
         if self._tb is not None:
             for k, v in metrics.items():

@@ -60,7 +60,8 @@ class GPFMModel:
         return {
             "backbone": nn.meta.unbox(self.backbone.init(k_backbone, images))["params"],
             "dino_head": nn.meta.unbox(self.dino_head.init(k_head, tokens))["params"],
-            "distill_heads": nn.meta.unbox(self.distill_heads.init(k_distill, tokens)).get("params", {}),  # {} without experts
+            # no expert teachers (pure DINOv2 training): no distillation heads, no params
+            "distill_heads": nn.meta.unbox(self.distill_heads.init(k_distill, tokens)).get("params", {}),
         }
 
 
