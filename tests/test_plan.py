@@ -174,13 +174,16 @@ def test_target_table_and_peak_lookup():
         targets.get_target("v5p-9")
 
 
+SMALLER = ["--config.mesh.fsdp=8", "--config.model.vit.drop_path_rate=0.4", "--config.model.vit.depth=2",
+           "--config.data.multicrop.num_local_crops=2"]
+
+
 @pytest.fixture(scope="module")
 def cpu_plan(tmp_path_factory):
-    """gpfm-plan on 8 fake CPU devices: the demo config with the official stochastic depth (0.4: batch subsets)
-    and FSDP over all 8 devices, 2 images per device."""
+    """gpfm-plan on 8 fake CPU devices: the demo config (2 blocks, 2 local crops) with the official stochastic depth
+    (0.4: batch subsets) and FSDP over all 8 devices, 2 images per device."""
     out = tmp_path_factory.mktemp("plan") / "plan.json"
-    rc = main(["--config", str(DEMO), "--target", "cpu-8", "--per-device-batch", "2", "--json", str(out),
-               "--config.mesh.fsdp=8", "--config.model.vit.drop_path_rate=0.4"])
+    rc = main(["--config", str(DEMO), "--target", "cpu-8", "--per-device-batch", "2", "--json", str(out), *SMALLER])
     return rc, json.loads(out.read_text())
 
 
@@ -216,8 +219,7 @@ def _drop_path_traffic(hlo: str) -> float:
                if "blocks" in c.op_name and ("scatter-add" in c.op_name or c.op_name.endswith("/gather")))
 
 
-SMALL = ["--config", str(DEMO), "--per-device-batch", "4", "--standin-teachers", "--config.mesh.fsdp=8",
-         "--config.model.vit.drop_path_rate=0.4"]
+SMALL = ["--config", str(DEMO), "--per-device-batch", "4", "--standin-teachers", *SMALLER]
 
 
 def _cli_plan(target: str, tmp_path) -> tuple[dict, str]:
