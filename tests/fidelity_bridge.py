@@ -221,13 +221,14 @@ DISTILL_CLS = {"uni": 1.0, "phikon": 0.5, "conch": 1.0}
 DISTILL_PATCH = {"uni": 0.25, "phikon": 0.125}
 
 
-def standin_experts(embed_dim: int = 32, seed: int = 0):
+def standin_experts(embed_dim: int = 32, depth: int = 1, num_heads: int = 2, pooler_dim: int = 16, seed: int = 0):
     """Small random UNI / Phikon / CONCH stand-ins (gpfm_jax's, frozen): ({name: Teacher}, {name: params})."""
     from gpfm_jax.teachers import build_teacher, random_params, standin_spec
 
     experts, params = {}, {}
     for i, name in enumerate(DISTILL_CLS):
-        teacher = build_teacher(standin_spec(name, embed_dim=embed_dim, depth=1, num_heads=2, pooler_dim=16))
+        teacher = build_teacher(standin_spec(name, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                                             pooler_dim=pooler_dim))
         experts[name] = teacher
         size = teacher.spec.fixed_input_size or teacher.spec.vit.img_size
         params[name] = jax.tree_util.tree_map(

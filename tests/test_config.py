@@ -48,7 +48,7 @@ def test_official_recipe_numbers():
     assert m.grid == (16, 16) and m.block_max == 128 and (m.ratio_min, m.ratio_max) == (0.1, 0.5)
     assert c.data.global_batch_size == 1536 and c.data.source == "index"
     step = config_lib.step_config(c, num_devices=16, process_count=2)
-    assert step.koleo_groups == 16 and step.n_local == 8 and step.max_masked > 0
+    assert step.batch_groups == 16 and step.n_local == 8 and step.max_masked > 0
     assert set(c.teachers) == {"uni", "phikon", "conch"}
 
 

@@ -49,7 +49,7 @@ def setup():
                                           freeze_last_layer_steps=2), B)
     tx = make_optimizer(jax.eval_shape(model.init_student, jax.random.key(0)), sched, OptimConfig())
     state = init_state(model, tx, jax.random.key(0))
-    step = make_train_step(model, sched, tx, StepConfig(koleo_groups=2, drop_path_groups=1))
+    step = make_train_step(model, sched, tx, StepConfig(batch_groups=2, drop_path_groups=1))
     mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
     return dict(model=model, sched=sched, tx=tx, state=state, step=step, experts=expert_params,
                 single=jit_train_step(step, mesh, state, expert_params), mesh=mesh, batch=_real_batch())

@@ -112,13 +112,13 @@ def total_steps(cfg: Config) -> int:
 
 def step_config(cfg: Config, num_devices: int, process_count: int | None = None) -> StepConfig:
     """config.step with the derived fields set; max_masked 0: the exact bound summed over the data shards (masks are
-    drawn per shard batch); koleo_groups 0: one group per device."""
+    drawn per shard batch); batch_groups 0: one group per device."""
     c = parse(cfg)
     shards = num_shards(c, process_count)
     per_shard = c.data.global_batch_size // shards
     max_masked = c.step.max_masked or shards * max_masked_tokens(2 * per_shard, masking_config(c))
     return dataclasses.replace(c.step, n_global=2, n_local=c.data.multicrop.num_local_crops,
-                               max_masked=int(max_masked), koleo_groups=int(c.step.koleo_groups or num_devices),
+                               max_masked=int(max_masked), batch_groups=int(c.step.batch_groups or num_devices),
                                loss=c.loss)
 
 
@@ -205,8 +205,8 @@ def validate(cfg: Config, num_devices: int | None = None, process_count: int | N
     if c.mesh.data != -1:
         _require(c.mesh.data * c.mesh.fsdp == num_devices, f"config.mesh.data={c.mesh.data} x "
                  f"config.mesh.fsdp={c.mesh.fsdp} != the number of devices ({num_devices})")
-    groups = c.step.koleo_groups or num_devices
-    _require(b % groups == 0, f"config.step.koleo_groups={groups} does not divide config.data.global_batch_size={b}")
+    groups = c.step.batch_groups or num_devices
+    _require(b % groups == 0, f"config.step.batch_groups={groups} does not divide config.data.global_batch_size={b}")
 
     # data source
     _require(d.source in SOURCES, f"config.data.source={d.source!r}: expected one of {SOURCES}")

@@ -171,8 +171,8 @@ class TrainConfig:
     mesh: MeshConfig = MeshConfig()
     compute: ComputeConfig = ComputeConfig()
     # max_masked: masked-token buffer, 0 = the exact bound from the masking config and the batch;
-    # koleo_groups: KoLeo neighbour groups, 0 = one per device (the reference: per GPU batch)
-    step: StepConfig = StepConfig(koleo_groups=0)
+    # batch_groups: the reference's per-GPU batches (KoLeo neighbours, iBOT centre means), 0 = one per device
+    step: StepConfig = StepConfig(batch_groups=0)
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
     runtime: RuntimeConfig = RuntimeConfig()

@@ -114,7 +114,7 @@ def build(cfg: config_schema.TrainConfig, workdir: Path, context: faults.RunCont
         "backend": jax.default_backend(), "process_count": jax.process_count(), "devices": len(devices),
         "mesh": dict(mesh.shape), "compute_dtype": config_lib.compute_dtype(cfg),
         "teacher_dtypes": config_lib.teacher_dtypes(cfg), "max_masked": step_cfg.max_masked,
-        "koleo_groups": step_cfg.koleo_groups, "data_shards": config_lib.num_shards(cfg), "end_step": end_step,
+        "batch_groups": step_cfg.batch_groups, "data_shards": config_lib.num_shards(cfg), "end_step": end_step,
         "peak_lr": peak_lr(cfg.schedule, global_batch_size),
         "param_count": int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(abstract_params))),
     }

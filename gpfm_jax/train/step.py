@@ -40,8 +40,10 @@ class StepConfig:
     n_global: int = 2
     n_local: int = 8
     max_masked: int = 0  # buffer for the gathered masked tokens; 0 = all 2B * N patches (small configs)
-    koleo_groups: int = 1  # KoLeo neighbours within this many contiguous groups of the batch (reference: per GPU)
-    drop_path_groups: int = 0  # batch-subset drop path drawn per group (reference: per GPU); 0 = koleo_groups
+    # The reference's per-GPU batches: this many contiguous groups of the batch, within which KoLeo looks for
+    # neighbours and over which the iBOT centre averages per-group token means (config: 0 = one per device).
+    batch_groups: int = 1
+    drop_path_groups: int = 0  # batch-subset drop path drawn per group (reference: per GPU); 0 = batch_groups
     loss: losses.LossConfig = losses.LossConfig()
 
 
@@ -75,7 +77,7 @@ def make_grad_fn(
     backbone, dino_head, distill_heads = model.backbone, model.dino_head, model.distill_heads
     loss_cfg = cfg.loss
     weights = losses.loss_weights(loss_cfg)
-    drop_path_groups = cfg.drop_path_groups or cfg.koleo_groups
+    drop_path_groups = cfg.drop_path_groups or cfg.batch_groups
 
     def grad_fn(state: TrainState, batch: Mapping[str, jax.Array], expert_params: Mapping[str, Any]):
         b = batch["global_crops"].shape[0]
@@ -98,7 +100,8 @@ def make_grad_fn(
             loss_cfg.sinkhorn_iterations)
         ibot_probs, ibot_center = losses.teacher_targets(
             t_patch_logits, state.centers["ibot"], tau, loss_cfg.centering, loss_cfg.center_momentum,
-            loss_cfg.sinkhorn_iterations, valid=valid)
+            loss_cfg.sinkhorn_iterations, valid=valid,
+            center_weights=losses.group_mean_weights(masks, max_masked, cfg.batch_groups))
         dino_probs, ibot_probs = jax.lax.stop_gradient((dino_probs, ibot_probs))
 
         grid = (global_crops.shape[1] // model.vit.patch_size, global_crops.shape[2] // model.vit.patch_size)
@@ -116,7 +119,7 @@ def make_grad_fn(
                 _views_first(head(s_local["cls"]), b, n_l), student_temp=loss_cfg.student_temp)
             s_tokens, token_weights, _ = losses.select_masked(s_global["patch"], masks, max_masked)
             ibot = losses.ibot_loss(head(s_tokens), ibot_probs, token_weights, b * n_g, loss_cfg.student_temp)
-            koleo = losses.koleo_global_views(_views_first(s_global["cls"], b, n_g), cfg.koleo_groups,
+            koleo = losses.koleo_global_views(_views_first(s_global["cls"], b, n_g), cfg.batch_groups,
                                               loss_cfg.koleo_eps, loss_cfg.koleo_pairwise_eps)
             distill = lambda x: distill_heads.apply({"params": params["distill_heads"]}, x)  # noqa: E731
             terms = {"dino": dino, "ibot": ibot, "koleo": koleo}
