@@ -13,8 +13,9 @@ Memory and layout, chosen with gpfm-plan (docs/plan.md) for the recipe's 96 imag
 - compute.remat_policy = "dots_saveable": matmul outputs are kept, elementwise work is recomputed in the backward
   pass (+0.5% executed matmul FLOPs on H100, where the flash-attention forward is recomputed; +0% on TPU). Peak per
   device at 96 images: H100 x8 31.9 GiB (largest batch 213), v5p x8 81.7 GiB (largest 101). Without remat the step
-  needs 95.7 GiB on H100 (80 GB) and 132.7 GiB on v5p (libtpu refuses it); "full" fits in ~14 GiB but recomputes
-  the whole forward (+19%).
+  needs 95.7 GiB on H100 (80 GB) and 132.7 GiB on v5p (libtpu refuses it); "full" fits in ~11-16 GiB but
+  recomputes the whole forward (+19%): use it on 32 GiB / 16 GiB chips (v4, v6e, v5e), where dots_saveable needs
+  57-59 GiB at 96 images (--config.compute.remat_policy=full).
 - mesh.fsdp = 8: state sharded over 8 devices (an H100 node, a v5p 2x2x2 slice), data parallel across groups of
   8 (16 GPUs: data=2 x fsdp=8). Data parallelism alone peaks at 71.1 GiB per device on H100 x8 (same remat) for
   ~7 ms less communication per ~430 ms step. Needs a device count divisible by 8 (else --config.mesh.fsdp=1).
