@@ -223,7 +223,7 @@ DISTILL_PATCH = {"uni": 0.25, "phikon": 0.125}
 
 def standin_experts(embed_dim: int = 32, depth: int = 1, num_heads: int = 2, pooler_dim: int = 16, seed: int = 0):
     """Small random UNI / Phikon / CONCH stand-ins (gpfm_jax's, frozen): ({name: Teacher}, {name: params})."""
-    from gpfm_jax.teachers import build_teacher, random_params, standin_spec
+    from gpfm_jax.models.teachers import build_teacher, random_params, standin_spec
 
     experts, params = {}, {}
     for i, name in enumerate(DISTILL_CLS):
@@ -240,7 +240,7 @@ def torch_distill_heads(mods, in_dim: int, experts, bottleneck: int = 32, seed: 
     """One DINOv2 DINOHead(nlayers=1) per teacher (GPFM builds its distillation heads this way)."""
     import torch
 
-    from gpfm_jax.teachers import teacher_dims
+    from gpfm_jax.models.teachers import teacher_dims
 
     torch.manual_seed(seed)
     return torch.nn.ModuleDict({name: mods.DINOHead(in_dim=in_dim, out_dim=dim, nlayers=1, bottleneck_dim=bottleneck)
@@ -249,7 +249,7 @@ def torch_distill_heads(mods, in_dim: int, experts, bottleneck: int = 32, seed: 
 
 def expert_targets(experts, expert_params, batch: dict, grid) -> dict[str, dict[str, np.ndarray]]:
     """The experts' targets for a gpfm_jax batch, reordered to the oracle's view-major crop order."""
-    from gpfm_jax.teachers import teacher_targets
+    from gpfm_jax.models.teachers import teacher_targets
 
     g = batch["global_crops"]
     b, v = g.shape[:2]

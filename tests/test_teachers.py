@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from conftest import normalised_batch, randomize_torch_params_
 from gpfm_jax.convert.bundle import load_bundle
 from gpfm_jax.encoders import load_encoder
-from gpfm_jax.teachers import load_teacher, teacher_targets
+from gpfm_jax.encoders.teachers import load_teacher
+from gpfm_jax.models.teachers import teacher_targets
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")

@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from conftest import normalised_batch
 from gpfm_jax.models.pooling import PooledViT
 from gpfm_jax.models.vit import VisionTransformer
-from gpfm_jax.teachers import (
+from gpfm_jax.encoders.teachers import load_teachers
+from gpfm_jax.models.teachers import (
     TEACHERS,
     build_teacher,
-    load_teachers,
     split_targets,
     standin_spec,
     teacher_dims,
@@ -109,9 +109,11 @@ def test_bf16_compute_is_close_and_returns_f32(standins):
 
 
 def test_phikon_refuses_other_input_sizes(standins):
-    teachers, params = standins
-    with pytest.raises(ValueError, match="224x224 input only"):
-        teachers["phikon"].apply(params["phikon"], jnp.zeros((1, 256, 256, 3)))
+    with pytest.raises(ValueError, match="224x224 input only"):  # the real model (HF ViT, no interpolation)
+        build_teacher(TEACHERS["phikon"]).apply({}, jnp.zeros((1, 256, 256, 3)))
+    teachers, params = standins  # its stand-in is not the reference: any size
+    assert standin_spec("phikon").fixed_input_size is None
+    assert teachers["phikon"].apply(params["phikon"], jnp.zeros((1, 112, 112, 3)))["cls"].shape[0] == 1
 
 
 def test_standin_keeps_structure():

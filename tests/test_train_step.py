@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import normalised_batch
 from gpfm_jax.models.vit import ViTConfig
-from gpfm_jax.teachers import load_teachers
+from gpfm_jax.encoders.teachers import load_teachers
 from gpfm_jax.train import sharding
 from gpfm_jax.train.model import GPFMModel, HeadConfig
 from gpfm_jax.train.optim import OptimConfig, make_optimizer

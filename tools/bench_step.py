@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 
 from gpfm_jax.data.masking import MaskingConfig, max_masked_tokens  # noqa: E402
 from gpfm_jax.models.vit import ViTConfig  # noqa: E402
-from gpfm_jax.teachers import TEACHERS, build_teacher, standin_spec  # noqa: E402
+from gpfm_jax.models.teachers import TEACHERS, build_teacher, standin_spec  # noqa: E402
 from gpfm_jax.train import sharding  # noqa: E402
 from gpfm_jax.train.model import GPFMModel, HeadConfig  # noqa: E402
 from gpfm_jax.train.optim import OptimConfig, make_optimizer  # noqa: E402

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from gpfm_jax.models.vit import ViTConfig, VisionTransformer
-from gpfm_jax.teachers import TEACHERS, build_teacher, random_params, teacher_targets
+from gpfm_jax.models.teachers import TEACHERS, build_teacher, random_params, teacher_targets
 
 
 def vit_gflop(cfg: ViTConfig, image_size: int, pooler=None) -> float:

@@ -15,7 +15,7 @@ import sys
 
 from gpfm_jax.convert.teacher_port import FILE_KINDS, port_teacher
 from gpfm_jax.convert.torch_io import CheckpointError
-from gpfm_jax.teachers import TEACHERS
+from gpfm_jax.models.teachers import TEACHERS
 
 
 def main(argv=None) -> int:

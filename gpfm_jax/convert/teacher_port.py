@@ -8,7 +8,7 @@ from typing import Any
 from gpfm_jax.convert import teacher_keys
 from gpfm_jax.convert.bundle import preprocessing, save_bundle
 from gpfm_jax.convert.torch_io import file_sha256, load_torch_file
-from gpfm_jax.teachers import TeacherSpec, teacher_spec
+from gpfm_jax.models.teachers import TeacherSpec, teacher_spec
 
 TRAINING_INPUT_NOTE = (
     "GPFM feeds every teacher the student's augmented, ImageNet-normalised 224x224 global crops as they are (no "

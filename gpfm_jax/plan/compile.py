@@ -22,7 +22,8 @@ import flax.linen as nn
 from gpfm_jax.models import attention
 from gpfm_jax.plan import targets as targets_lib
 from gpfm_jax.plan.targets import Target
-from gpfm_jax.teachers import STANDIN, TEACHERS, build_teacher, standin_spec
+from gpfm_jax.encoders.teachers import STANDIN
+from gpfm_jax.models.teachers import TEACHERS, build_teacher, standin_spec
 from gpfm_jax.train import config as config_lib
 from gpfm_jax.train import sharding
 from gpfm_jax.train.model import GPFMModel

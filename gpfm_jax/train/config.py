@@ -19,7 +19,8 @@ from gpfm_jax.data.masking import MaskingConfig, max_masked_tokens
 from gpfm_jax.data.pipeline import PipelineConfig
 from gpfm_jax.losses import LossConfig
 from gpfm_jax.models.vit import ViTConfig
-from gpfm_jax.teachers import STANDIN, TEACHERS, Teacher, build_teacher, load_teacher, standin_spec
+from gpfm_jax.encoders.teachers import STANDIN, load_teacher
+from gpfm_jax.models.teachers import TEACHERS, Teacher, build_teacher, standin_spec
 from gpfm_jax.train.config_schema import ConfigError, TrainConfig, parse
 from gpfm_jax.train.model import GPFMModel, HeadConfig
 from gpfm_jax.train.optim import OptimConfig
@@ -255,7 +256,7 @@ def slide_paths(value: str) -> list[str]:
 
 
 def load_experts(cfg: Config) -> tuple[dict[str, Teacher], dict[str, Any]]:
-    """{name: Teacher}, {name: params}: bundles through gpfm_jax.teachers, stand-ins built here (any input size)."""
+    """{name: Teacher}, {name: params}: bundles through gpfm_jax.encoders.teachers, stand-ins built here (any input size)."""
     c = parse(cfg)
     dtype, param_dtype = teacher_dtypes(c)
     overrides = dict(dtype=dtype, param_dtype=param_dtype, scan_layers=bool(c.compute.scan_layers))

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from gpfm_jax.models.heads import DINOHead, DistillHeads
 from gpfm_jax.models.vit import ViTConfig, VisionTransformer
-from gpfm_jax.teachers import Teacher, teacher_dims
+from gpfm_jax.models.teachers import Teacher, teacher_dims
 
 
 @dataclasses.dataclass(frozen=True)

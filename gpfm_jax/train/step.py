@@ -17,7 +17,7 @@ import optax
 from jax.sharding import Mesh
 
 from gpfm_jax import losses
-from gpfm_jax.teachers import split_targets, teacher_targets
+from gpfm_jax.models.teachers import split_targets, teacher_targets
 from gpfm_jax.train import sharding, xla_options
 from gpfm_jax.train.model import GPFMModel, ema_subset
 from gpfm_jax.train.optim import ema_update, grad_norms
