@@ -17,7 +17,7 @@ from gpfm_jax.plan import targets as targets_lib
 from gpfm_jax.plan.targets import GiB, Target
 
 RELEASED_SAMPLES = 87_500 * 1536  # the released GPFM checkpoint: iteration 87,500 at 1,536 images (134.4M)
-DEFAULT_MFU = 0.4
+DEFAULT_MFU = 0.3  # measured on one H200 by tools/device_check.py: 29.5% for the official step (docs/plan.md)
 DEFAULT_MARGIN = 0.1  # keep this share of HBM free (fragmentation, runtime buffers, the input pipeline)
 _UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 # libtpu's refusals (units are GiB-style powers of two): "Used 134.8G of 95.74G hbm" / "the total memory required

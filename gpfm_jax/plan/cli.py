@@ -2,7 +2,7 @@
 fits, what it communicates, and how fast it could run.
 
     gpfm-plan --config configs/gpfm_vitl14.py --target v5p-8 [--per-device-batch 96] [--remat POLICY] [--search]
-              [--json OUT] [--hlo OUT] [--mfu 0.4] [--samples N] [--margin 0.1] [--standin-teachers]
+              [--json OUT] [--hlo OUT] [--mfu 0.3] [--samples N] [--margin 0.1] [--standin-teachers]
               [--config.<field>=<value> ...]
 
 `--config.<field>=<value>` overrides a config field exactly as gpfm-train takes them (e.g. --config.mesh.fsdp=8).
