@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# The suite runs on the CPU. With the tpu / gpu extras installed JAX would otherwise probe libtpu and CUDA in this
+# process and in every subprocess it starts (noise, and libtpu's lockfile between concurrent processes);
+# gpfm-plan's deviceless TPU/H100 compiles run with JAX_PLATFORMS=cpu too.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Eight fake CPU devices for the sharding tests; must be set before jax initialises its backend.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 

@@ -30,6 +30,7 @@ def get_config():
     c.model.heads.update(dict(out_dim=128, hidden_dim=64, bottleneck_dim=32, distill_bottleneck_dim=32))
     c.standin.update(dict(embed_dim=32, depth=1, num_heads=2, pooler_dim=16))
     c.schedule.update(dict(base_lr=2e-2, total_steps=40, warmup_steps=2, teacher_temp_warmup_steps=4,
+                           teacher_temp_start=0.04, teacher_temp=0.07,  # the recipe's shape (the demo: 0.01)
                            freeze_last_layer_steps=1))
     c.data.tile_size = 96
     c.data.global_batch_size = 16

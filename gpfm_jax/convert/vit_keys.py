@@ -270,9 +270,11 @@ def to_timm_state(canonical: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def to_gpfm_state(canonical: Mapping[str, np.ndarray], depth: int, block_chunks: int = 4) -> dict[str, Any]:
-    """The official release layout: {'teacher': {'backbone.blocks.{c}.{i}.*', ...}} with c = i // (depth/chunks)."""
-    if depth % block_chunks:
-        raise ValueError(f"depth {depth} does not split into {block_chunks} chunks")
+    """The official release layout: {'teacher': {'backbone.blocks.{c}.{i}.*', ...}} with c = i // (depth/chunks).
+
+    GPFM's ViT-L (depth 24) ships 4 chunks. A depth that 4 does not divide (small models) gets the largest chunk
+    count below it that does, which DINOv2 loads with `block_chunks` set to it."""
+    block_chunks = max(c for c in range(1, block_chunks + 1) if depth % c == 0)
     chunk = depth // block_chunks
     teacher = {}
     for key, value in canonical.items():

@@ -48,7 +48,9 @@ def group_mean_weights(masks: jax.Array, max_rows: int, num_groups: int) -> jax.
     """
     counts = jnp.sum(masks.reshape(num_groups, -1).astype(jnp.int32), axis=1)  # masked tokens per group
     rows = jnp.arange(max_rows)
-    group = jnp.searchsorted(jnp.cumsum(counts), rows, side="right")  # the buffer is in (image, patch) order
+    # the buffer is in (image, patch) order; compare_all: no loop in the program (a sharded while loop with
+    # collectives inside deadlocked two-process CPU runs)
+    group = jnp.searchsorted(jnp.cumsum(counts), rows, side="right", method="compare_all")
     valid = group < num_groups
     per_row = 1.0 / (num_groups * jnp.maximum(counts[jnp.minimum(group, num_groups - 1)], 1).astype(jnp.float32))
     return jnp.where(valid, per_row, 0.0)
