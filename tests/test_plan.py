@@ -136,6 +136,90 @@ def test_unannotated_loops_take_their_trip_counts_from_the_condition_and_the_ste
     assert [(c.kind, c.count, c.bytes, c.link_bytes) for c in found] == [("collective-permute", 24 * 2, 64, 64)] * 2
 
 
+# TPU's async collective fusion (v5e, libtpu of jax 0.10.2): the qkv weight's all-gather (channel 612) runs in steps,
+# each step's fusion carrying the whole instruction: a start in a plain fusion, steps in the windowed-einsum loop of
+# the op it overlaps (2 per trip, trip count 2), an end in a plain fusion. Channel 9 is an ordinary all-gather.
+ASYNC_FUSION_HLO = """
+%fused_computation.1 (param_0.1: bf16[1,1024,384]) -> bf16[1,1024,3072] {
+  %param_0.1 = bf16[1,1024,384]{2,1,0} parameter(0)
+  ROOT %all-gather.1 = bf16[1,1024,3072]{2,1,0} all-gather(%param_0.1), channel_id=612, replica_groups=mesh['axis_0'=1,'axis_1'=8] {'axis_1'}, dimensions={2}, metadata={op_name="jit(step)/transpose(jvp(ViT))/qkv/dot_general"}
+}
+
+%async_collective_fusion.2 (param_0.2: bf16[1,1024,384], param_1.2: u32[]) -> (bf16[1,1024,3072], u32[]) {
+  %param_0.2 = bf16[1,1024,384]{2,1,0} parameter(0)
+  %param_1.2 = u32[]{:S(2)} parameter(1)
+  %all-gather.2 = bf16[1,1024,3072]{2,1,0} all-gather(%param_0.2), channel_id=612, replica_groups=mesh['axis_0'=1,'axis_1'=8] {'axis_1'}, dimensions={2}, metadata={op_name="jit(step)/transpose(jvp(ViT))/qkv/dot_general"}
+  ROOT %t = (bf16[1,1024,3072]{2,1,0}, u32[]{:S(2)}) tuple(%all-gather.2, %param_1.2)
+}
+
+%async_collective_fusion.3 (param_0.3: bf16[1,1024,384], param_1.3: u32[]) -> (bf16[1,1024,3072], u32[]) {
+  %param_0.3 = bf16[1,1024,384]{2,1,0} parameter(0)
+  %param_1.3 = u32[]{:S(2)} parameter(1)
+  %all-gather.3 = bf16[1,1024,3072]{2,1,0} all-gather(%param_0.3), channel_id=612, replica_groups=mesh['axis_0'=1,'axis_1'=8] {'axis_1'}, dimensions={2}, metadata={op_name="jit(step)/transpose(jvp(ViT))/qkv/dot_general"}
+  ROOT %t = (bf16[1,1024,3072]{2,1,0}, u32[]{:S(2)}) tuple(%all-gather.3, %param_1.3)
+}
+
+%win_cond (p: (u32[], bf16[1,1024,384])) -> pred[] {
+  %p = (u32[], bf16[1,1024,384]{2,1,0}) parameter(0)
+  %c2 = u32[]{:T(128)} constant(2)
+  %i = u32[]{:T(128)} get-tuple-element(%p), index=0
+  ROOT %lt = pred[]{:T(512)} compare(%i, %c2), direction=LT
+}
+
+%win_body (p: (u32[], bf16[1,1024,384])) -> (u32[], bf16[1,1024,384]) {
+  %p = (u32[], bf16[1,1024,384]{2,1,0}) parameter(0)
+  %one = u32[]{:T(128)} constant(1)
+  %i = u32[]{:T(128)} get-tuple-element(%p), index=0
+  %w = bf16[1,1024,384]{2,1,0} get-tuple-element(%p), index=1
+  %s1 = (bf16[1,1024,3072]{2,1,0}, u32[]{:S(2)}) fusion(%w, %i), kind=kOutput, calls=%async_collective_fusion.2
+  %s2 = (bf16[1,1024,3072]{2,1,0}, u32[]{:S(2)}) fusion(%w, %i), kind=kOutput, calls=%async_collective_fusion.3
+  %next = u32[]{:T(128)} add(%i, %one)
+  ROOT %t = (u32[], bf16[1,1024,384]{2,1,0}) tuple(%next, %w)
+}
+
+%layer_cond (p: (s32[], bf16[1,1024,384])) -> pred[] {
+  %p = (s32[], bf16[1,1024,384]{2,1,0}) parameter(0)
+  %c24 = s32[]{:T(128)} constant(24)
+  %i = s32[]{:T(128)} get-tuple-element(%p), index=0
+  ROOT %lt = pred[]{:T(512)} compare(%i, %c24), direction=LT
+}
+
+%layer_body (p: (s32[], bf16[1,1024,384])) -> (s32[], bf16[1,1024,384]) {
+  %p = (s32[], bf16[1,1024,384]{2,1,0}) parameter(0)
+  %i = s32[]{:T(128)} get-tuple-element(%p), index=0
+  %w = bf16[1,1024,384]{2,1,0} get-tuple-element(%p), index=1
+  %start = bf16[1,1024,3072]{2,1,0} fusion(%w), kind=kLoop, calls=%fused_computation.1
+  %zero = u32[] constant(0)
+  %t0 = (u32[], bf16[1,1024,384]{2,1,0}) tuple(%zero, %w)
+  %win = (u32[], bf16[1,1024,384]{2,1,0}) while(%t0), condition=%win_cond, body=%win_body
+  %end = bf16[1,1024,3072]{2,1,0} fusion(%w), kind=kLoop, calls=%fused_computation.1
+  %plain = bf16[1,1024,3072]{2,1,0} all-gather(%w), channel_id=9, replica_groups=mesh['axis_0'=1,'axis_1'=8] {'axis_1'}, dimensions={2}, metadata={op_name="jit(step)/jvp(ViT)/fc1/dot_general"}
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  ROOT %out = (s32[], bf16[1,1024,384]{2,1,0}) tuple(%next, %w)
+}
+
+ENTRY %main (w: bf16[1,1024,384]) -> bf16[1,1024,384] {
+  %w = bf16[1,1024,384]{2,1,0} parameter(0)
+  %zero = s32[] constant(0)
+  %t0 = (s32[], bf16[1,1024,384]{2,1,0}) tuple(%zero, %w)
+  %layers = (s32[], bf16[1,1024,384]{2,1,0}) while(%t0), condition=%layer_cond, body=%layer_body
+  ROOT %r = bf16[1,1024,384]{2,1,0} get-tuple-element(%layers), index=1
+}
+"""
+
+
+def test_steps_of_a_tpu_async_collective_fusion_count_as_one_collective():
+    """6 instructions of channel 612 per layer (start, 2 steps x 2 trips, end) are one all-gather per layer: 24 per
+    step, not 2 x 24 + 2 x 48 = 144. The ordinary all-gather beside it keeps its 24."""
+    found = roofline.parse_collectives(ASYNC_FUSION_HLO, 8)
+    full = 1024 * 3072 * 2
+    assert sorted((c.channel, c.count, c.bytes) for c in found) == [(9, 24, full), (612, 24, full)]
+    assert all(c.kind == "all-gather" and c.link_bytes == full * 7 / 8 for c in found)
+    merged = next(c for c in found if c.channel == 612)
+    assert merged.op_name == "jit(step)/transpose(jvp(ViT))/qkv/dot_general"
+
+
 def test_replica_group_forms_expand_to_device_ids():
     mesh = roofline.replica_group_ids("replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_0'}", 8)
     np.testing.assert_array_equal(mesh, [[0, 4], [1, 5], [2, 6], [3, 7]])

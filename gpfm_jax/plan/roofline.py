@@ -10,7 +10,11 @@ once, GPU `cost_analysis()` is None), so:
   gathered result, the reduce-scatter operand); "link bytes" is what a ring moves in and out of one device:
   (n-1)/n of it, twice for an all-reduce. Loops without XLA's trip-count annotation (TPU) have theirs read off the
   loop condition (`i < N`). A group that spans islands (hosts without NVLink between them) is timed
-  on the slower network.
+  on the slower network. TPU's async collective fusion runs one collective in steps: each step's fusion
+  (`async_collective_fusion.*`, with the start and end in plain fusions) carries the whole collective instruction
+  and the same channel_id, so one collective executes once, at the frequency of its least frequent step (counting
+  each step as a whole collective made v5e's qkv weight gather in the backward 19x too large; checked against a
+  compile without async collective fusion, docs/plan.md).
 """
 
 from __future__ import annotations
@@ -94,6 +98,7 @@ _CALLED = re.compile(r"\b(?:calls|to_apply|body|condition|true_computation|false
 _CALLED_LIST = re.compile(r"\b(?:branch_computations|called_computations)=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+_CHANNEL = re.compile(r"\bchannel_id=(\d+)")
 KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 
 
@@ -223,6 +228,8 @@ class Collective:
     link_bytes: float  # bytes in/out of one device per execution (ring)
     group_size: int
     cross_island: bool
+    channel: int | None = None  # channel_id: shared by the steps of one TPU async collective fusion
+    in_async_fusion: bool = False
 
 
 def _link_bytes(kind: str, full: int, n: int) -> float:
@@ -285,8 +292,11 @@ def parse_collectives(hlo: str, num_partitions: int, islands: list[int] | None =
                 if islands is not None and n > 1:
                     cross = any(len({islands[i] for i in g}) > 1 for g in groups)
                 op_name = _OP_NAME.search(attrs)
+                channel = _CHANNEL.search(attrs)
                 found.append(Collective(base, op_name.group(1) if op_name else "(combined by XLA)", times, full,
-                                        _link_bytes(base, full, n), n, cross))
+                                        _link_bytes(base, full, n), n, cross,
+                                        int(channel.group(1)) if channel else None,
+                                        name.startswith("async_collective_fusion")))
                 continue
             if op.endswith("-done"):
                 continue
@@ -307,7 +317,26 @@ def parse_collectives(hlo: str, num_partitions: int, islands: list[int] | None =
     if unknown_trips:
         warnings.warn(f"{len(unknown_trips)} while loops without a readable trip count were counted once: "
                       f"{unknown_trips[:5]}", stacklevel=2)
-    return found
+    return merge_async_fusion_steps(found)
+
+
+def merge_async_fusion_steps(found: list[Collective]) -> list[Collective]:
+    """One collective per channel_id where a TPU async collective fusion runs it in steps (module docstring): the
+    largest instance, executed as often as the least frequent one."""
+    steps: dict[int, list[Collective]] = defaultdict(list)
+    for c in found:
+        if c.channel is not None:
+            steps[c.channel].append(c)
+    fused = {ch for ch, cs in steps.items() if len(cs) > 1 and any(c.in_async_fusion for c in cs)}
+    out, merged = [], set()
+    for c in found:
+        if c.channel not in fused:
+            out.append(c)
+        elif c.channel not in merged:
+            merged.add(c.channel)
+            group = steps[c.channel]
+            out.append(dataclasses.replace(max(group, key=lambda x: x.bytes), count=min(x.count for x in group)))
+    return out
 
 
 @dataclasses.dataclass
