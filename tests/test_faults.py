@@ -7,6 +7,7 @@ resume), and gpfm-extract's HDF5 output on a full disk."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import re
 import subprocess
@@ -341,6 +342,26 @@ def test_a_failed_collective_waits_for_the_heartbeat_to_name_the_lost_peer(monke
     start = time.monotonic()
     assert loop._peer_loss_behind(RuntimeError("a genuine error"), watchdog, d) is None
     assert lag < time.monotonic() - start < lag + d.poll_s + 2.5
+
+
+def test_the_peer_heartbeat_thread_is_stopped_and_joined_before_exit():
+    """At interpreter exit a daemon heartbeat thread still inside a client call is ended by pthread_exit, and the C++
+    code it unwinds through aborts the process ("FATAL: exception not rethrown", seen once in the two-process
+    test): stop() must wait for the thread, and runtime.setup registers it to run at exit."""
+    from gpfm_jax.train import faults, runtime
+
+    class SlowClient:
+        def key_value_set(self, key, value, allow_overwrite=False):
+            time.sleep(0.3)  # a call in flight when the exit comes
+
+        def key_value_try_get(self, key):
+            return "1"
+
+    heartbeat = faults.PeerHeartbeat(SlowClient(), 0, 2, interval_s=0.01)
+    time.sleep(0.05)
+    heartbeat.stop()
+    assert not heartbeat._thread.is_alive()
+    assert "atexit.register(_heartbeat.stop)" in inspect.getsource(runtime.setup)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -237,8 +237,14 @@ class PeerHeartbeat:
             return [(0, now - self.last_ok)]
         return [(p, now - t) for p, t in sorted(self.last_seen.items()) if p != self.me and now - t > deadline_s]
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stops the thread and waits for it. Called at exit (runtime.setup registers it, so it runs before
+        jax.distributed's shutdown): a daemon thread still inside a client call when the interpreter finalises is
+        ended by pthread_exit, whose unwinding C++ code swallows ("FATAL: exception not rethrown", abort): seen
+        once in a two-process test run that had finished its work."""
         self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=timeout_s)
 
 
 class Watchdog:

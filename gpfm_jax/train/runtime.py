@@ -5,6 +5,7 @@ initialisation and shutdown timeouts from the config, and the run's peer heartbe
 
 from __future__ import annotations
 
+import atexit
 import os
 from typing import Any, Mapping
 
@@ -81,6 +82,7 @@ def setup(r: RuntimeConfig, heartbeat_interval_s: float = 1.0) -> None:
             start_death_notice(jax.process_index(), jax.process_count())
         if client is not None and jax.process_count() > 1:
             _heartbeat = PeerHeartbeat(client, jax.process_index(), jax.process_count(), heartbeat_interval_s)
+            atexit.register(_heartbeat.stop)  # after jax's own exit handler, so it runs before the shutdown
     _runtime_done = True
 
 
