@@ -241,7 +241,7 @@ class PeerHeartbeat:
         """Stops the thread and waits for it. Called at exit (runtime.setup registers it, so it runs before
         jax.distributed's shutdown): a daemon thread still inside a client call when the interpreter finalises is
         ended by pthread_exit, whose unwinding C++ code swallows ("FATAL: exception not rethrown", abort): seen
-        once in a two-process test run that had finished its work."""
+        once in the full suite's two-process test (the likely cause; not reproduced on demand)."""
         self._stop.set()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=timeout_s)
