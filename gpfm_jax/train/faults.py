@@ -243,8 +243,7 @@ class PeerHeartbeat:
         ended by pthread_exit, whose unwinding C++ code swallows ("FATAL: exception not rethrown", abort): seen
         once in the full suite's two-process test (the likely cause; not reproduced on demand)."""
         self._stop.set()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout=timeout_s)
+        self._thread.join(timeout=timeout_s)
 
 
 class Watchdog:
