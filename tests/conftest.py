@@ -16,6 +16,11 @@ import numpy as np
 import pytest
 
 DATA_DIR = Path(__file__).parent / "data"
+
+# Optional packages: each test that needs one either finds it (the README's test command installs the `test` and
+# `tpu` extras) or is skipped with a reason naming the extra. CI sets GPFM_REQUIRE_EXTRAS=test,tpu (.ci/run): a skip
+# for an extra it installed fails the run, so a check can never pass by being skipped.
+EXTRA_REASON = "needs the `{extra}` extra (pip install -e \".[{extra}]\")"
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
@@ -56,6 +61,42 @@ def randomize_torch_params_(model, seed: int = 0) -> None:
                 p.copy_(0.5 + torch.rand(p.shape, generator=gen))
             else:
                 p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+
+
+def require(module: str, extra: str = "test"):
+    """`pytest.importorskip` whose reason names the extra that installs the module."""
+    return pytest.importorskip(module, reason=EXTRA_REASON.format(extra=extra) + f": cannot import {module}")
+
+
+_skips: list[tuple[str, str]] = []
+
+
+def _note_skip(report) -> None:
+    if report.skipped and isinstance(report.longrepr, tuple):
+        _skips.append((report.nodeid, str(report.longrepr[2])))
+
+
+def pytest_collectreport(report):
+    _note_skip(report)
+
+
+def pytest_runtest_logreport(report):
+    _note_skip(report)
+
+
+def required_extras() -> list[str]:
+    return [e.strip() for e in os.environ.get("GPFM_REQUIRE_EXTRAS", "").split(",") if e.strip()]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """With GPFM_REQUIRE_EXTRAS set, a test skipped for one of those extras fails the session."""
+    needed = [EXTRA_REASON.format(extra=e) for e in required_extras()]
+    bad = [(node, why) for node, why in _skips if any(n in why for n in needed)]
+    if bad:
+        lines = "\n".join(f"  {node}: {why}" for node, why in bad)
+        print(f"\nGPFM_REQUIRE_EXTRAS={os.environ['GPFM_REQUIRE_EXTRAS']}: {len(bad)} skipped for an extra that "
+              f"was to be installed:\n{lines}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")

@@ -11,14 +11,14 @@ import orbax.checkpoint as ocp
 import pytest
 import torch
 
-from conftest import randomize_torch_params_
+from conftest import randomize_torch_params_, require
 from gpfm_jax.convert import layout, vit_keys
 from gpfm_jax.convert.student import import_vit
 from gpfm_jax.convert.torch_io import CheckpointError, load_torch_file
 from tools.convert_from_pytorch import main as from_pytorch
 from tools.convert_to_pytorch import main as to_pytorch
 
-timm = pytest.importorskip("timm")
+timm = require("timm")
 SMALL = dict(img_size=56, patch_size=14, embed_dim=384, depth=8, num_heads=6, init_values=1e-5, num_classes=0)
 
 

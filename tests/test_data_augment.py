@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import require
 from PIL import Image
 
 from gpfm_jax.data import augment as A
@@ -142,8 +143,8 @@ def test_pathology_options_run():
 
 
 def test_colour_ops_match_torchvision_tensor_ops():
-    torch = pytest.importorskip("torch")
-    F = pytest.importorskip("torchvision.transforms.functional")
+    torch = require("torch")
+    F = require("torchvision.transforms.functional")
     x = np.random.default_rng(0).random((3, 3, 24, 24), dtype=np.float32)
     x[0, :, :4] = np.round(x[0, :, :4] * 3) / 3  # ties between channels
     t = torch.from_numpy(x)
@@ -160,8 +161,8 @@ def test_colour_ops_match_torchvision_tensor_ops():
 
 
 def test_resize_matches_torchvision_on_pil():
-    pytest.importorskip("torch")
-    F = pytest.importorskip("torchvision.transforms.functional")
+    require("torch")
+    F = require("torchvision.transforms.functional")
     img = Image.open("tests/data/wsidicom_test_tile.png").convert("RGB")
     plan = A.CropPlan([(10, 20, 150, 170)], np.array([True]), np.array([False]), np.array([0]))
     ours = A.apply_crop_plan(img, plan, 98)[0]

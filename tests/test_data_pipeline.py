@@ -89,7 +89,7 @@ def test_restore_mid_epoch_gives_the_same_next_batch(tiles):
 
 
 def test_orbax_checkpoint_of_iterator(tiles, tmp_path):
-    ocp = pytest.importorskip("orbax.checkpoint")
+    import orbax.checkpoint as ocp
     src = FolderSource(tiles)
     it = make_iterator(src, SMALL)
     next(it)

@@ -102,7 +102,6 @@ def test_all_bad_source_is_a_clear_error(tmp_path):
 
 
 def test_tfds_builder_and_source(tmp_path):
-    pytest.importorskip("tensorflow_datasets")
     from gpfm_jax.data.tfds_builder import build_tile_dataset
 
     cut_tiles(tmp_path / "tiles", n=4, size=64, subdirs=2)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import require
 
 from gpfm_jax.models.heads import DINOHead, DistillHeads, distill_head
 
@@ -93,7 +94,7 @@ def test_full_size_shapes_and_bf16_compute():
 
 @pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")  # DINOv2 uses the old API: weight_g/weight_v keys
 def test_matches_pytorch_dinov2_head_after_mechanical_mapping():
-    torch = pytest.importorskip("torch")
+    torch = require("torch")
     tnn = torch.nn
     torch.manual_seed(0)
     mlp = tnn.Sequential(tnn.Linear(16, 32), tnn.GELU(), tnn.Linear(32, 32), tnn.GELU(), tnn.Linear(32, 8))

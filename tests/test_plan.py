@@ -18,6 +18,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from conftest import EXTRA_REASON  # noqa: E402
 
 from gpfm_jax.plan import roofline, targets  # noqa: E402
 from gpfm_jax.plan.cli import main  # noqa: E402
@@ -285,6 +286,28 @@ def test_per_shard_drop_path_keeps_collectives_within_3x_the_parameter_bytes(cpu
     assert not any("scatter-add" in op["op_name"] for op in plan["collectives"]["top"])
 
 
+def test_missing_plugin_namespaces_are_not_installed_not_errors(monkeypatch, capsys):
+    """Issue 17: `find_spec("jax_plugins.xla_cuda13")` imports `jax_plugins` and raised ModuleNotFoundError where no
+    JAX plugin is installed. Simulated here whatever this machine has: a None entry in sys.modules makes the import
+    of that name fail exactly as an absent package does."""
+    monkeypatch.setitem(sys.modules, "jax_plugins", None)
+    monkeypatch.setitem(sys.modules, "libtpu", None)
+    with pytest.raises(ModuleNotFoundError):  # what the old probe did
+        __import__("importlib.util").util.find_spec("jax_plugins.xla_cuda13")
+    assert targets.module_available("jax_plugins.xla_cuda13") is False
+    assert targets.module_available("libtpu") is False
+    assert targets.module_available("json") is True
+    for name in ("h100-8", "h100-16", "v5p-8", "v5e-8"):
+        assert targets.available(targets.get_target(name)) is False
+    with pytest.raises(RuntimeError, match=r'\.\[gpu\]'):
+        targets.devices(targets.get_target("h100-8"))
+    # gpfm-plan exits 2 with one line naming the extra, before it loads the config or compiles anything
+    for name, extra in (("h100-8", "[gpu]"), ("v5p-8", "[tpu]")):
+        assert main(["--target", name, "--config", "no/such/config.py"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and extra in err[0] and err[0].startswith(f"gpfm-plan: target {name} needs"), err
+
+
 def test_cli_reports_bad_overrides_and_missing_config(tmp_path, capsys):
     assert main(["--config", str(tmp_path / "nope.py"), "--target", "cpu-8"]) == 2
     assert main(["--config", str(DEMO), "--target", "cpu-8", "--config.mesh.nope=3"]) == 2
@@ -309,7 +332,8 @@ def _cli_plan(target: str, tmp_path) -> tuple[dict, str]:
     return json.loads(out.read_text()), hlo.read_text()
 
 
-@pytest.mark.skipif(not targets.available(targets.get_target("v5e-8")), reason="libtpu not installed (.[tpu])")
+@pytest.mark.skipif(not targets.available(targets.get_target("v5e-8")),
+                    reason=EXTRA_REASON.format(extra="tpu") + ": libtpu not installed")
 def test_tpu_deviceless_compile_of_a_small_config(tmp_path):
     plan, hlo = _cli_plan("v5e-8", tmp_path)
     assert plan["memory"]["fits"] and plan["compute_dtype"] == "bfloat16" and plan["attention_impl"] == "xla"
@@ -318,7 +342,8 @@ def test_tpu_deviceless_compile_of_a_small_config(tmp_path):
     assert _drop_path_traffic(hlo) == 0
 
 
-@pytest.mark.skipif(not targets.available(targets.get_target("h100-8")), reason="JAX CUDA plugin not installed")
+@pytest.mark.skipif(not targets.available(targets.get_target("h100-8")),
+                    reason=EXTRA_REASON.format(extra="gpu") + ": no JAX CUDA plugin")
 def test_h100_deviceless_compile_of_a_small_config(tmp_path):
     plan, hlo = _cli_plan("h100-8", tmp_path)
     assert plan["memory"]["fits"] and plan["compute_dtype"] == "bfloat16" and plan["attention_impl"] == "cudnn"

@@ -18,14 +18,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import normalised_batch, randomize_torch_params_
+from conftest import normalised_batch, randomize_torch_params_, require
 from gpfm_jax.convert.bundle import load_bundle
 from gpfm_jax.encoders import load_encoder
 from gpfm_jax.encoders.teachers import load_teacher
 from gpfm_jax.models.teachers import teacher_targets
 
-timm = pytest.importorskip("timm")
-transformers = pytest.importorskip("transformers")
+timm = require("timm")
+transformers = require("transformers")
 ATOL = 1e-4
 
 
@@ -233,7 +233,7 @@ def _coca_model():
 
 @pytest.fixture(scope="module")
 def conch(tmp_path_factory):
-    pytest.importorskip("conch.open_clip_custom")
+    require("conch.open_clip_custom")
     tmp = tmp_path_factory.mktemp("conch")
     with torch.device("meta"):  # skip CoCa's init (~400M params); every parameter is set right below
         model = _coca_model()

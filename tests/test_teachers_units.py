@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import normalised_batch
+from conftest import normalised_batch, require
 from gpfm_jax.models.pooling import PooledViT
 from gpfm_jax.models.vit import VisionTransformer
 from gpfm_jax.encoders.teachers import load_teachers
@@ -126,7 +126,7 @@ def test_standin_keeps_structure():
 
 
 def test_hf_vit_file_given_as_uni_is_refused(tmp_path, capsys):
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
     model = transformers.ViTModel(cfg)
     model.save_pretrained(tmp_path / "hf")
@@ -136,7 +136,7 @@ def test_hf_vit_file_given_as_uni_is_refused(tmp_path, capsys):
 
 
 def test_timm_file_given_as_conch_is_refused(tmp_path, capsys):
-    timm = pytest.importorskip("timm")
+    timm = require("timm")
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, depth=1)
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
     assert _port("conch", tmp_path / "pytorch_model.bin", tmp_path / "b") == 1

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import require
 
 from helpers_train import FAST_COMPILE, REPO, get_config, run_cli
 from gpfm_jax.train import checkpoint as ckpt
@@ -98,7 +99,7 @@ def test_demo_config_runs_end_to_end_and_exports_to_pytorch(tmp_path, cache_dir)
     assert sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) == [2, 3]
 
     # The training checkpoint exports the EMA teacher backbone to the official GPFM layout.
-    torch = pytest.importorskip("torch")
+    torch = require("torch")
     from tools.convert_to_pytorch import main as to_pytorch
 
     assert to_pytorch(["--checkpoint", str(ckpt_dir), "--format", "gpfm", "--out", str(tmp_path / "gpfm.pth")]) == 0

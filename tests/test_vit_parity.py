@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import normalised_batch
+from conftest import normalised_batch, require
 from gpfm_jax.encoders import load_encoder
 
-timm = pytest.importorskip("timm")
+timm = require("timm")
 ATOL = 1e-4
 
 

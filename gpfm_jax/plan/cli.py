@@ -122,9 +122,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     prepare_environment()
     args, overrides = _parser().parse_known_args(argv)
     from gpfm_jax.plan import analysis, search
-    from gpfm_jax.plan.targets import get_target
+    from gpfm_jax.plan.targets import get_target, missing_requirement
 
     target = get_target(args.target)
+    problem = missing_requirement(target)
+    if problem:  # before the config is loaded or anything compiles: one line naming the extra
+        print(f"gpfm-plan: {problem}", file=sys.stderr)
+        return 2
     try:
         cfg = load_config(args.config)
         apply_overrides(cfg, overrides)

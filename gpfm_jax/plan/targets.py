@@ -126,46 +126,56 @@ def prepare_environment() -> None:
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # register the CUDA plugin without a driver
 
 
-def _require(module: str, extra: str, target: Target) -> None:
-    if importlib.util.find_spec(module) is None:
-        raise RuntimeError(f"target {target.name} needs {module!r}: pip install -e \".[{extra}]\" (or "
-                           f"pip install 'gpfm_jax[{extra}]')")
+def module_available(name: str) -> bool:
+    """Whether `import name` would find the module, without raising: `importlib.util.find_spec("a.b")` imports `a`
+    and raises ModuleNotFoundError when `a` itself is absent (the `jax_plugins` namespace exists only where a JAX
+    plugin is installed), so a missing parent counts as "not installed", never as an error."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a missing parent package; a module whose __spec__ is None
+        return False
 
 
 def _cuda_plugin_installed() -> bool:
-    return any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") is not None for v in (13, 12))
+    return any(module_available(f"jax_plugins.xla_cuda{v}") for v in (13, 12))
+
+
+def missing_requirement(target: Target) -> str | None:
+    """None when this machine can compile for the target; else one line naming what to install (or set)."""
+    if target.platform == "tpu" and not module_available("libtpu"):
+        return f"target {target.name} needs libtpu: pip install -e \".[tpu]\" (or pip install 'gpfm_jax[tpu]')"
+    if target.platform == "gpu" and not _cuda_plugin_installed():
+        return (f"target {target.name} needs the JAX CUDA plugin: pip install -e \".[gpu]\" (or pip install "
+                f"'gpfm_jax[gpu]')")
+    if target.platform == "cpu":
+        import jax
+
+        if len(jax.devices("cpu")) < target.chips:
+            return (f"target {target.name} needs {target.chips} CPU devices, jax has {len(jax.devices('cpu'))}: set "
+                    f"XLA_FLAGS=--xla_force_host_platform_device_count={target.chips} before jax starts")
+    return None
 
 
 def available(target: Target) -> bool:
     """Whether this machine can compile for the target (the extra is installed, or enough CPU devices)."""
-    if target.platform == "tpu":
-        return importlib.util.find_spec("libtpu") is not None
-    if target.platform == "gpu":
-        return _cuda_plugin_installed()
-    import jax
-
-    return len(jax.devices("cpu")) >= target.chips
+    return missing_requirement(target) is None
 
 
 def devices(target: Target) -> list:
     """The target's devices: abstract TPU / GPU devices from a topology description, or host CPU devices."""
     import jax
 
+    problem = missing_requirement(target)
+    if problem:
+        raise RuntimeError(problem)
     if target.platform == "cpu":
-        found = jax.devices("cpu")
-        if len(found) < target.chips:
-            raise RuntimeError(f"target {target.name} needs {target.chips} CPU devices, jax has {len(found)}: set "
-                               f"XLA_FLAGS=--xla_force_host_platform_device_count={target.chips} before jax starts")
-        return found[: target.chips]
+        return jax.devices("cpu")[: target.chips]
     from jax.experimental import topologies
 
     kwargs = dict(target.topology)
     if target.platform == "tpu":
-        _require("libtpu", "tpu", target)
         topo = topologies.get_topology_desc(**kwargs)
     else:
-        if not _cuda_plugin_installed():
-            raise RuntimeError(f"target {target.name} needs the JAX CUDA plugin: pip install -e \".[gpu]\"")
         topo = topologies.get_topology_desc(platform="cuda", topology_name="", target_config=h100_target_config(),
                                             **kwargs)
     found = list(topo.devices)
