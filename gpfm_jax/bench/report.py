@@ -123,7 +123,7 @@ def build_report(run_dir: str | os.PathLike, replicates: int = 1000, seed: int =
     return {"suite": run["name"], "run": str(Path(run_dir).absolute()), "replicates": replicates, "seed": seed,
             "level": level, "encoders": encoders, "tasks": per_task, "ranking": ranking.to_json(),
             "nemenyi": cd.to_json(encoders),
-            "timing": {"bootstrap_seconds": round(seconds, 3), "programs": boot.num_programs},
+            "timing": {"bootstrap_seconds": round(seconds, 3), "replicates_per_step": boot.batch},
             "_ranking": ranking, "_nemenyi": cd}
 
 

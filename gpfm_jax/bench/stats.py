@@ -69,7 +69,7 @@ def cliques(avg_rank: np.ndarray, cd: float) -> list[list[int]]:
     out: list[list[int]] = []
     for i in range(len(r)):
         j = i
-        while j + 1 < len(r) and r[j + 1] - r[i] < cd:
+        while j + 1 < len(r) and r[j + 1] - r[i] <= cd:
             j += 1
         if j > i and not (out and order[j] in out[-1]):
             out.append([int(o) for o in order[i : j + 1]])

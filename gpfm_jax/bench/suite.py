@@ -291,14 +291,15 @@ def load_suite(path: str | os.PathLike) -> Suite:
     sections = {k: top.get(k, dict, {}) for k in ("encoders", "datasets", "tasks")}
     top.done()
     for section, table in sections.items():
-        if not table:
-            raise SuiteError(f"{file}: [{section}]: the suite declares no {section}")
         for key in table:
             if not NAME.match(key):
                 raise SuiteError(f"{file}: {section}.{key}: names are letters, digits and _ . + - (no spaces)")
     encoders = {n: _encoder(file, n, t) for n, t in sections["encoders"].items()}
     datasets = {n: _dataset(file, n, t) for n, t in sections["datasets"].items()}
     tasks = {n: _task(file, n, t, datasets) for n, t in sections["tasks"].items()}
+    for section, table in sections.items():
+        if not table:
+            raise SuiteError(f"{file}: [{section}]: the suite declares no {section}")
     synth_enc = sorted(n for n, e in encoders.items() if e.synthetic is not None)
     synth_ds = sorted(n for n, d in datasets.items() if d.kind == "synthetic")
     if synth_enc and len(synth_enc) != len(encoders) or synth_ds and len(synth_ds) != len(datasets) or \
