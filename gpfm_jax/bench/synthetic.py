@@ -10,10 +10,12 @@ hence one content key); the same signal with another seed is an equally good but
   i mod P), class c uniform over `classes`; feature = s * mu_c + b_patient + N(0, I), mu_c unit vectors, b_patient
   ~ N(0, 0.25 I) a patient effect shared by that patient's tiles (so tiles of one patient are correlated, as in
   real cohorts, and resampling patients matters).
-- `slides` (MIL classification): n slides of 16-48 tiles, half positive; a positive slide hides a quarter of its
-  tiles shifted by 1.5 s along a fixed direction u; every other tile is N(0, I).
+- `slides` (MIL classification): n slides of 16-48 tiles, half positive; a positive slide hides a third of its
+  tiles shifted by 0.75 s along a fixed direction u; every other tile is N(0, I).
 - `survival`: slide risk z ~ N(0, 1), event time T ~ Exponential(mean 10 exp(-z)); a `censoring` fraction of the
-  slides is censored at T * U(0, 1); every tile carries 0.5 s z u + N(0, I).
+  slides is censored at T * U(0, 1); every tile carries 0.15 s z u + N(0, I).
+The constants keep signals of ~0.5-3 between chance and the ceiling on every task type, so graded encoders stay
+distinguishable (none saturates at AUC 1).
 
 Features are written in gpfm-extract's file layouts (tiles: `features`, `paths`; slides: `features`, `coords`), so
 everything after extraction runs exactly as for real encoders.
@@ -95,10 +97,10 @@ def slide_features(params: dict[str, Any], signal: float, seed: int, index: int)
     x = _rng(params, 3, int(seed), index).standard_normal((m, dim))
     if params["kind"] == "slides":
         if t.z[index]:
-            key = _rng(params, 4, index).choice(m, max(1, m // 4), replace=False)  # the truth: same for every encoder
-            x[key] += 1.5 * signal * u
+            key = _rng(params, 4, index).choice(m, max(1, m // 3), replace=False)  # the truth: same for every encoder
+            x[key] += 0.75 * signal * u
     else:
-        x += 0.5 * signal * t.z[index] * u
+        x += 0.15 * signal * t.z[index] * u
     return x.astype(np.float32)
 
 
