@@ -128,7 +128,8 @@ def main(argv=None) -> int:
     boot2 = bootstrap_metrics(tasks, args.replicates, seed=1)  # programs compiled: the steady-state cost
     t3 = time.perf_counter()
     print(f"vectorised: {args.replicates} replicates {t1 - t0:.1f} s (first call, {boot.batch} replicates per step; "
-          f"compile included), ranking {t2 - t1:.2f} s, total {t2 - t0:.1f} s; again with compiled programs {t3 - t2:.1f} s")
+          f"compile included), ranking {t2 - t1:.2f} s, total {t2 - t0:.1f} s; again with compiled programs "
+          f"{t3 - t2:.1f} s")
     for e in ranking.order():
         lo, hi = ranking.avg_rank_ci[e]
         print(f"  {ranking.encoders[e]}: average rank {ranking.avg_rank[e]:.2f} [{lo:.2f}, {hi:.2f}], P(first) "

@@ -68,7 +68,8 @@ def _convert(spec: EncoderSpec, store: Store, events: Events) -> Path:
     weights = Path(spec.weights)
     if not weights.is_file():
         raise FileNotFoundError(f"encoders.{spec.name}.weights: {weights}: no such file")
-    ckey = digest({"weights": store.hashes.file_sha(weights), "convert": spec.convert, "arch": spec.arch})
+    ckey = digest({"weights": store.hashes.file_sha(weights), "convert": spec.convert, "arch": spec.arch,
+                   "num_heads": spec.num_heads})
     out = store.bundle_dir(ckey)
     if is_bundle(out):
         return out
@@ -76,7 +77,8 @@ def _convert(spec: EncoderSpec, store: Store, events: Events) -> Path:
     if spec.convert == "vit":
         from gpfm_jax.convert.student import convert_from_pytorch
 
-        convert_from_pytorch(weights, out, arch=spec.arch)
+        heads = {"num_heads": spec.num_heads} if spec.num_heads else {}
+        convert_from_pytorch(weights, out, arch=spec.arch, **heads)
     else:
         from gpfm_jax.convert.teacher_port import port_teacher
 

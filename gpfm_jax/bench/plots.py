@@ -58,9 +58,10 @@ def cd_diagram(cd: Nemenyi, encoders: list[str], path: Path) -> None:
     plt = _plt()
     k = len(encoders)
     order = np.argsort(cd.avg_rank)
-    fig, ax = plt.subplots(figsize=(7.0, 1.6 + 0.3 * k))
+    half = (k + 1) // 2
+    fig, ax = plt.subplots(figsize=(7.0, 1.5 + 0.32 * half))
     ax.set_xlim(0.5, k + 0.5)
-    ax.set_ylim(-(k // 2 + 2.5), 2.2)
+    ax.set_ylim(-(half + 0.6), 2.2)
     ax.axis("off")
     ax.hlines(0, 1, k, color="k", lw=1)
     for i in range(1, k + 1):
@@ -70,7 +71,6 @@ def cd_diagram(cd: Nemenyi, encoders: list[str], path: Path) -> None:
         ax.hlines(1.4, 1, 1 + cd.cd, color="k", lw=2)
         ax.vlines([1, 1 + cd.cd], 1.3, 1.5, color="k", lw=1)
         ax.text(1 + cd.cd / 2, 1.6, f"CD = {cd.cd:.2f}", ha="center", fontsize=9)
-    half = (k + 1) // 2
     for j, e in enumerate(order):
         r = cd.avg_rank[e]
         left = j < half
@@ -81,7 +81,7 @@ def cd_diagram(cd: Nemenyi, encoders: list[str], path: Path) -> None:
                 va="center", fontsize=9)
     for n, clique in enumerate(cliques(cd.avg_rank, cd.cd) if np.isfinite(cd.cd) else []):
         rs = cd.avg_rank[clique]
-        ax.hlines(-0.35 - 0.18 * n, rs.min() - 0.03, rs.max() + 0.03, color="#c0392b", lw=3)
+        ax.hlines(-0.3 - 0.16 * n, rs.min() - 0.06, rs.max() + 0.06, color="#c0392b", lw=3)
     fried = f"; Friedman p = {cd.friedman_p:.2g}" if cd.friedman_p is not None else ""
     ax.set_title(f"Nemenyi, alpha = {cd.alpha}, {cd.num_tasks} tasks{fried}", fontsize=9)
     _save(fig, path)

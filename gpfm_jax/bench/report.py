@@ -67,7 +67,8 @@ def _aligned(task: str, encoders: list[str], cells: dict[str, dict]) -> tuple[di
                               f"({len(where)} vs {len(keys)}); were they run on different data?")
         perm = np.array([where[k] for k in keys])
         for field in ("unit", "y", "time", "event"):
-            if field in ref and np.any(np.asarray(rows[field], dtype=object)[perm] != np.asarray(ref[field], dtype=object)):
+            mine, theirs = np.asarray(rows.get(field, []), dtype=object), np.asarray(ref.get(field, []), dtype=object)
+            if field in ref and np.any(mine[perm] != theirs):
                 raise ReportError(f"task {task}: encoder {e}'s {field} differ from {encoders[0]}'s")
         perms.append(perm)
     return ref, perms

@@ -81,6 +81,7 @@ class EncoderSpec:
     weights: str | None = None  # PyTorch / safetensors file, converted on the fly
     convert: str = "vit"
     arch: str | None = None  # vit conversion: require this architecture
+    num_heads: int | None = None  # vit conversion: head count of a non-standard width
     synthetic: float | None = None  # signal strength of a synthetic encoder
     seed: int = 0  # synthetic encoder's noise
     output: str | None = None  # which model output is the feature (default: the bundle's)
@@ -191,7 +192,7 @@ def _encoder(file: Path, name: str, table: dict) -> EncoderSpec:
     base = file.parent
     spec = EncoderSpec(
         name=name, bundle=f.path("bundle", base), step=f.get("step", int), weights=f.path("weights", base),
-        convert=f.get("convert", str, "vit", CONVERTERS), arch=f.get("arch", str),
+        convert=f.get("convert", str, "vit", CONVERTERS), arch=f.get("arch", str), num_heads=f.get("num_heads", int),
         synthetic=f.get("synthetic", float), seed=f.get("seed", int, 0), output=f.get("output", str),
         dtype=f.get("dtype", str, "float32", ("float32", "bfloat16")), batch_size=f.get("batch_size", int, 64))
     f.done()
@@ -200,6 +201,8 @@ def _encoder(file: Path, name: str, table: dict) -> EncoderSpec:
         raise f.error("bundle", f"give exactly one of bundle / weights / synthetic (got {given or 'none'})")
     if spec.batch_size < 1:
         raise f.error("batch_size", f"must be >= 1, got {spec.batch_size}")
+    if (spec.arch or spec.num_heads) and (spec.weights is None or spec.convert != "vit"):
+        raise f.error("arch" if spec.arch else "num_heads", "only for weights converted with convert = \"vit\"")
     return spec
 
 

@@ -13,7 +13,7 @@ hence one content key); the same signal with another seed is an equally good but
 - `slides` (MIL classification): n slides of 16-48 tiles, half positive; a positive slide hides a third of its
   tiles shifted by 0.75 s along a fixed direction u; every other tile is N(0, I).
 - `survival`: slide risk z ~ N(0, 1), event time T ~ Exponential(mean 10 exp(-z)); a `censoring` fraction of the
-  slides is censored at T * U(0, 1); every tile carries 0.15 s z u + N(0, I).
+  slides is censored at T * U(0, 1); every tile carries 0.3 s z u + N(0, I).
 The constants keep signals of ~0.5-3 between chance and the ceiling on every task type, so graded encoders stay
 distinguishable (none saturates at AUC 1).
 
@@ -100,7 +100,7 @@ def slide_features(params: dict[str, Any], signal: float, seed: int, index: int)
             key = _rng(params, 4, index).choice(m, max(1, m // 3), replace=False)  # the truth: same for every encoder
             x[key] += 0.75 * signal * u
     else:
-        x += 0.15 * signal * t.z[index] * u
+        x += 0.3 * signal * t.z[index] * u
     return x.astype(np.float32)
 
 

@@ -72,7 +72,8 @@ def _loss(params: dict, x: jax.Array, y: jax.Array, w: jax.Array) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=64)
-def _optimizer(learning_rate: float, weight_decay: float, warmup_steps: int, total: int) -> optax.GradientTransformation:
+def _optimizer(learning_rate: float, weight_decay: float, warmup_steps: int,
+               total: int) -> optax.GradientTransformation:
     """One optimizer object per setting, so `_epoch` (static in it) compiles once per setting and data shape and is
     reused by every probe with those (the folds and encoders of a benchmark)."""
     if warmup_steps:
