@@ -171,3 +171,42 @@ def test_cached_features_are_the_encoders_forward(benchmark):
         np.testing.assert_allclose(feats, enc(tiles), atol=1e-5)
         found += 1
     assert found == 1
+
+
+def test_real_slides_are_keyed_by_content(benchmark, tmp_path):
+    """Slides go through gpfm-extract's slide runner, one feature file per slide *content*: two byte-identical
+    copies are extracted once, a changed file again; a second call extracts nothing; the MIL view names every
+    labelled slide."""
+    import h5py
+
+    from gpfm_jax.bench import datasets, features
+    from gpfm_jax.bench.cache import Store
+    from gpfm_jax.bench.suite import DatasetSpec, EncoderSpec
+
+    root, _, _ = benchmark
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    data = SLIDE.read_bytes()
+    (slides / "a.svs").write_bytes(data)
+    (slides / "b.svs").write_bytes(data)  # same content as a
+    (slides / "c.svs").write_bytes(data + b"\0" * 16)  # another file (trailing bytes: TIFF readers ignore them)
+    (tmp_path / "labels.csv").write_text("slide_id,label\na,x\nb,y\nc,x\nmissing,y\n")
+    ds = DatasetSpec("cohort", "slides", slides=str(slides), labels=str(tmp_path / "labels.csv"), tile_size=256)
+    store = Store(tmp_path / "cache")
+    events: list[tuple[str, dict]] = []
+    log = lambda kind, **kw: events.append((kind, kw))  # noqa: E731
+    enc = features.resolve_encoder(EncoderSpec("random-vit", bundle=str(root / "random_vit"), batch_size=16), store,
+                                   log)
+    items = datasets.slide_set(ds, store.hashes, store)
+    assert items.slide_ids == ["a", "b", "c"]  # 'missing' has no slide file
+    assert items.content["a"] == items.content["b"] != items.content["c"]
+    view = features.slide_features(enc, ds, items, store, log)
+    folder_key, stems = features.slide_feature_keys(enc, ds, items)
+    assert len(list(store.slide_features_dir(folder_key).glob("*.h5"))) == 2
+    assert sorted(p.name for p in view.iterdir()) == ["a.h5", "b.h5", "c.h5"]
+    with h5py.File(view / "a.h5", "r") as fa, h5py.File(view / "c.h5", "r") as fc:
+        assert fa["features"].shape[0] > 20 and fa["coords"].attrs["patch_size"] > 0
+        np.testing.assert_allclose(fa["features"][()], fc["features"][()], atol=1e-5)  # same pixels
+    assert [kw["items"] for kind, kw in events if kind == "extract"] == [2]
+    features.slide_features(enc, ds, items, store, log)
+    assert [kind for kind, _ in events].count("extract") == 1 and events[-1][0] == "features_cached"

@@ -170,7 +170,11 @@ def slide_features(enc: Encoder, ds: DatasetSpec, slides: SlideSet, store: Store
     the missing slides first."""
     folder_key, stems = slide_feature_keys(enc, ds, slides)
     folder = store.slide_features_dir(folder_key)
-    missing = [s for s in slides.slide_ids if not (folder / f"{stems[s]}.h5").is_file()]
+    todo: dict[str, str] = {}  # file stem -> the first slide with that content (identical files extract once)
+    for s in slides.slide_ids:
+        if not (folder / f"{stems[s]}.h5").is_file():
+            todo.setdefault(stems[s], s)
+    missing = list(todo.values())
     if missing:
         start = time.perf_counter()
         if enc.path is None:
