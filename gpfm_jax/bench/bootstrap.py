@@ -107,15 +107,20 @@ def replicate_counts(seed: int, name: str, replicate: int, num_units: int) -> np
     return np.bincount(rng.integers(0, num_units, num_units), minlength=num_units)
 
 
-def bucket(n: int, smallest: int = 16) -> int:
-    """Next power of two >= n: the padded column length (at most 2x the work, few compiled shapes)."""
-    return max(smallest, 1 << int(np.ceil(np.log2(max(n, 1)))))
+def bucket(n: int, smallest: int = 16, base: int = 2) -> int:
+    """Next power of `base` >= n: a padded column length (at most `base` x the work, few compiled shapes)."""
+    size = smallest
+    while size < n:
+        size *= base
+    return size
 
 
 # ------------------------------------------------------------------------------------------------ columns (NumPy)
 
 
-# each family's fields and the axis length each is padded along ("n", "p"); unit fields pad with the dummy unit
+# each family's fields and the axis length each is padded along ("n", "p"); unit fields pad with the dummy unit.
+# AUC's positives ("p") are bucketed in powers of 4 (fewer programs to compile; they cost 3 gathers per row, the
+# negatives a gather and a cumulative sum); everything else in powers of 2.
 _FIELDS = {
     "auc": {"neg_unit": "n", "pos_unit": "p", "lo": "p", "hi": "p"},
     "class": {"unit": "n", "y": "n", "pred": "n"},
@@ -127,21 +132,22 @@ _FIELDS = {
 
 class _Family:
     """The columns of one metric family, stacked per padded shape. Per bucket `owners` [cols, 4]: (task, encoder,
-    group, class slot) of each column; `static`: the class count of a classification bucket."""
+    group, class slot) of each column."""
 
     def __init__(self, name: str):
         self.name, self.fields = name, _FIELDS[name]
         self.items: dict[tuple, list[tuple[tuple[int, ...], dict[str, np.ndarray]]]] = {}
 
-    def add(self, owner: tuple[int, ...], classes: int = 0, **arrays: np.ndarray) -> None:
+    def add(self, owner: tuple[int, ...], **arrays: np.ndarray) -> None:
         dims = {}
         for f, axis in self.fields.items():
             dims.setdefault(axis[0], len(arrays[f]))
-        key = tuple(bucket(dims[d]) for d in sorted(dims)) + (classes,)
+        base = {"p": 4} if self.name == "auc" else {}
+        key = tuple(bucket(dims[d], base=base.get(d, 2)) for d in sorted(dims))
         self.items.setdefault(key, []).append((owner, arrays))
 
-    def stacked(self, dummy: int) -> tuple[list[dict[str, np.ndarray]], list[np.ndarray], list[int]]:
-        arrays, owners, static = [], [], []
+    def stacked(self, dummy: int) -> tuple[list[dict[str, np.ndarray]], list[np.ndarray]]:
+        arrays, owners = [], []
         for key, items in sorted(self.items.items()):
             size = dict(zip(sorted({a[0] for a in self.fields.values()}), key))
             out = {}
@@ -154,8 +160,7 @@ class _Family:
                 out[f] = full
             arrays.append(out)
             owners.append(np.array([o for o, _ in items], np.int64))
-            static.append(key[-1])
-        return arrays, owners, static
+        return arrays, owners
 
 
 def _columns(tasks: list[TaskPredictions]) -> tuple[dict[str, _Family], np.ndarray, int]:
@@ -170,7 +175,7 @@ def _columns(tasks: list[TaskPredictions]) -> tuple[dict[str, _Family], np.ndarr
             units = (task.units[rows] + off).astype(np.int32)
             for e in range(len(task.scores)):
                 if fam == "class":
-                    fams["class"].add((ti, e, g, 0), classes=task.classes, unit=units,
+                    fams["class"].add((ti, e, g, 0), unit=units,
                                       y=task.y[rows].astype(np.int32),
                                       pred=task.scores[e, rows].argmax(1).astype(np.int32))
                 elif fam == "values":
@@ -213,12 +218,20 @@ def _column(fam: str, classes: int, col: dict[str, jax.Array], counts: jax.Array
     return weighted.bilinear(col["pairs"], counts[col["units"]])  # c-index numerator or denominator
 
 
-@functools.partial(jax.jit, static_argnames=("fam", "static"))
-def _family_step(fam: str, static: tuple[int, ...], buckets: list[dict[str, jax.Array]], counts: jax.Array):
-    """Per bucket [cols, ..., B]: its columns one after the other (lax.map: each column's working set stays in
-    cache; the replicate batch B is the vectorised axis)."""
-    return [jax.lax.map(functools.partial(_column, fam, classes, counts=counts), b)
-            for classes, b in zip(static, buckets)]
+_GROUP_ELEMENTS = 2**17  # a lax.map step handles about this many weights (cache-sized; amortises the loop overhead)
+
+
+@functools.partial(jax.jit, static_argnames=("fam", "classes"))
+def _family_step(fam: str, classes: int, buckets: list[dict[str, jax.Array]], counts: jax.Array):
+    """Per bucket [cols, ..., B]: its columns a few at a time (lax.map: the working set stays in cache; the
+    replicate batch B is the vectorised axis). `classes`: the widest classification task's class count
+    (narrower tasks' extra classes have no rows and drop out of every class metric)."""
+    out = []
+    for b in buckets:
+        cols, per_column = next(iter(b.values())).shape[0], sum(v.shape[1] for k, v in b.items() if "unit" in k)
+        group = max(1, min(cols, _GROUP_ELEMENTS // (per_column * counts.shape[1])))  # small columns go k at a time
+        out.append(jax.lax.map(functools.partial(_column, fam, classes, counts=counts), b, batch_size=group))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ the driver
@@ -250,12 +263,13 @@ def bootstrap_metrics(tasks: list[TaskPredictions], num_replicates: int = 1000, 
         raise ValueError("every task needs predictions of the same encoders")
     fams, offsets, dummy = _columns(tasks)
     stacked = {f: fam.stacked(dummy) for f, fam in fams.items() if fam.items}
-    biggest = max(_per_column_elements(f, a) for f, (arrs, _, _) in stacked.items() for a in arrs)
+    biggest = max(_per_column_elements(f, a) for f, (arrs, _) in stacked.items() for a in arrs)
+    classes = max((t.classes for t in tasks if t.family() == "class"), default=0)
     batch = int(min(128, max(8, budget // biggest // 8 * 8)))
-    device = {f: [{k: jnp.asarray(v) for k, v in a.items()} for a in arrs] for f, (arrs, _, _) in stacked.items()}
+    device = {f: [{k: jnp.asarray(v) for k, v in a.items()} for a in arrs] for f, (arrs, _) in stacked.items()}
     total = num_replicates + 1  # replicate 0 of the output is the observed data
     results = {f: [np.empty((total, *((3,) if f == "class" else ()), len(o))) for o in owners]
-               for f, (_, owners, _) in stacked.items()}
+               for f, (_, owners) in stacked.items()}
     rngs = [_rng(seed, t.name) for t in tasks]
     for start in range(0, total, batch):
         live = min(batch, total - start)
@@ -269,8 +283,8 @@ def bootstrap_metrics(tasks: list[TaskPredictions], num_replicates: int = 1000, 
             flat = np.bincount((np.arange(live - first)[:, None] * n + draws).ravel(), minlength=(live - first) * n)
             counts[off : off + n, first:live] = flat.reshape(live - first, n).T
         dev_counts = jnp.asarray(counts)
-        for f, bucket_arrays in device.items():
-            outs = _family_step(f, tuple(stacked[f][2]), bucket_arrays, dev_counts)
+        pending = {f: _family_step(f, classes if f == "class" else 0, arrs, dev_counts) for f, arrs in device.items()}
+        for f, outs in pending.items():  # all families dispatched before the first result is fetched
             for res, out in zip(results[f], outs):  # out [cols, (3,) B] -> [B, (3,) cols]
                 out = np.asarray(out)
                 res[start : start + live] = out.transpose((out.ndim - 1, *range(1, out.ndim - 1), 0))[:live]
@@ -284,7 +298,7 @@ def _assemble(tasks, stacked, results, e_n: int, total: int) -> np.ndarray:
              for t, task in enumerate(tasks)}
     per_task = {t: np.full((total, e_n, g, k), np.nan) for t, (g, k) in sizes.items()}
     den = {}
-    for f, (_, owners, _) in stacked.items():
+    for f, (_, owners) in stacked.items():
         for res, owner in zip(results[f], owners):
             for j, (t, e, g, k) in enumerate(owner):
                 if f == "class":
