@@ -114,22 +114,24 @@ def main(argv=None) -> int:
     p.add_argument("--tasks-per-type", type=int, default=12)
     p.add_argument("--encoders", type=int, default=6)
     p.add_argument("--reference-reps", type=int, default=5, help="replicates timed the plain way")
+    p.add_argument("--profile", action="store_true", help="also time each metric family's compiled step")
     args = p.parse_args(argv)
     tasks = synthetic_tasks(args.tasks_per_type, args.encoders)
     rows = sum(len(t.units) for t in tasks)
     print(f"{len(tasks)} tasks x {args.encoders} encoders, {rows} prediction rows; {os.cpu_count()} CPUs, "
           f"load {os.getloadavg()[0]:.1f}")
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     boot = bootstrap_metrics(tasks, args.replicates, seed=0)
     t1 = time.perf_counter()
     ranking = rank_encoders([f"enc{e}" for e in range(args.encoders)], boot.observed, boot.replicates)
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), time.process_time()
     boot2 = bootstrap_metrics(tasks, args.replicates, seed=1)  # programs compiled: the steady-state cost
-    t3 = time.perf_counter()
+    t3, c3 = time.perf_counter(), time.process_time()
     print(f"vectorised: {args.replicates} replicates {t1 - t0:.1f} s (first call, {boot.batch} replicates per step; "
-          f"compile included), ranking {t2 - t1:.2f} s, total {t2 - t0:.1f} s; again with compiled programs "
-          f"{t3 - t2:.1f} s")
+          f"compile included), ranking {t2 - t1:.2f} s, total {t2 - t0:.1f} s wall, {c2 - c0:.1f} s CPU; again with "
+          f"compiled programs {t3 - t2:.1f} s wall, {c3 - c2:.1f} s CPU (CPU = all threads of this process: a "
+          f"figure the other jobs on the machine inflate less than wall time)")
     for e in ranking.order():
         lo, hi = ranking.avg_rank_ci[e]
         print(f"  {ranking.encoders[e]}: average rank {ranking.avg_rank[e]:.2f} [{lo:.2f}, {hi:.2f}], P(first) "
@@ -155,7 +157,34 @@ def main(argv=None) -> int:
           f"first call {per_rep * args.replicates / (t2 - t0):.0f}x")
     print(f"max |vectorised - plain| over {args.reference_reps} replicates x {len(tasks)} tasks x {args.encoders} "
           f"encoders: {worst:.2e}")
+    if args.profile:
+        profile(tasks, boot.batch)
     return 0
+
+
+def profile(tasks: list[TaskPredictions], batch: int) -> None:
+    """CPU seconds per 1,000 replicates of each metric family's compiled step (one batch, timed 3 times)."""
+    import jax
+    import jax.numpy as jnp
+
+    from gpfm_jax.bench import bootstrap as bs
+
+    fams, _, dummy = bs._columns(tasks)
+    counts = jnp.asarray(np.random.default_rng(0).poisson(1.0, (dummy + 1, batch)).astype(np.float32))
+    classes = max(t.classes for t in tasks if t.family() == "class")
+    for name, fam in fams.items():
+        if not fam.items:
+            continue
+        arrays, owners = fam.stacked(dummy)
+        dev = [{k: jnp.asarray(v) for k, v in a.items()} for a in arrays]
+        step = lambda: jax.block_until_ready(bs._family_step(name, classes, dev, counts))  # noqa: E731
+        step()
+        c0 = time.process_time()
+        for _ in range(3):
+            step()
+        cpu = (time.process_time() - c0) / 3 / batch * 1000
+        print(f"  {name:<10} {sum(len(o) for o in owners):>5} columns in {len(arrays):>2} shapes: "
+              f"{cpu:.1f} CPU s per 1000 replicates")
 
 
 if __name__ == "__main__":

@@ -27,8 +27,11 @@ defined one-vs-rest AUCs.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
+import os
+import threading
 import warnings
 import zlib
 
@@ -119,8 +122,12 @@ def bucket(n: int, smallest: int = 16, base: int = 2) -> int:
 
 
 # each family's fields and the axis length each is padded along ("n", "p"); unit fields pad with the dummy unit.
-# AUC's positives ("p") are bucketed in powers of 4 (fewer programs to compile; they cost 3 gathers per row, the
-# negatives a gather and a cumulative sum); everything else in powers of 2.
+# Lengths are padded to powers of 2 from 128 (c-index pair matrices from 16). Compiling is most of a first report's
+# CPU time, so the shapes are few; measured in CPU seconds on the 72-task suite of tools/bench_ranking.py: from 16,
+# 29 shapes, compile 12.0 s + 1,000 replicates 9.4 s; from 128, 18 shapes, 7.1 + 8.4 s; from 512, 13 shapes,
+# 4.7 + 11.6 s; powers of 4 instead of 2: about 2 s less compile, 8.6 s more per 1,000 replicates.
+_BASE = {"auc": 2, "class": 2, "values": 2, "cindex": 2, "cindex_den": 2}
+_SMALLEST = {"auc": 128, "class": 128, "values": 128, "cindex": 16, "cindex_den": 16}
 _FIELDS = {
     "auc": {"neg_unit": "n", "pos_unit": "p", "lo": "p", "hi": "p"},
     "class": {"unit": "n", "y": "n", "pred": "n"},
@@ -142,8 +149,7 @@ class _Family:
         dims = {}
         for f, axis in self.fields.items():
             dims.setdefault(axis[0], len(arrays[f]))
-        base = {"p": 4} if self.name == "auc" else {}
-        key = tuple(bucket(dims[d], base=base.get(d, 2)) for d in sorted(dims))
+        key = tuple(bucket(dims[d], _SMALLEST[self.name], _BASE[self.name]) for d in sorted(dims))
         self.items.setdefault(key, []).append((owner, arrays))
 
     def stacked(self, dummy: int) -> tuple[list[dict[str, np.ndarray]], list[np.ndarray]]:
@@ -227,10 +233,15 @@ def _family_step(fam: str, classes: int, buckets: list[dict[str, jax.Array]], co
     replicate batch B is the vectorised axis). `classes`: the widest classification task's class count
     (narrower tasks' extra classes have no rows and drop out of every class metric)."""
     out = []
+    dummy = counts.shape[0] - 1
     for b in buckets:
         cols, per_column = next(iter(b.values())).shape[0], sum(v.shape[1] for k, v in b.items() if "unit" in k)
         group = max(1, min(cols, _GROUP_ELEMENTS // (per_column * counts.shape[1])))  # small columns go k at a time
-        out.append(jax.lax.map(functools.partial(_column, fam, classes, counts=counts), b, batch_size=group))
+        extra = -cols % group  # pad to a multiple: lax.map would compile a second body for the remainder
+        if extra:
+            b = {k: jnp.concatenate([v, jnp.full((extra, *v.shape[1:]), dummy if "unit" in k else 0, v.dtype)])
+                 for k, v in b.items()}
+        out.append(jax.lax.map(functools.partial(_column, fam, classes, counts=counts), b, batch_size=group)[:cols])
     return out
 
 
@@ -253,6 +264,22 @@ def _per_column_elements(fam: str, arrays: dict[str, np.ndarray]) -> int:
     return 3 * int(arrays["unit"].shape[1])
 
 
+def _compile_steps(device: dict[str, list], classes: int, dummy: int, batch: int) -> dict:
+    """Each family's step compiled ahead of time, the families in parallel threads (XLA compiles outside the GIL;
+    on a shared machine more threads also get a larger share of the cores)."""
+    counts = jax.ShapeDtypeStruct((dummy + 1, batch), jnp.float32)
+
+    def build(f):
+        return _family_step.lower(f, classes if f == "class" else 0, device[f], counts).compile()
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(device), _threads())) as pool:
+        return dict(zip(device, pool.map(build, device)))
+
+
+def _threads() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
 def bootstrap_metrics(tasks: list[TaskPredictions], num_replicates: int = 1000, seed: int = 0,
                       budget: float = 2**20) -> BootstrapMetrics:
     """Every task's metric for every encoder, observed and under `num_replicates` joint paired resamples. `budget`
@@ -271,23 +298,42 @@ def bootstrap_metrics(tasks: list[TaskPredictions], num_replicates: int = 1000, 
     results = {f: [np.empty((total, *((3,) if f == "class" else ()), len(o))) for o in owners]
                for f, (_, owners) in stacked.items()}
     rngs = [_rng(seed, t.name) for t in tasks]
-    for start in range(0, total, batch):
-        live = min(batch, total - start)
-        counts = np.zeros((dummy + 1, batch), np.float32)
-        first = 1 if start == 0 else 0
-        for t, task in enumerate(tasks):
-            n, off = task.num_units, int(offsets[t])
-            if first:
-                counts[off : off + n, 0] = 1.0
-            draws = rngs[t].integers(0, n, (live - first, n))
-            flat = np.bincount((np.arange(live - first)[:, None] * n + draws).ravel(), minlength=(live - first) * n)
-            counts[off : off + n, first:live] = flat.reshape(live - first, n).T
-        dev_counts = jnp.asarray(counts)
-        pending = {f: _family_step(f, classes if f == "class" else 0, arrs, dev_counts) for f, arrs in device.items()}
-        for f, outs in pending.items():  # all families dispatched before the first result is fetched
-            for res, out in zip(results[f], outs):  # out [cols, (3,) B] -> [B, (3,) cols]
-                out = np.asarray(out)
-                res[start : start + live] = out.transpose((out.ndim - 1, *range(1, out.ndim - 1), 0))[:live]
+    steps = _compile_steps(device, classes, dummy, batch)
+    starts = iter(range(0, total, batch))
+    lock = threading.Lock()
+
+    def next_batch():
+        """(start, live, counts) of the next batch; drawn in batch order under the lock, so the resamples do not
+        depend on which thread runs which batch."""
+        with lock:
+            start = next(starts, None)
+            if start is None:
+                return None
+            live, first = min(batch, total - start), int(start == 0)
+            counts = np.zeros((dummy + 1, batch), np.float32)
+            for t, task in enumerate(tasks):
+                n, off = task.num_units, int(offsets[t])
+                if first:
+                    counts[off : off + n, 0] = 1.0
+                draws = rngs[t].integers(0, n, (live - first, n))
+                flat = np.bincount((np.arange(live - first)[:, None] * n + draws).ravel(),
+                                   minlength=(live - first) * n)
+                counts[off : off + n, first:live] = flat.reshape(live - first, n).T
+            return start, live, counts
+
+    def worker():
+        while (job := next_batch()) is not None:
+            start, live, counts = job
+            dev_counts = jnp.asarray(counts)
+            pending = {f: steps[f](arrs, dev_counts) for f, arrs in device.items()}
+            for f, outs in pending.items():  # all families dispatched before the first result is fetched
+                for res, out in zip(results[f], outs):  # out [cols, (3,) B] -> [B, (3,) cols]
+                    out = np.asarray(out)
+                    res[start : start + live] = out.transpose((out.ndim - 1, *range(1, out.ndim - 1), 0))[:live]
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=_threads()) as pool:  # two batches in flight per core
+        for f in [pool.submit(worker) for _ in range(_threads())]:
+            f.result()
     values = _assemble(tasks, stacked, results, e_n, total)
     return BootstrapMetrics(values[0], values[1:].astype(np.float32), batch)
 
