@@ -9,10 +9,10 @@ Layout. Every task is cut into *columns*: the rows of one (encoder, group[, clas
 precomputed (AUC: the negatives in score order and, per positive, where its tie starts and ends among them;
 classification: class and prediction; c-index: the pair matrices summed per patient pair; per-row values). Columns
 of all tasks are padded to power-of-two lengths and stacked per (metric family, padded shape), so a suite of any
-size is a few arrays and one compiled program per family (4 compiles for 72 tasks); the counts of all tasks are one
-[units + 1, B] array (the last row, always 0, is where padding points). A step computes B replicates at once, with
-the replicate batch as the last, contiguous axis, and runs the columns of a bucket one after another
-(`jax.lax.map`), so a column's working set stays in cache; steps loop over batches of replicates.
+size is a few arrays and one compiled program per family (5; compiled ahead of time in parallel threads); the
+counts of all tasks are one [units + 1, B] array (the last row, always 0, is where padding points). A step computes
+B replicates at once, with the replicate batch as the last, contiguous axis, running a bucket's columns a few at a
+time (`jax.lax.map`) so the working set stays in cache; batches of replicates are run by one thread per core.
 
 The draws: task t's replicate r is row r of `numpy.random.default_rng([seed, crc32(task name)])`'s integers(0, P_t,
 (., P_t)) stream: it depends only on the seed, the task's name, r and its patient count, so adding or removing
