@@ -251,6 +251,21 @@ def test_report_names_missing_cells(reference, tmp_path):
     with pytest.raises(report_lib.ReportError, match=r"mid x knn.*gpfm-bench run"):
         report_lib.build_report(out, replicates=10)
     assert bench_main(["report", str(tmp_path / "nowhere")]) == 2
+    # cells that do not describe the same rows (here: one label changed) are refused, naming task and field
+    run = json.loads((root / "out" / "run.json").read_text())
+    cache = tmp_path / "cache"
+    (cache / "cells").mkdir(parents=True)
+    for per in run["cells"].values():
+        for key in per.values():
+            (cache / "cells" / f"{key}.json").write_bytes((Path(run["cache"]) / "cells" / f"{key}.json").read_bytes())
+    bad = cache / "cells" / f"{run['cells']['fewshot']['strong']}.json"
+    cell = json.loads(bad.read_text())
+    cell["rows"]["y"][0] = 1 - cell["rows"]["y"][0]
+    bad.write_text(json.dumps(cell))
+    run["cache"] = str(cache)
+    (out / "run.json").write_text(json.dumps(run))
+    with pytest.raises(report_lib.ReportError, match=r"task fewshot: encoder strong's y differ"):
+        report_lib.build_report(out, replicates=10)
 
 
 @pytest.mark.parametrize("text, match", [

@@ -66,9 +66,11 @@ def _aligned(task: str, encoders: list[str], cells: dict[str, dict]) -> tuple[di
             raise ReportError(f"task {task}: encoder {e} predicted other rows than {encoders[0]} "
                               f"({len(where)} vs {len(keys)}); were they run on different data?")
         perm = np.array([where[k] for k in keys])
+        if cells[e].get("classes") != cells[encoders[0]].get("classes"):
+            raise ReportError(f"task {task}: encoder {e}'s classes differ from {encoders[0]}'s")
         for field in ("unit", "y", "time", "event"):
-            mine, theirs = np.asarray(rows.get(field, []), dtype=object), np.asarray(ref.get(field, []), dtype=object)
-            if field in ref and np.any(mine[perm] != theirs):
+            if field in ref and (field not in rows or np.any(np.asarray(rows[field], dtype=object)[perm]
+                                                            != np.asarray(ref[field], dtype=object))):
                 raise ReportError(f"task {task}: encoder {e}'s {field} differ from {encoders[0]}'s")
         perms.append(perm)
     return ref, perms
