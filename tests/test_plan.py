@@ -348,5 +348,5 @@ def test_h100_deviceless_compile_of_a_small_config(tmp_path):
     plan, hlo = _cli_plan("h100-8", tmp_path)
     assert plan["memory"]["fits"] and plan["compute_dtype"] == "bfloat16" and plan["attention_impl"] == "cudnn"
     assert "__cudnn$fmhaSoftmaxBackward" in hlo  # flash attention, differentiated, in the student
-    assert "gemm_fusion" not in hlo  # no Triton GEMMs: the step's GPU compiler option (train/xla_options.py)
+    assert "gemm_fusion" not in hlo  # no Triton GEMMs: the step's GPU compiler option (step/xla_options.py)
     assert _drop_path_traffic(hlo) == 0

@@ -9,12 +9,12 @@ import re
 from typing import Any
 
 import jax
-import ml_collections
 
 from gpfm_jax.plan import compile as compile_lib
 from gpfm_jax.plan import roofline as roofline_lib
 from gpfm_jax.plan import targets as targets_lib
 from gpfm_jax.plan.targets import GiB, Target
+from gpfm_jax.train.config_schema import TrainConfig
 
 RELEASED_SAMPLES = 87_500 * 1536  # the released GPFM checkpoint: iteration 87,500 at 1,536 images (134.4M)
 DEFAULT_MFU = 0.3  # measured on one H200 by tools/device_check.py: 29.5% for the official step (docs/plan.md)
@@ -80,7 +80,7 @@ def _oom_memory(message: str, target: Target, margin: float) -> Memory | None:
     return Memory(0, 0, 0, 0, 0, used, int(target.hbm_bytes * (1 - margin)), False)
 
 
-def traced_flops(cfg: ml_collections.ConfigDict, target: Target, per_device_batch: int | None, remat: str | None,
+def traced_flops(cfg: TrainConfig, target: Target, per_device_batch: int | None, remat: str | None,
                  standin_teachers: bool, devices: list) -> float:
     """Matmul FLOPs per step of the step traced for this point (no compile); remat "none" gives the model FLOPs."""
     built = compile_lib.build(cfg, target, per_device_batch, remat, standin_teachers, devices=devices)
@@ -89,7 +89,7 @@ def traced_flops(cfg: ml_collections.ConfigDict, target: Target, per_device_batc
     return roofline_lib.jaxpr_flops(traced.jaxpr)
 
 
-def plan_point(cfg: ml_collections.ConfigDict, target: Target, per_device_batch: int | None = None,
+def plan_point(cfg: TrainConfig, target: Target, per_device_batch: int | None = None,
                remat: str | None = None, standin_teachers: bool = False, mfu: float = DEFAULT_MFU,
                samples: float = RELEASED_SAMPLES, margin: float = DEFAULT_MARGIN, devices: list | None = None,
                keep_hlo: list | None = None) -> PlanResult:

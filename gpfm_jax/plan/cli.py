@@ -129,10 +129,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problem:  # before the config is loaded or anything compiles: one line naming the extra
         print(f"gpfm-plan: {problem}", file=sys.stderr)
         return 2
+    from gpfm_jax.train.config_schema import parse
+
     try:
-        cfg = load_config(args.config)
-        apply_overrides(cfg, overrides)
-    except ValueError as err:
+        config_dict = load_config(args.config)
+        apply_overrides(config_dict, overrides)
+        cfg = parse(config_dict)  # once, here: the planner passes the typed config on
+    except ValueError as err:  # ConfigError is a ValueError
         print(f"gpfm-plan: {err}", file=sys.stderr)
         return 2
     batch = args.per_device_batch or max(1, cfg.data.global_batch_size // target.chips)

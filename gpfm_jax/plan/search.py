@@ -14,10 +14,10 @@ import dataclasses
 import math
 from typing import Any, Callable
 
-import ml_collections
 
 from gpfm_jax.plan import analysis
 from gpfm_jax.plan.targets import Target
+from gpfm_jax.train.config_schema import TrainConfig
 
 # cheapest first at equal FLOPs: "none" saves everything, "full" saves only the block inputs
 POLICIES = ("none", "dots_saveable", "dots_with_no_batch_dims_saveable", "full")
@@ -55,7 +55,7 @@ def _affine_max(b1: int, p1: int, b2: int, p2: int, limit: int) -> int:
     return max(0, math.floor(b1 + (limit - p1) / slope))
 
 
-def search(cfg: ml_collections.ConfigDict, target: Target, per_device_batch: int, policies=POLICIES,
+def search(cfg: TrainConfig, target: Target, per_device_batch: int, policies=POLICIES,
            standin_teachers: bool = False, mfu: float = analysis.DEFAULT_MFU,
            samples: float = analysis.RELEASED_SAMPLES, margin: float = analysis.DEFAULT_MARGIN,
            devices: list | None = None, log: Callable[[str], None] = lambda s: None) -> SearchResult:

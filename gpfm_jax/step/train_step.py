@@ -18,10 +18,10 @@ from jax.sharding import Mesh
 
 from gpfm_jax import losses
 from gpfm_jax.models.teachers import split_targets, teacher_targets
-from gpfm_jax.train import sharding, xla_options
-from gpfm_jax.train.model import GPFMModel, ema_subset
-from gpfm_jax.train.optim import ema_update, grad_norms
-from gpfm_jax.train.schedules import Schedules, schedule_values
+from gpfm_jax.step import sharding, xla_options
+from gpfm_jax.step.model import GPFMModel, ema_subset
+from gpfm_jax.step.optim import ema_update, grad_norms
+from gpfm_jax.step.schedules import Schedules, schedule_values
 
 
 class TrainState(NamedTuple):
