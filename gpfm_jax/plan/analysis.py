@@ -54,6 +54,7 @@ class PlanResult:
     trace_s: float
     compile_s: float
     error: str = ""  # a compile failure other than out-of-memory
+    microbatches: int = 1  # config.step.microbatches: the per-device batch runs as this many sequential chunks
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -97,7 +98,8 @@ def plan_point(cfg: TrainConfig, target: Target, per_device_batch: int | None = 
     devices = targets_lib.devices(target) if devices is None else devices
     built = compile_lib.build(cfg, target, per_device_batch, remat, standin_teachers, devices=devices)
     c = built.cfg
-    base = dict(target=target.name, per_device_batch=built.per_device_batch, remat=c.compute.remat_policy,
+    base = dict(target=target.name, per_device_batch=built.per_device_batch, microbatches=c.step.microbatches,
+                remat=c.compute.remat_policy,
                 mesh=built.mesh_shape, compute_dtype=c.compute.dtype, attention_impl=c.model.vit.attention_impl,
                 param_bytes=built.param_bytes)
     try:
@@ -140,7 +142,9 @@ def _short(op_name: str, width: int = 90) -> str:
 def format_report(r: PlanResult, target: Target) -> str:
     m = r.memory
     lines = [f"gpfm-plan: {r.target} ({target.chips} chips, {target.hosts} host(s)), mesh {r.mesh}, "
-             f"{r.per_device_batch} images/device, remat {r.remat}, {r.compute_dtype}, attention {r.attention_impl}"]
+             f"{r.per_device_batch} images/device"
+             + (f" in {r.microbatches} microbatches of {r.per_device_batch // r.microbatches}" if r.microbatches > 1
+                else "") + f", remat {r.remat}, {r.compute_dtype}, attention {r.attention_impl}"]
     params = ", ".join(f"{k} {_gib(v)}" for k, v in r.param_bytes.items())
     lines.append(f"  parameters (stored, global): {params}")
     if r.error:

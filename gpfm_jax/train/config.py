@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
-from gpfm_jax.data.masking import MaskingConfig, max_masked_tokens
+from gpfm_jax.data.masking import MaskingConfig, mask_bins
 from gpfm_jax.data.pipeline import PipelineConfig
 from gpfm_jax.models.vit import ViTConfig
 from gpfm_jax.encoders.teachers import STANDIN, load_teacher
@@ -90,14 +91,38 @@ def total_steps(c: TrainConfig) -> int:
 
 
 def step_config(c: TrainConfig, num_devices: int, process_count: int | None = None) -> StepConfig:
-    """config.step with the derived fields set; max_masked 0: the exact bound summed over the data shards (masks are
-    drawn per shard batch); batch_groups 0: one group per device."""
-    shards = num_shards(c, process_count)
-    per_shard = c.data.global_batch_size // shards
-    max_masked = c.step.max_masked or shards * max_masked_tokens(2 * per_shard, masking_config(c))
+    """config.step with the derived fields set: batch_groups 0 = one group per device and microbatch (the
+    reference's per-GPU batch is what one device holds at a time); max_masked 0 = the exact bound of one
+    microbatch's masked tokens (masks are drawn per data shard, `microbatch_masked_bound`)."""
+    k = int(c.step.microbatches)
+    max_masked = c.step.max_masked or microbatch_masked_bound(c, num_devices, process_count)
     return dataclasses.replace(c.step, n_global=2, n_local=c.data.multicrop.num_local_crops,
-                               max_masked=int(max_masked), batch_groups=int(c.step.batch_groups or num_devices),
+                               max_masked=int(max_masked), batch_groups=int(c.step.batch_groups or num_devices * k),
                                loss=c.loss)
+
+
+def microbatch_masked_bound(c: TrainConfig, num_devices: int, process_count: int | None = None) -> int:
+    """The most masked patches one microbatch can hold. Each data shard draws masks for its 2 x per-shard crops
+    (ratio bins, then shuffled: any of its crops may carry the largest masks), so a microbatch holding n of a
+    shard's crops holds at most the n largest per-crop bounds of that shard; summed over shards, maximised over
+    microbatches. Microbatch m = the m-th of k chunks of every device's rows (`gpfm_jax.step.microbatch`); with
+    one microbatch this is the reference collate's upper bound summed over the shards."""
+    shards, k, b = num_shards(c, process_count), int(c.step.microbatches), c.data.global_batch_size
+    masking = masking_config(c)
+    per_shard, per_device = b // shards, b // num_devices
+    chunk = per_device // k
+    bins = mask_bins(2 * per_shard, masking)
+    caps = sorted((int(np.float32(masking.num_patches) * bins[i + 1]) for i in range(len(bins) - 1)), reverse=True)
+    best = 0
+    for m in range(k):
+        total = 0
+        for s in range(shards):
+            lo, hi = s * per_shard, (s + 1) * per_shard
+            rows = sum(max(0, min(hi, d * per_device + (m + 1) * chunk) - max(lo, d * per_device + m * chunk))
+                       for d in range(num_devices))
+            total += sum(caps[: 2 * rows])
+        best = max(best, total)
+    return best
 
 
 def mesh_devices(c: TrainConfig) -> list:
@@ -183,8 +208,19 @@ def validate(cfg: TrainConfig, num_devices: int | None = None, process_count: in
     if c.mesh.data != -1:
         _require(c.mesh.data * c.mesh.fsdp == num_devices, f"config.mesh.data={c.mesh.data} x "
                  f"config.mesh.fsdp={c.mesh.fsdp} != the number of devices ({num_devices})")
-    groups = c.step.batch_groups or num_devices
+    k = c.step.microbatches
+    _require(k >= 1, f"config.step.microbatches={k} must be >= 1 (1 = no accumulation)")
+    _require(b % (num_devices * k) == 0, f"config.data.global_batch_size={b} does not split into {num_devices} devices "
+             f"x config.step.microbatches={k}")
+    groups = c.step.batch_groups or num_devices * k
     _require(b % groups == 0, f"config.step.batch_groups={groups} does not divide config.data.global_batch_size={b}")
+    for field, value in (("batch_groups", groups), ("drop_path_groups", c.step.drop_path_groups or groups)):
+        _require(k == 1 or value % (num_devices * k) == 0,
+                 f"config.step.{field}={value} must be a multiple of devices x config.step.microbatches ({num_devices}"
+                 f" x {k}): a group (the reference's per-GPU batch) must not straddle two microbatches")
+    _require(k == 1 or loss.centering == "centering",
+             f"config.loss.centering={loss.centering!r} normalises the teacher targets over the whole batch, which "
+             f"config.step.microbatches={k} cannot split exactly; use centering (the GPFM recipe) or microbatches=1")
 
     # data source
     _require(d.source in SOURCES, f"config.data.source={d.source!r}: expected one of {SOURCES}")
