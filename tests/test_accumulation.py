@@ -27,11 +27,11 @@ B, GROUPS = 64, 16  # 16 groups of 4 samples (the reference's per-GPU batches, s
 RTOL = 1e-6
 
 
-def _config(rate: float = 0.4):
+def _config(rate: float = 0.4, shards: int = 2):
     teachers = {"uni": "standin", "phikon": "standin", "conch": "standin"}
     return tiny(**{"teachers": teachers, "loss.distill_cls_weights": {"uni": 1.0, "phikon": 0.5, "conch": 1.0},
                    "loss.distill_patch_weights": {"uni": 0.25, "phikon": 0.125}, "model.vit.drop_path_rate": rate,
-                   "data.global_batch_size": B, "data.shards": 2, "step.batch_groups": GROUPS,
+                   "data.global_batch_size": B, "data.shards": shards, "step.batch_groups": GROUPS,
                    # 4 blocks: with 1 block a sample whose two residual branches are both dropped (p 0.16 at 0.4) has
                    # the constant CLS output, two such samples of a group are at KoLeo distance 0, and fp32 rounding
                    # of that 0 decides a gradient of 1/eps; not a state a real run is in, so not the one tested
@@ -176,14 +176,21 @@ def test_per_sample_stochastic_depth_is_drawn_as_in_the_full_batch(setup):
 
 
 def test_two_microbatches_on_a_2x4_mesh_equal_one_device_full_batch(setup):
-    """The microbatch slices of a really sharded batch (data 2 x fsdp 4, FSDP state): the same losses, gradients and
-    centres as one device with the full batch (the reductions run in another order: 1e-6 of each leaf's norm)."""
+    """The microbatch slices of a really sharded batch (data 2 x fsdp 4, FSDP state) with per-device masked-token
+    buffers: the same losses, gradients and centres as one device with the full batch and one buffer (the
+    reductions run in another order: 1e-6 of each leaf's norm)."""
     import flax.linen as nn
 
-    s = setup
+    s = dict(setup)
+    # masks drawn per device chunk (16 data shards = 8 devices x 2 microbatches, as the reference's per-GPU collate):
+    # each device then gathers its own masked tokens (step/masked.py) into a buffer of its exact bound
+    s["cfg"] = _config(shards=16)
+    s["batch"] = _batch(s["cfg"])
     (g1, m1, c1), _ = _grads(s, 1)
     mesh = sharding.make_mesh(2, 4)
-    fn = make_grad_fn(s["model"], s["sched"], _step_cfg(s["cfg"], 2, devices=8))
+    step_cfg = _step_cfg(s["cfg"], 2, devices=8)
+    assert step_cfg.shard_max_masked[0] == 8 and 0 < 8 * step_cfg.shard_max_masked[1] <= step_cfg.max_masked
+    fn = make_grad_fn(s["model"], s["sched"], step_cfg)
 
     def in_mesh(state, batch, experts):
         with nn.logical_axis_rules(sharding.logical_rules()):

@@ -146,7 +146,13 @@ def accumulation(cfg: TrainConfig, target: Target, policies=POLICIES, standin_te
     points: list[dict[str, Any]] = []
 
     def point(remat: str, k: int) -> analysis.PlanResult:
-        c = replace_fields(cfg, {"step.microbatches": k})
+        # masks drawn per device chunk (one data shard each, as the reference's per-GPU collate): a microbatch's
+        # masked-token buffer is then its share of the batch's (with one shard per host any chunk may hold every
+        # masked crop, and no microbatch count shrinks it), and each device gathers its own masked tokens
+        changes: dict[str, Any] = {"step.microbatches": k}
+        if not cfg.data.shards:
+            changes["data.shards"] = target.chips * k
+        c = replace_fields(cfg, changes)
         r = analysis.plan_point(c, target, per_device, remat, standin_teachers, mfu, samples, margin, devices)
         points.append(dict(remat=remat, microbatches=k, peak=r.memory.peak, fits=r.memory.fits, error=r.error))
         log(f"  {remat:<34} {k:>3} microbatch(es) of {per_device // k:>4}/device: peak "
@@ -172,6 +178,7 @@ def accumulation(cfg: TrainConfig, target: Target, policies=POLICIES, standin_te
         if found is not None:
             k = found.microbatches
             command = (f"--config.step.microbatches={k} --config.compute.remat_policy={remat}"
+                       + ("" if cfg.data.shards else f" --config.data.shards={target.chips * k}")
                        + ("" if cfg.mesh.fsdp == found.mesh.get("fsdp", 1) else
                           f" --config.mesh.fsdp={found.mesh.get('fsdp', 1)}"))
             return AccumulationResult(target.name, cfg.data.global_batch_size, per_device, remat, k,

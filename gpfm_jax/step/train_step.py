@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 from gpfm_jax import losses
 from gpfm_jax.models.teachers import split_targets, teacher_targets
 from gpfm_jax.step import microbatch, sharding, xla_options
+from gpfm_jax.step.masked import masked_selection
 from gpfm_jax.step.model import GPFMModel, ema_subset
 from gpfm_jax.step.optim import ema_update, grad_norms
 from gpfm_jax.step.schedules import Schedules, schedule_values
@@ -51,6 +52,10 @@ class StepConfig:
     # one optimizer update per step. Each device's share is cut into `microbatches` contiguous chunks, so a group
     # (batch_groups, drop_path_groups: multiples of devices x microbatches) never straddles two microbatches.
     microbatches: int = 1
+    # (devices, buffer): select the masked tokens per device into buffers of this many rows when the batch is split
+    # over exactly that many devices (no gather across devices, the iBOT head not replicated); (0, 0): over the
+    # whole (micro)batch into one buffer of max_masked rows
+    shard_max_masked: tuple[int, int] = (0, 0)
     loss: losses.LossConfig = losses.LossConfig()
 
 
@@ -141,18 +146,19 @@ def make_objective(model: GPFMModel, schedules: Schedules, cfg: StepConfig) -> C
         if group_ids is not None:
             drop_path |= dict(drop_path_group_ids=group_ids["drop_path"], drop_path_total_groups=dp_total)
 
+        select = masked_selection(masks, max_masked, groups, cfg.shard_max_masked)
+
         # EMA teacher on the unmasked global crops: CLS targets and the patch targets at the masked positions.
         t_out = backbone.apply({"params": state.teacher["backbone"]}, global_crops)
         t_cls_logits = dino_head.apply({"params": state.teacher["dino_head"]}, t_out["cls"])
-        t_tokens, _, valid = losses.select_masked(t_out["patch"], masks, max_masked)
+        t_tokens, _, valid = select.tokens(t_out["patch"])
         t_patch_logits = dino_head.apply({"params": state.teacher["dino_head"]}, t_tokens)
         dino_probs, dino_center = losses.teacher_targets(
             t_cls_logits, state.centers["dino"], tau, loss_cfg.centering, loss_cfg.center_momentum,
             loss_cfg.sinkhorn_iterations)
         ibot_probs, ibot_center = losses.teacher_targets(
             t_patch_logits, state.centers["ibot"], tau, loss_cfg.centering, loss_cfg.center_momentum,
-            loss_cfg.sinkhorn_iterations, valid=valid,
-            center_weights=losses.group_mean_weights(masks, max_masked, groups))
+            loss_cfg.sinkhorn_iterations, valid=valid, center_weights=select.center_weights)
         dino_probs, ibot_probs = jax.lax.stop_gradient((dino_probs, ibot_probs))
 
         grid = (global_crops.shape[1] // model.vit.patch_size, global_crops.shape[2] // model.vit.patch_size)
@@ -168,7 +174,7 @@ def make_objective(model: GPFMModel, schedules: Schedules, cfg: StepConfig) -> C
             dino = losses.dino_loss(
                 _views_first(head(s_global["cls"]), b, n_g), _views_first(dino_probs, b, n_g),
                 _views_first(head(s_local["cls"]), b, n_l), student_temp=loss_cfg.student_temp)
-            s_tokens, token_weights, _ = losses.select_masked(s_global["patch"], masks, max_masked)
+            s_tokens, token_weights, _ = select.tokens(s_global["patch"])
             ibot = losses.ibot_loss(head(s_tokens), ibot_probs, token_weights, b * n_g, loss_cfg.student_temp)
             koleo = losses.koleo_global_views(_views_first(s_global["cls"], b, n_g), groups,
                                               loss_cfg.koleo_eps, loss_cfg.koleo_pairwise_eps)
@@ -179,9 +185,8 @@ def make_objective(model: GPFMModel, schedules: Schedules, cfg: StepConfig) -> C
             return losses.weighted_total(terms, weights)
 
         (_, loss_metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        masked_count = jnp.sum(masks.astype(jnp.int32))
-        loss_metrics = {**loss_metrics, "masked_fraction": masked_count / masks.size,
-                        "masked_overflow": jnp.maximum(masked_count - max_masked, 0)}
+        loss_metrics = {**loss_metrics, "masked_fraction": jnp.sum(masks.astype(jnp.int32)) / masks.size,
+                        "masked_overflow": select.overflow}
         return grads, loss_metrics, {"dino": dino_center, "ibot": ibot_center}
 
     return objective

@@ -93,36 +93,44 @@ def total_steps(c: TrainConfig) -> int:
 def step_config(c: TrainConfig, num_devices: int, process_count: int | None = None) -> StepConfig:
     """config.step with the derived fields set: batch_groups 0 = one group per device and microbatch (the
     reference's per-GPU batch is what one device holds at a time); max_masked 0 = the exact bound of one
-    microbatch's masked tokens (masks are drawn per data shard, `microbatch_masked_bound`)."""
+    microbatch's masked tokens, and `shard_max_masked` the bound of one device's share of it, for the per-device
+    selection of the masked tokens (`gpfm_jax.step.masked`; masks are drawn per data shard, `masked_bounds`)."""
     k = int(c.step.microbatches)
-    max_masked = c.step.max_masked or microbatch_masked_bound(c, num_devices, process_count)
+    total, per_device = masked_bounds(c, num_devices, process_count)
+    # Per-device buffers only where they hold no more rows in all than the whole batch's buffer: when masks are
+    # drawn per device chunk (data.shards a multiple of devices x microbatches, as the reference's per-GPU collate).
+    # With masks drawn over a whole host's crops any device may get the largest masks, the per-device bounds add up
+    # to several times the total (3.3x for the recipe on 8 devices, +21 GiB at 192 images/device on H100).
+    tight = num_devices > 1 and per_device * num_devices <= total
     return dataclasses.replace(c.step, n_global=2, n_local=c.data.multicrop.num_local_crops,
-                               max_masked=int(max_masked), batch_groups=int(c.step.batch_groups or num_devices * k),
-                               loss=c.loss)
+                               max_masked=int(c.step.max_masked or total),
+                               shard_max_masked=(num_devices, per_device if tight and not c.step.max_masked else 0),
+                               batch_groups=int(c.step.batch_groups or num_devices * k), loss=c.loss)
 
 
-def microbatch_masked_bound(c: TrainConfig, num_devices: int, process_count: int | None = None) -> int:
-    """The most masked patches one microbatch can hold. Each data shard draws masks for its 2 x per-shard crops
-    (ratio bins, then shuffled: any of its crops may carry the largest masks), so a microbatch holding n of a
-    shard's crops holds at most the n largest per-crop bounds of that shard; summed over shards, maximised over
-    microbatches. Microbatch m = the m-th of k chunks of every device's rows (`gpfm_jax.step.microbatch`); with
-    one microbatch this is the reference collate's upper bound summed over the shards."""
+def masked_bounds(c: TrainConfig, num_devices: int, process_count: int | None = None) -> tuple[int, int]:
+    """(the most masked patches one microbatch can hold, ... one device's chunk of it). Each data shard draws masks
+    for its 2 x per-shard crops (ratio bins, then shuffled: any of its crops may carry the largest masks), so a set
+    holding n of a shard's crops holds at most the n largest per-crop bounds of that shard; summed over shards,
+    maximised over microbatches (devices). Microbatch m = the m-th of k chunks of every device's rows
+    (`gpfm_jax.step.microbatch`); with one microbatch the first is the reference collate's upper bound summed over
+    the shards."""
     shards, k, b = num_shards(c, process_count), int(c.step.microbatches), c.data.global_batch_size
     masking = masking_config(c)
     per_shard, per_device = b // shards, b // num_devices
     chunk = per_device // k
     bins = mask_bins(2 * per_shard, masking)
     caps = sorted((int(np.float32(masking.num_patches) * bins[i + 1]) for i in range(len(bins) - 1)), reverse=True)
-    best = 0
-    for m in range(k):
-        total = 0
-        for s in range(shards):
-            lo, hi = s * per_shard, (s + 1) * per_shard
-            rows = sum(max(0, min(hi, d * per_device + (m + 1) * chunk) - max(lo, d * per_device + m * chunk))
-                       for d in range(num_devices))
-            total += sum(caps[: 2 * rows])
-        best = max(best, total)
-    return best
+
+    def bound(rows_of_shard) -> int:
+        return sum(sum(caps[: 2 * rows_of_shard(s * per_shard, (s + 1) * per_shard)]) for s in range(shards))
+
+    def overlap(lo: int, hi: int, d: int, m: int) -> int:
+        return max(0, min(hi, d * per_device + (m + 1) * chunk) - max(lo, d * per_device + m * chunk))
+
+    total = max(bound(lambda lo, hi: sum(overlap(lo, hi, d, m) for d in range(num_devices))) for m in range(k))
+    device = max(bound(lambda lo, hi: overlap(lo, hi, d, m)) for m in range(k) for d in range(num_devices))
+    return total, device
 
 
 def mesh_devices(c: TrainConfig) -> list:

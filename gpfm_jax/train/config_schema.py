@@ -39,7 +39,8 @@ class ConfigError(ValueError):
 DERIVED: dict[type, tuple[str, ...]] = {
     ViTConfig: ("dtype", "param_dtype", "scan_layers", "remat_policy"),  # from config.compute
     MaskingConfig: ("grid",),  # data.multicrop.global_size // model.vit.patch_size
-    StepConfig: ("n_global", "n_local", "loss"),  # 2, data.multicrop.num_local_crops, config.loss
+    # 2, data.multicrop.num_local_crops, config.loss, the per-device masked-token bound
+    StepConfig: ("n_global", "n_local", "loss", "shard_max_masked"),
 }
 
 
