@@ -20,7 +20,7 @@ Memory and layout, chosen with gpfm-plan (docs/plan.md) for the recipe's 96 imag
   8 (16 GPUs: data=2 x fsdp=8). Data parallelism alone peaks at 71.1 GiB per device on H100 x8 (same remat) for
   ~7 ms less communication per ~570 ms step. Needs a device count divisible by 8 (else --config.mesh.fsdp=1).
 - On GPUs XLA's allocator takes 75% of the memory unless told otherwise; the plan counts 90% of HBM as usable, so
-  run gpfm-train with XLA_PYTHON_CLIENT_MEM_FRACTION=0.9. GPU compiler options: gpfm_jax/train/xla_options.py.
+  run gpfm-train with XLA_PYTHON_CLIENT_MEM_FRACTION=0.9. GPU compiler options: gpfm_jax/step/xla_options.py.
 """
 
 from gpfm_jax.train.config_schema import base_config

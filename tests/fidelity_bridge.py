@@ -12,10 +12,10 @@ import numpy as np
 
 from gpfm_jax import losses
 from gpfm_jax.convert import head_keys, vit_keys
-from gpfm_jax.train.model import GPFMModel, HeadConfig
-from gpfm_jax.train.optim import OptimConfig, make_optimizer
-from gpfm_jax.train.schedules import ScheduleConfig, make_schedules
-from gpfm_jax.train.step import StepConfig, TrainState, make_grad_fn, make_train_step
+from gpfm_jax.step.model import GPFMModel, HeadConfig
+from gpfm_jax.step.optim import OptimConfig, make_optimizer
+from gpfm_jax.step.schedules import ScheduleConfig, make_schedules
+from gpfm_jax.step.train_step import StepConfig, TrainState, make_grad_fn, make_train_step
 
 NO_DISTILL = dict(distill_cls_weights={}, distill_patch_weights={})
 

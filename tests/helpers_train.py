@@ -13,7 +13,7 @@ import ml_collections
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gpfm_jax.train.config_schema import vit  # noqa: E402
+from gpfm_jax.train.config_schema import TrainConfig, parse, replace_fields, vit  # noqa: E402
 from configs.demo import get_config as demo_config  # noqa: E402
 
 
@@ -44,6 +44,12 @@ def get_config():
     c.steps = 4
     c.probe.enabled = False  # the demo's end-of-run probe has its own test (test_train_run.py)
     return c
+
+
+def tiny(one_device: bool = False, **changes) -> TrainConfig:
+    """The tiny config, parsed, with dotted-field changes (`tiny(**{"mesh.fsdp": 4})`): what `loop.train` takes."""
+    cfg = parse(get_config())
+    return replace_fields(cfg, {**({"mesh.num_devices": 1} if one_device else {}), **changes})
 
 
 # Cheaper LLVM compilation in the test subprocesses (same results on the runs checked; compile time is most of the
@@ -100,7 +106,7 @@ def run_phases(argv: list[str]) -> int:
             if not key.startswith("inject."):
                 _set(cfg, key, value)
         cfg.steps = int(steps)
-        result = loop.train(cfg, workdir)
+        result = loop.train(parse(cfg), workdir)
         if result.status not in ("done", "nothing_to_do", "preempted"):
             print(result.message, flush=True)
             faults.hard_exit(codes.get(result.status, 1))

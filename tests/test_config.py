@@ -12,6 +12,7 @@ import pytest
 
 from helpers_train import REPO, get_config as tiny_config, run_cli
 from gpfm_jax.train import config as config_lib
+from gpfm_jax.train import config_schema
 from gpfm_jax.train.config import ConfigError, validate
 
 
@@ -21,27 +22,31 @@ def _full():
     return full.get_config()
 
 
+def typed(config_dict):
+    return config_schema.parse(config_dict)
+
+
 def test_official_recipe_numbers():
-    c = _full()
+    c = typed(_full())
     vit = config_lib.vit_config(c)
     assert (vit.img_size, vit.patch_size, vit.embed_dim, vit.depth, vit.num_heads) == (224, 14, 1024, 24, 16)
     assert vit.layerscale_init == 1e-5 and vit.drop_path_rate == 0.4 and vit.drop_path_mode == "auto"
     assert vit.scan_layers and vit.dtype == "float32"  # CPU here; "auto" = bfloat16 on GPU/TPU
     assert config_lib.compute_dtype(c, backend="gpu") == "bfloat16" and c.compute.param_dtype == "float32"
-    h = config_lib.head_config(c)
+    h = c.model.heads
     assert (h.out_dim, h.hidden_dim, h.bottleneck_dim, h.distill_bottleneck_dim) == (65536, 2048, 256, 256)
-    s = config_lib.schedule_config(c)
+    s = c.schedule
     assert (s.base_lr, s.reference_batch_size, s.min_lr) == (4e-4, 1024, 1e-6)
     assert (s.total_steps, s.warmup_steps, s.freeze_last_layer_steps) == (500_000, 50_000, 1_250)
     assert (s.weight_decay, s.weight_decay_end, s.momentum_teacher, s.final_momentum_teacher) == (0.04, 0.4, 0.992, 1.0)
     assert (s.teacher_temp_start, s.teacher_temp, s.teacher_temp_warmup_steps) == (0.04, 0.07, 37_500)
-    o = config_lib.optim_config(c)
+    o = c.optim
     assert (o.b1, o.b2, o.layer_decay, o.patch_embed_lr_mult, o.clip_grad_norm) == (0.9, 0.999, 0.9, 0.2, 3.0)
-    loss = config_lib.loss_config(c)
+    loss = c.loss
     assert (loss.dino_weight, loss.ibot_weight, loss.koleo_weight, loss.student_temp) == (1.0, 1.0, 0.1, 0.1)
     assert dict(loss.distill_cls_weights) == {"uni": 1.0, "phikon": 0.5, "conch": 1.0}
     assert dict(loss.distill_patch_weights) == {"uni": 0.25, "phikon": 0.125}
-    mc = config_lib.multicrop_config(c)
+    mc = c.data.multicrop
     assert (mc.global_size, mc.local_size, mc.num_local_crops) == (224, 98, 8)
     assert mc.global_scale == (0.32, 1.0) and mc.local_scale == (0.05, 0.32)
     m = config_lib.masking_config(c)
@@ -57,7 +62,7 @@ def test_full_recipe_without_bundles_names_the_teacher_field():
     c.data.source = "slides"
     c.data.path = str(REPO / "tests" / "data" / "cmu_small_region.svs")
     with pytest.raises(ConfigError, match=r"config\.teachers\.(\w+)='bundles/\1': no encoder bundle there"):
-        validate(c, num_devices=8, process_count=1)
+        validate(typed(c), num_devices=8, process_count=1)
 
 
 @pytest.mark.parametrize(
@@ -91,7 +96,7 @@ def test_validation_errors_name_the_field(changes, message):
         with node.unlocked() if hasattr(node, "unlocked") else _null():
             node[leaf] = value
     with pytest.raises(ConfigError, match=re.escape(message)):
-        validate(c, num_devices=8, process_count=1)
+        validate(typed(c), num_devices=8, process_count=1)
 
 
 class _null:
@@ -103,10 +108,12 @@ class _null:
 
 
 def test_the_tiny_and_demo_configs_validate():
-    validate(tiny_config(), num_devices=8, process_count=2)
+    validate(typed(tiny_config()), num_devices=8, process_count=2)
     import configs.demo as demo
 
-    validate(demo.get_config(), num_devices=1, process_count=1)
+    validate(typed(demo.get_config()), num_devices=1, process_count=1)
+    with pytest.raises(TypeError, match="expected a TrainConfig"):  # parsed once, where the config enters
+        validate(tiny_config(), num_devices=8, process_count=2)
 
 
 def test_cli_reports_a_bad_config_before_compiling(tmp_path):
@@ -181,7 +188,7 @@ def test_every_config_field_is_read_by_the_code_it_configures(tmp_path, monkeypa
     checkpoint.keep was: passed on, then dropped inside a comment) fails here, named. A new field read only under
     some setting: add that setting to the branches below."""
     from gpfm_jax.data.augment import multi_crop
-    from gpfm_jax.train import config_schema, loop, runtime
+    from gpfm_jax.train import loop, runtime
 
     classes, leaves = _config_classes_and_leaves()
     recorder = _ReadRecorder(classes)
@@ -194,7 +201,7 @@ def test_every_config_field_is_read_by_the_code_it_configures(tmp_path, monkeypa
     cfg.log.sanity_every = 1
     cfg.probe.enabled = True
     cfg.probe.max_tiles, cfg.probe.queries = 32, 16
-    result = loop.train(cfg, tmp_path / "run")
+    result = loop.train(config_schema.parse(cfg), tmp_path / "run")
     assert result.status == "done", result.message
 
     # branches of other settings
@@ -209,9 +216,9 @@ def test_every_config_field_is_read_by_the_code_it_configures(tmp_path, monkeypa
     assert ("jax_num_cpu_devices", 2) in runtime.jax_settings(r)
     sk = dataclasses.replace(typed, loss=dataclasses.replace(typed.loss, centering="sinkhorn_knopp"))
     model, expert_params = config_lib.build_model(sk)
-    from gpfm_jax.train.optim import make_optimizer
-    from gpfm_jax.train.schedules import make_schedules
-    from gpfm_jax.train.step import init_state, make_train_step
+    from gpfm_jax.step.optim import make_optimizer
+    from gpfm_jax.step.schedules import make_schedules
+    from gpfm_jax.step.train_step import init_state, make_train_step
 
     schedules = make_schedules(sk.schedule, sk.data.global_batch_size)
     tx = make_optimizer(jax.eval_shape(model.init_student, jax.random.key(0)), schedules, sk.optim)

@@ -206,7 +206,7 @@ def test_checkpoint_written_on_8_devices_converts_on_a_1_device_machine(tmp_path
     from jax.sharding import PartitionSpec as P
 
     from gpfm_jax.convert.bundle import BUNDLE_FORMAT
-    from gpfm_jax.train import sharding
+    from gpfm_jax.step import sharding
 
     model = _small_timm(7)
     torch.save(model.state_dict(), tmp_path / "m.pth")

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers_train import FAST_COMPILE, REPO, get_config, run_cli
+from helpers_train import FAST_COMPILE, REPO, run_cli, tiny
 from gpfm_jax.train import loop
 from gpfm_jax.train.faults import committed_steps
 from gpfm_jax.train.metrics_writer import read_metrics
@@ -45,15 +45,7 @@ def cache_dir(tmp_path_factory):
 
 def _tiny(**changes):
     """The tiny run config on one device of this process."""
-    cfg = get_config()
-    cfg.mesh.num_devices = 1
-    for key, value in changes.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
+    return tiny(one_device=True, **changes)
 
 
 def _phases(workdir, phases: str, *args: str, cache, timeout=300):

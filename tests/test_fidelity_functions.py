@@ -20,7 +20,7 @@ from gpfm_jax import losses
 from gpfm_jax.convert import head_keys
 from gpfm_jax.data import masking
 from gpfm_jax.models.heads import DINOHead
-from gpfm_jax.train import optim, schedules
+from gpfm_jax.step import optim, schedules
 
 RTOL = 1e-5
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import fault_injection
-from helpers_train import get_config
+from helpers_train import tiny
 from gpfm_jax.train import loop
 from gpfm_jax.train.faults import committed_steps
 from gpfm_jax.train.metrics_writer import read_metrics
@@ -35,15 +35,8 @@ def cache_dir(tmp_path_factory):
 
 
 def _tiny(**changes):
-    cfg = get_config()
-    cfg.mesh.num_devices = 1
-    for key, value in changes.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
+    """The tiny run config on one device of this process."""
+    return tiny(one_device=True, **changes)
 
 
 def test_slow_data_and_slow_step_overlap(tmp_path, monkeypatch):

@@ -14,8 +14,8 @@ import pytest
 
 from gpfm_jax.models.heads import DINOHead, DistillHeads
 from gpfm_jax.models.vit import ViTConfig, VisionTransformer
-from gpfm_jax.train import optim
-from gpfm_jax.train.schedules import ScheduleConfig, make_schedules, peak_lr, schedule_values
+from gpfm_jax.step import optim
+from gpfm_jax.step.schedules import ScheduleConfig, make_schedules, peak_lr, schedule_values
 
 TOL = dict(rtol=1e-5, atol=0)
 

@@ -286,6 +286,31 @@ def test_per_shard_drop_path_keeps_collectives_within_3x_the_parameter_bytes(cpu
     assert not any("scatter-add" in op["op_name"] for op in plan["collectives"]["top"])
 
 
+def test_search_runs_a_global_batch_that_does_not_fit_in_microbatches():
+    """gpfm-plan's accumulation search: at 8 images/device on 8 fake CPU devices, with the usable memory set just
+    under the one-microbatch peak, it answers with the fewest microbatches whose chunk fits (confirmed by a compile)
+    and the gpfm-train overrides to run it."""
+    import dataclasses
+
+    from gpfm_jax.plan import analysis, search
+    from gpfm_jax.plan.cli import apply_overrides, load_config
+    from gpfm_jax.train.config_schema import parse
+
+    config_dict = load_config(DEMO)
+    apply_overrides(config_dict, SMALLER + ["--config.data.global_batch_size=64"])
+    cfg = parse(config_dict)
+    cpu = targets.get_target("cpu-8")
+    one = analysis.plan_point(cfg, cpu, 8, "none", True, margin=0.0)
+    assert one.memory.fits and one.microbatches == 1
+    tight = dataclasses.replace(cpu, hbm_bytes=int(one.memory.peak * 0.97))
+    acc = search.accumulation(cfg, tight, policies=("none",), standin_teachers=True, margin=0.0)
+    assert acc.points[0] == dict(remat="none", microbatches=1, peak=one.memory.peak, fits=False, error="")
+    assert acc.microbatches >= 2 and acc.peak <= tight.hbm_bytes and acc.per_device_batch == 8
+    assert all(not p["fits"] for p in acc.points if p["microbatches"] < acc.microbatches)
+    assert acc.command.startswith(f"--config.step.microbatches={acc.microbatches} --config.compute.remat_policy=none")
+    assert acc.img_per_s_per_chip > 0
+
+
 def test_missing_plugin_namespaces_are_not_installed_not_errors(monkeypatch, capsys):
     """Issue 17: `find_spec("jax_plugins.xla_cuda13")` imports `jax_plugins` and raised ModuleNotFoundError where no
     JAX plugin is installed. Simulated here whatever this machine has: a None entry in sys.modules makes the import
@@ -348,5 +373,5 @@ def test_h100_deviceless_compile_of_a_small_config(tmp_path):
     plan, hlo = _cli_plan("h100-8", tmp_path)
     assert plan["memory"]["fits"] and plan["compute_dtype"] == "bfloat16" and plan["attention_impl"] == "cudnn"
     assert "__cudnn$fmhaSoftmaxBackward" in hlo  # flash attention, differentiated, in the student
-    assert "gemm_fusion" not in hlo  # no Triton GEMMs: the step's GPU compiler option (train/xla_options.py)
+    assert "gemm_fusion" not in hlo  # no Triton GEMMs: the step's GPU compiler option (step/xla_options.py)
     assert _drop_path_traffic(hlo) == 0

@@ -21,10 +21,11 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import require
 
-from helpers_train import FAST_COMPILE, REPO, get_config, run_cli
+from helpers_train import FAST_COMPILE, REPO, run_cli, tiny
 from gpfm_jax.train import checkpoint as ckpt
-from gpfm_jax.train import encoder_meta, loop, sharding
-from gpfm_jax.train.config_schema import CheckpointConfig
+from gpfm_jax.step import sharding
+from gpfm_jax.train import encoder_meta, loop
+from gpfm_jax.train.config_schema import CheckpointConfig, replace_fields
 from gpfm_jax.train.metrics_writer import read_metrics
 
 
@@ -167,25 +168,18 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, cache_di
 
 
 def _tiny(**changes):
-    cfg = get_config()
-    for key, value in changes.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
+    return tiny(**changes)
 
 
 def _abstract_state_on(cfg, devices):
     """The run's abstract TrainState with its shardings on a mesh over `devices` (as loop.train builds it)."""
     from gpfm_jax.train import config as config_lib
-    from gpfm_jax.train.optim import make_optimizer
-    from gpfm_jax.train.schedules import make_schedules
-    from gpfm_jax.train.step import init_state
+    from gpfm_jax.step.optim import make_optimizer
+    from gpfm_jax.step.schedules import make_schedules
+    from gpfm_jax.step.train_step import init_state
 
     model, _ = config_lib.build_model(cfg)
-    schedules = make_schedules(config_lib.schedule_config(cfg), cfg.data.global_batch_size)
+    schedules = make_schedules(cfg.schedule, cfg.data.global_batch_size)
     tx = make_optimizer(jax.eval_shape(model.init_student, jax.random.key(0)), schedules)
     abstract = jax.eval_shape(lambda k: init_state(model, tx, k), jax.random.key(0))
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, devices=devices)
@@ -296,8 +290,7 @@ def test_restore_across_device_counts(tmp_path, cache_dir, uninterrupted, refere
     _assert_trees_equal(ckpt.state_to_tree(state), _raw_state(uninterrupted, 6))
     wd1 = tmp_path / "from1"
     shutil.copytree(uninterrupted, wd1)
-    cfg8.steps = 7
-    result = loop.train(cfg8, wd1)
+    result = loop.train(replace_fields(cfg8, {"steps": 7}), wd1)
     assert (result.status, result.start_step, result.end_step) == ("done", 6, 7)
     assert np.isfinite(read_metrics(wd1)[6]["loss/total"])
 
@@ -333,8 +326,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, cache_dir):
 def test_init_from_an_encoder_bundle_sets_student_and_ema_teacher_backbones(tmp_path, uninterrupted):
     from gpfm_jax.convert.bundle import save_bundle
     from gpfm_jax.train import config as config_lib
-    from gpfm_jax.train.optim import make_optimizer
-    from gpfm_jax.train.schedules import make_schedules
+    from gpfm_jax.step.optim import make_optimizer
+    from gpfm_jax.step.schedules import make_schedules
 
     backbone = _raw_state(uninterrupted, 6)["teacher"]["backbone"]
     cfg = _tiny(**{"mesh.num_devices": 1})
@@ -342,7 +335,7 @@ def test_init_from_an_encoder_bundle_sets_student_and_ema_teacher_backbones(tmp_
     meta = encoder_meta.encoder_meta(model.vit)
     save_bundle(tmp_path / "bundle", backbone, {k: v for k, v in meta.items() if k not in ("format", "version")})
     tx = make_optimizer(jax.eval_shape(model.init_student, jax.random.key(0)),
-                        make_schedules(config_lib.schedule_config(cfg), 16))
+                        make_schedules(cfg.schedule, 16))
     abstract = _abstract_state_on(cfg, jax.devices()[:1])
     shardings = jax.tree_util.tree_map(lambda a: a.sharding, abstract)
     state = loop.initial_state(model, tx, jax.random.key(0), shardings, str(tmp_path / "bundle"))

@@ -12,11 +12,11 @@ from jax.sharding import PartitionSpec as P
 from conftest import normalised_batch
 from gpfm_jax.models.vit import ViTConfig
 from gpfm_jax.encoders.teachers import load_teachers
-from gpfm_jax.train import sharding
-from gpfm_jax.train.model import GPFMModel, HeadConfig
-from gpfm_jax.train.optim import OptimConfig, make_optimizer
-from gpfm_jax.train.schedules import ScheduleConfig, make_schedules
-from gpfm_jax.train.step import StepConfig, init_state, jit_train_step, make_train_step
+from gpfm_jax.step import sharding
+from gpfm_jax.step.model import GPFMModel, HeadConfig
+from gpfm_jax.step.optim import OptimConfig, make_optimizer
+from gpfm_jax.step.schedules import ScheduleConfig, make_schedules
+from gpfm_jax.step.train_step import StepConfig, init_state, jit_train_step, make_train_step
 
 B = 8
 

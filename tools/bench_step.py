@@ -28,11 +28,11 @@ import numpy as np  # noqa: E402
 from gpfm_jax.data.masking import MaskingConfig, max_masked_tokens  # noqa: E402
 from gpfm_jax.models.vit import ViTConfig  # noqa: E402
 from gpfm_jax.models.teachers import TEACHERS, build_teacher, standin_spec  # noqa: E402
-from gpfm_jax.train import sharding  # noqa: E402
-from gpfm_jax.train.model import GPFMModel, HeadConfig  # noqa: E402
-from gpfm_jax.train.optim import OptimConfig, make_optimizer  # noqa: E402
-from gpfm_jax.train.schedules import ScheduleConfig, make_schedules  # noqa: E402
-from gpfm_jax.train.step import StepConfig, init_state, jit_train_step, make_train_step  # noqa: E402
+from gpfm_jax.step import sharding  # noqa: E402
+from gpfm_jax.step.model import GPFMModel, HeadConfig  # noqa: E402
+from gpfm_jax.step.optim import OptimConfig, make_optimizer  # noqa: E402
+from gpfm_jax.step.schedules import ScheduleConfig, make_schedules  # noqa: E402
+from gpfm_jax.step.train_step import StepConfig, init_state, jit_train_step, make_train_step  # noqa: E402
 
 
 def vit_forward_flops(cfg: ViTConfig, height: int, width: int) -> float:

@@ -130,25 +130,27 @@ def _local_target(devices: list, tiny: bool):
                   link_bytes_per_s=450e9, island_size=len(devices))
 
 
-def _step_config(tiny: bool):
+def _step_config(tiny: bool, num_devices: int):
+    """The typed config of the step to time: the official recipe (FSDP over 8, or what this host has), or with
+    --tiny the demo shrunk further (one block, narrow heads, two local crops)."""
     from gpfm_jax.plan.cli import load_config
+    from gpfm_jax.train.config_schema import parse
 
-    if not tiny:
-        return load_config(REPO / "configs" / "gpfm_vitl14.py")
-    cfg = load_config(REPO / "configs" / "demo.py")  # shrunk further: one block, narrow heads, two local crops
-    cfg.model.vit.update(dict(depth=1, embed_dim=32, num_heads=2))
-    cfg.model.heads.update(dict(out_dim=64, hidden_dim=32, bottleneck_dim=16, distill_bottleneck_dim=16))
-    cfg.standin.update(dict(embed_dim=16, depth=1, num_heads=2, pooler_dim=16))
-    cfg.data.multicrop.num_local_crops = 2
-    return cfg
+    cfg = load_config(REPO / "configs" / ("demo.py" if tiny else "gpfm_vitl14.py"))
+    if tiny:
+        cfg.model.vit.update(dict(depth=1, embed_dim=32, num_heads=2))
+        cfg.model.heads.update(dict(out_dim=64, hidden_dim=32, bottleneck_dim=16, distill_bottleneck_dim=16))
+        cfg.standin.update(dict(embed_dim=16, depth=1, num_heads=2, pooler_dim=16))
+        cfg.data.multicrop.num_local_crops = 2
+    cfg.mesh.fsdp = math.gcd(int(cfg.mesh.fsdp), num_devices)
+    return parse(cfg)
 
 
 def step_section(devices: list, args: argparse.Namespace) -> dict[str, Any]:
     from gpfm_jax.plan import analysis, roofline
     from gpfm_jax.plan import compile as compile_lib
 
-    cfg = _step_config(args.tiny)
-    cfg.mesh.fsdp = math.gcd(int(cfg.mesh.fsdp), len(devices))  # the recipe's FSDP over 8, or what this host has
+    cfg = _step_config(args.tiny, len(devices))
     target = _local_target(devices, args.tiny)
     batch = args.per_device_batch or (2 if args.tiny else 96)
     built = compile_lib.build(cfg, target, batch, standin_teachers=args.tiny, devices=devices)

@@ -237,19 +237,28 @@ def batch_shards() -> int:
     return int(math.prod(mesh.shape[a] for a in axes if a in mesh.shape))
 
 
+def group_keys(rng: jax.Array, groups: int, group_ids: jax.Array | None, total_groups: int) -> jax.Array:
+    """One key per group of this call: `split(rng, groups)`, or, for a microbatch holding groups `group_ids` of a
+    batch of `total_groups` groups, those groups' keys of `split(rng, total_groups)`: a group draws the same
+    stochastic depth whichever microbatch carries it (exact gradient accumulation)."""
+    if group_ids is None:
+        return jax.random.split(rng, groups)
+    return jax.random.split(rng, total_groups)[group_ids]
+
+
 def _subset_residual(x: jax.Array, branch: Callable[[jax.Array], jax.Array], rate: float, rng: jax.Array,
-                     groups: int) -> jax.Array:
+                     groups: int, group_ids: jax.Array | None = None, total_groups: int = 0) -> jax.Array:
     """Batch-subset stochastic depth drawn per group of the batch (DINOv2 draws per GPU): the batch is viewed as
     [groups, B / groups], each group keeps its own random subset of max(int(B/groups (1 - rate)), 1) samples. With
     one group per device (the trainer's default) the gather and scatter-add stay on the device: no activation
-    crosses devices. One group is a single permutation of the whole batch."""
+    crosses devices. One group (of one) is a single permutation of the whole batch."""
     batch = x.shape[0]
     if batch % groups:
         raise ValueError(f"batch-subset drop path: batch {batch} does not split into {groups} groups")
     per_group = batch // groups
     subset = max(int(per_group * (1.0 - rate)), 1)
     scale = per_group / subset
-    if groups == 1:
+    if groups == 1 and group_ids is None:
         index = jax.random.permutation(rng, batch)[:subset]
         residual = branch(nn.with_logical_constraint(x[index], ("batch", "tokens", "embed")))
         return x.at[index].add(residual * jnp.asarray(scale, residual.dtype))
@@ -258,7 +267,8 @@ def _subset_residual(x: jax.Array, branch: Callable[[jax.Array], jax.Array], rat
     # the group axis carries the batch sharding when the groups split evenly over the devices
     constrain = nn.with_logical_constraint if groups % shards == 0 else (lambda a, _: a)
     xs = constrain(x.reshape((groups, per_group) + rest), ("batch", None, "tokens", "embed"))
-    index = jax.vmap(lambda k: jax.random.permutation(k, per_group)[:subset])(jax.random.split(rng, groups))
+    keys = group_keys(rng, groups, group_ids, total_groups)
+    index = jax.vmap(lambda k: jax.random.permutation(k, per_group)[:subset])(keys)
     index = constrain(index, ("batch", None))
     picked = jax.vmap(lambda xi, ii: xi[ii])(xs, index)  # [groups, subset, ...]: a gather batched over groups
     picked = constrain(picked.reshape((groups * subset,) + rest), ("batch", "tokens", "embed"))
@@ -270,7 +280,7 @@ def _subset_residual(x: jax.Array, branch: Callable[[jax.Array], jax.Array], rat
 
 def add_residual(
     x: jax.Array, branch: Callable[[jax.Array], jax.Array], rate: float, mode: str, rng: jax.Array | None,
-    groups: int = 1,
+    groups: int = 1, group_ids: jax.Array | None = None, total_groups: int = 0,
 ) -> jax.Array:
     """x + branch(x) with stochastic depth.
 
@@ -278,14 +288,21 @@ def add_residual(
     "subset": the branch is computed only on a random subset of each of `groups` contiguous groups of the batch
     (max(int(b (1 - rate)), 1) of its b samples) and added back scaled by b / subset, which also saves that share of
     the compute (DINOv2: per GPU; the training step passes one group per device).
+    `group_ids` (int [groups], with `total_groups`): this batch is a microbatch holding those groups of a batch of
+    `total_groups`; each group draws what it would draw in the whole batch (the step's gradient accumulation).
     """
     if rate == 0.0 or rng is None:
         return x + branch(x)
     batch = x.shape[0]
     if drop_path_mode(rate, mode) == "subset":
-        return _subset_residual(x, branch, rate, rng, groups)
+        return _subset_residual(x, branch, rate, rng, groups, group_ids, total_groups)
     keep_prob = 1.0 - rate
-    keep = jax.random.bernoulli(rng, keep_prob, (batch,) + (1,) * (x.ndim - 1))
+    if group_ids is None:
+        keep = jax.random.bernoulli(rng, keep_prob, (batch,) + (1,) * (x.ndim - 1))
+    else:  # the whole batch's draw (one flat stream of bits, whatever its shape), this microbatch's groups of it
+        per_group = batch // groups
+        keep = jax.random.bernoulli(rng, keep_prob, (total_groups, per_group) + (1,) * (x.ndim - 1))
+        keep = keep[group_ids].reshape((batch,) + (1,) * (x.ndim - 1))
     return x + branch(x) * (keep.astype(x.dtype) / jnp.asarray(keep_prob, x.dtype))
 
 
@@ -295,9 +312,10 @@ class Block(nn.Module):
     cfg: ViTConfig
     train: bool = False
     drop_path_groups: int = 1
+    drop_path_total_groups: int = 0  # with group ids: the groups of the whole batch this microbatch belongs to
 
     @nn.compact
-    def __call__(self, x: jax.Array, _: Any = None) -> tuple[jax.Array, None]:
+    def __call__(self, x: jax.Array, group_ids: jax.Array | None = None) -> tuple[jax.Array, None]:
         cfg = self.cfg
         norm1, attn = _layer_norm(cfg, "norm1"), Attention(cfg, name="attn")
         norm2, mlp = _layer_norm(cfg, "norm2"), FeedForward(cfg, name="mlp")
@@ -307,9 +325,9 @@ class Block(nn.Module):
             ls1 = ls2 = lambda y: y
         rate = cfg.drop_path_rate if self.train else 0.0
         rngs = (self.make_rng("drop_path"), self.make_rng("drop_path")) if rate > 0.0 else (None, None)
-        groups = self.drop_path_groups
-        x = add_residual(x, lambda y: ls1(attn(norm1(y))), rate, cfg.drop_path_mode, rngs[0], groups)
-        x = add_residual(x, lambda y: ls2(mlp(norm2(y))), rate, cfg.drop_path_mode, rngs[1], groups)
+        groups = (self.drop_path_groups, group_ids, self.drop_path_total_groups)
+        x = add_residual(x, lambda y: ls1(attn(norm1(y))), rate, cfg.drop_path_mode, rngs[0], *groups)
+        x = add_residual(x, lambda y: ls2(mlp(norm2(y))), rate, cfg.drop_path_mode, rngs[1], *groups)
         return nn.with_logical_constraint(x, ("batch", "tokens", "embed")), None
 
 
@@ -337,14 +355,17 @@ class VisionTransformer(nn.Module):
     [B, gh*gw, D], "registers" [B, R, D] and "tokens" [B, 1 + R + gh*gw, D] (everything, for attentional pooling).
     `masks` (True = masked) replace patch embeddings by the mask token BEFORE the position embedding is added.
     Stochastic depth needs `train=True` and a "drop_path" rng; batch-subset drop path draws its subsets within
-    `drop_path_groups` contiguous groups of the batch (the training step: one per device).
+    `drop_path_groups` contiguous groups of the batch (the training step: one per device). A microbatch of a larger
+    batch passes `drop_path_group_ids` (int [drop_path_groups], traced) and `drop_path_total_groups`: its groups then
+    draw exactly what they draw in the whole batch.
     """
 
     cfg: ViTConfig
 
     @nn.compact
     def __call__(self, images: jax.Array, masks: jax.Array | None = None, train: bool = False,
-                 drop_path_groups: int = 1) -> dict[str, jax.Array]:
+                 drop_path_groups: int = 1, drop_path_group_ids: jax.Array | None = None,
+                 drop_path_total_groups: int = 0) -> dict[str, jax.Array]:
         cfg = self.cfg
         x = _PatchEmbed(cfg, name="patch_embed")(images)
         b, n, d = x.shape
@@ -386,11 +407,12 @@ class VisionTransformer(nn.Module):
         x = nn.with_logical_constraint(x, ("batch", "tokens", "embed"))
 
         block_cls = _block_class(cfg)
+        groups = (drop_path_groups, drop_path_total_groups)
         if cfg.scan_layers:
-            x, _ = block_cls(cfg, train, drop_path_groups, name="blocks")(x, None)
+            x, _ = block_cls(cfg, train, *groups, name="blocks")(x, drop_path_group_ids)
         else:
             for i in range(cfg.depth):
-                x, _ = block_cls(cfg, train, drop_path_groups, name=f"blocks_{i}")(x)
+                x, _ = block_cls(cfg, train, *groups, name=f"blocks_{i}")(x, drop_path_group_ids)
 
         x = _layer_norm(cfg, "norm")(x)
         r = cfg.num_register_tokens

@@ -9,12 +9,12 @@ import re
 from typing import Any
 
 import jax
-import ml_collections
 
 from gpfm_jax.plan import compile as compile_lib
 from gpfm_jax.plan import roofline as roofline_lib
 from gpfm_jax.plan import targets as targets_lib
 from gpfm_jax.plan.targets import GiB, Target
+from gpfm_jax.train.config_schema import TrainConfig
 
 RELEASED_SAMPLES = 87_500 * 1536  # the released GPFM checkpoint: iteration 87,500 at 1,536 images (134.4M)
 DEFAULT_MFU = 0.3  # measured on one H200 by tools/device_check.py: 29.5% for the official step (docs/plan.md)
@@ -54,6 +54,7 @@ class PlanResult:
     trace_s: float
     compile_s: float
     error: str = ""  # a compile failure other than out-of-memory
+    microbatches: int = 1  # config.step.microbatches: the per-device batch runs as this many sequential chunks
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -80,7 +81,7 @@ def _oom_memory(message: str, target: Target, margin: float) -> Memory | None:
     return Memory(0, 0, 0, 0, 0, used, int(target.hbm_bytes * (1 - margin)), False)
 
 
-def traced_flops(cfg: ml_collections.ConfigDict, target: Target, per_device_batch: int | None, remat: str | None,
+def traced_flops(cfg: TrainConfig, target: Target, per_device_batch: int | None, remat: str | None,
                  standin_teachers: bool, devices: list) -> float:
     """Matmul FLOPs per step of the step traced for this point (no compile); remat "none" gives the model FLOPs."""
     built = compile_lib.build(cfg, target, per_device_batch, remat, standin_teachers, devices=devices)
@@ -89,7 +90,7 @@ def traced_flops(cfg: ml_collections.ConfigDict, target: Target, per_device_batc
     return roofline_lib.jaxpr_flops(traced.jaxpr)
 
 
-def plan_point(cfg: ml_collections.ConfigDict, target: Target, per_device_batch: int | None = None,
+def plan_point(cfg: TrainConfig, target: Target, per_device_batch: int | None = None,
                remat: str | None = None, standin_teachers: bool = False, mfu: float = DEFAULT_MFU,
                samples: float = RELEASED_SAMPLES, margin: float = DEFAULT_MARGIN, devices: list | None = None,
                keep_hlo: list | None = None) -> PlanResult:
@@ -97,7 +98,8 @@ def plan_point(cfg: ml_collections.ConfigDict, target: Target, per_device_batch:
     devices = targets_lib.devices(target) if devices is None else devices
     built = compile_lib.build(cfg, target, per_device_batch, remat, standin_teachers, devices=devices)
     c = built.cfg
-    base = dict(target=target.name, per_device_batch=built.per_device_batch, remat=c.compute.remat_policy,
+    base = dict(target=target.name, per_device_batch=built.per_device_batch, microbatches=c.step.microbatches,
+                remat=c.compute.remat_policy,
                 mesh=built.mesh_shape, compute_dtype=c.compute.dtype, attention_impl=c.model.vit.attention_impl,
                 param_bytes=built.param_bytes)
     try:
@@ -140,7 +142,9 @@ def _short(op_name: str, width: int = 90) -> str:
 def format_report(r: PlanResult, target: Target) -> str:
     m = r.memory
     lines = [f"gpfm-plan: {r.target} ({target.chips} chips, {target.hosts} host(s)), mesh {r.mesh}, "
-             f"{r.per_device_batch} images/device, remat {r.remat}, {r.compute_dtype}, attention {r.attention_impl}"]
+             f"{r.per_device_batch} images/device"
+             + (f" in {r.microbatches} microbatches of {r.per_device_batch // r.microbatches}" if r.microbatches > 1
+                else "") + f", remat {r.remat}, {r.compute_dtype}, attention {r.attention_impl}"]
     params = ", ".join(f"{k} {_gib(v)}" for k, v in r.param_bytes.items())
     lines.append(f"  parameters (stored, global): {params}")
     if r.error:

@@ -129,10 +129,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problem:  # before the config is loaded or anything compiles: one line naming the extra
         print(f"gpfm-plan: {problem}", file=sys.stderr)
         return 2
+    from gpfm_jax.train.config_schema import parse
+
     try:
-        cfg = load_config(args.config)
-        apply_overrides(cfg, overrides)
-    except ValueError as err:
+        config_dict = load_config(args.config)
+        apply_overrides(config_dict, overrides)
+        cfg = parse(config_dict)  # once, here: the planner passes the typed config on
+    except ValueError as err:  # ConfigError is a ValueError
         print(f"gpfm-plan: {err}", file=sys.stderr)
         return 2
     batch = args.per_device_batch or max(1, cfg.data.global_batch_size // target.chips)
@@ -147,6 +150,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                   + (f"remat {result.chosen}, largest batch {result.max_batch}/device" if result.chosen
                      else f"no remat policy fits; with remat {last} the largest batch is {result.max_batch}/device"))
             payload, ok = result.to_dict(), result.chosen is not None
+            if not ok and not args.per_device_batch:  # the config's global batch: run it in microbatches
+                print(f"gpfm-plan --search: the global batch {cfg.data.global_batch_size} in microbatches "
+                      "(exact gradient accumulation):")
+                acc = search.accumulation(cfg, target, standin_teachers=args.standin_teachers, mfu=args.mfu,
+                                          samples=args.samples, margin=args.margin, log=print)
+                payload["accumulation"], ok = acc.to_dict(), acc.microbatches > 0
+                print(format_accumulation(acc, args.config))
         else:
             hlo: list[str] = []
             plan = analysis.plan_point(cfg, target, batch, args.remat, args.standin_teachers, args.mfu,
@@ -169,6 +179,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         _write_json(args.json, payload)
     return 0 if ok else 3
+
+
+def format_accumulation(acc, config: str) -> str:
+    if not acc.microbatches:
+        return (f"gpfm-plan --search: {acc.target}: the batch of {acc.global_batch} does not fit with any remat "
+                "policy and microbatch count; more chips, or a smaller global batch")
+    chunk = acc.per_device_batch // acc.microbatches
+    return (f"gpfm-plan --search: {acc.target} runs the {acc.global_batch} batch as {acc.microbatches} "
+            f"microbatch(es) of {chunk}/device ({acc.per_device_batch}/device per step) with remat {acc.remat}: peak "
+            f"{acc.peak / 2**30:.2f} GiB, roofline {acc.img_per_s_per_chip:.1f} images/s per chip\n"
+            f"  gpfm-train --config {config} {acc.command} ...")
 
 
 def cli() -> None:

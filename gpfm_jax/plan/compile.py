@@ -1,7 +1,7 @@
 """Build, lower and compile exactly the training step `gpfm-train` runs for a config, on a target's devices.
 
 The run's own builders make every piece (`gpfm_jax.train.config`: the ViT / head / schedule / optimiser / step
-configs; `gpfm_jax.train.step`: `make_train_step` + `jit_train_step` with the FSDP shardings), so the compiled
+configs; `gpfm_jax.step.train_step`: `make_train_step` + `jit_train_step` with the FSDP shardings), so the compiled
 program is the trainer's. What differs is only where the inputs come from: state, batch and expert params are
 ShapeDtypeStructs (nothing is allocated), the expert teachers are built from the registry at their real sizes (a
 bundle holds exactly the registry architecture, so no bundle file is needed), and "auto" settings resolve for the
@@ -14,33 +14,32 @@ import dataclasses
 import time
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
-import flax.linen as nn
 
+from gpfm_jax.encoders.teachers import STANDIN
 from gpfm_jax.models import attention
+from gpfm_jax.models.teachers import TEACHERS, build_teacher, standin_spec
 from gpfm_jax.plan import targets as targets_lib
 from gpfm_jax.plan.targets import Target
-from gpfm_jax.encoders.teachers import STANDIN
-from gpfm_jax.models.teachers import TEACHERS, build_teacher, standin_spec
+from gpfm_jax.step import sharding
+from gpfm_jax.step.model import GPFMModel
+from gpfm_jax.step.optim import make_optimizer
+from gpfm_jax.step.schedules import make_schedules
+from gpfm_jax.step.train_step import init_state, jit_train_step, make_train_step
 from gpfm_jax.train import config as config_lib
-from gpfm_jax.train import sharding
-from gpfm_jax.train.model import GPFMModel
-from gpfm_jax.train.optim import make_optimizer
-from gpfm_jax.train.schedules import make_schedules
-from gpfm_jax.train.step import init_state, jit_train_step, make_train_step
-
+from gpfm_jax.train.config_schema import TrainConfig, replace_fields
 
 @dataclasses.dataclass
 class Built:
     """The step for one (config, target, batch, remat) point, ready to trace / lower."""
 
-    cfg: ml_collections.ConfigDict  # the resolved copy
+    cfg: TrainConfig  # resolved for the target
     target: Target
     model: GPFMModel
     tx: Any  # the optimiser
-    step: Any  # gpfm_jax.train.step.ShardedStep
+    step: Any  # gpfm_jax.step.train_step.ShardedStep
     args: tuple  # (state, batch, expert_params) as ShapeDtypeStructs
     per_device_batch: int
     mesh_shape: dict[str, int]
@@ -56,46 +55,44 @@ class Compiled:
     compile_s: float
 
 
-def resolve_config(cfg: ml_collections.ConfigDict, target: Target, per_device_batch: int | None = None,
-                   remat: str | None = None, standin_teachers: bool = False) -> ml_collections.ConfigDict:
-    """A copy of `cfg` with the target's resolutions made explicit: compute dtype (bf16 on accelerators unless the
-    config sets one), attention implementation, global batch = per-device batch x chips, all target devices."""
-    out = ml_collections.ConfigDict(cfg.to_dict())
-    out.compute.dtype = config_lib.compute_dtype(cfg, backend=target.backend)
-    out.model.vit.attention_impl = attention.resolve_impl(out.model.vit.attention_impl, target.backend,
-                                                          out.compute.dtype)
+def resolve_config(cfg: TrainConfig, target: Target, per_device_batch: int | None = None,
+                   remat: str | None = None, standin_teachers: bool = False) -> TrainConfig:
+    """`cfg` with the target's resolutions made explicit: compute dtype (bf16 on accelerators unless the config sets
+    one), attention implementation, global batch = per-device batch x chips, all target devices."""
+    dtype = config_lib.compute_dtype(cfg, backend=target.backend)
+    changes: dict[str, Any] = {
+        "compute.dtype": dtype,
+        "model.vit.attention_impl": attention.resolve_impl(cfg.model.vit.attention_impl, target.backend, dtype),
+        "mesh.num_devices": 0,
+    }
     if remat is not None:
-        out.compute.remat_policy = remat
+        changes["compute.remat_policy"] = remat
     if per_device_batch is not None:
-        out.data.global_batch_size = int(per_device_batch) * target.chips
-    out.mesh.num_devices = 0
+        changes["data.global_batch_size"] = int(per_device_batch) * target.chips
     if standin_teachers:
-        for name in list(out.teachers.keys()):
-            out.teachers[name] = STANDIN
-    return out
+        changes["teachers"] = {name: STANDIN for name in cfg.teachers}
+    return replace_fields(cfg, changes)
 
 
-def _validate(cfg: ml_collections.ConfigDict, target: Target) -> None:
+def _validate(cfg: TrainConfig, target: Target) -> None:
     """gpfm-train's config checks for the target's device and host counts, minus the ones about files on this
     machine (teacher bundles, data, init_from): the plan needs none of them."""
-    probe = ml_collections.ConfigDict(cfg.to_dict())
-    for name in list(probe.teachers.keys()):
-        probe.teachers[name] = STANDIN
-    probe.data.source, probe.data.path, probe.init_from = "folder", ".", ""
+    probe = replace_fields(cfg, {"teachers": {name: STANDIN for name in cfg.teachers}, "data.source": "folder",
+                                 "data.path": ".", "init_from": ""})
     config_lib.validate(probe, num_devices=target.chips, process_count=target.hosts)
 
 
-def abstract_experts(cfg: ml_collections.ConfigDict, target: Target) -> tuple[dict, dict]:
+def abstract_experts(cfg: TrainConfig, target: Target) -> tuple[dict, dict]:
     """({name: Teacher}, {name: param ShapeDtypeStructs}) built as `gpfm_jax.train.config.load_experts` builds them,
     from the registry (or the stand-in spec for "standin") without reading any file."""
-    dtype, param_dtype = config_lib.teacher_dtypes(cfg)
+    dtype, param_dtype = config_lib.teacher_dtypes(cfg, backend=target.backend)
     impl = attention.resolve_impl(attention.AUTO, target.backend, dtype)
     overrides = dict(dtype=dtype, param_dtype=param_dtype, scan_layers=bool(cfg.compute.scan_layers),
                      attention_impl=impl)
     teachers, params = {}, {}
     for name, bundle in cfg.teachers.items():
         if bundle == STANDIN:
-            spec = standin_spec(name, **dict(cfg.standin)).replace(fixed_input_size=None)
+            spec = standin_spec(name, **dataclasses.asdict(cfg.standin)).replace(fixed_input_size=None)
         else:
             spec = TEACHERS[name]
         teacher = build_teacher(spec, **overrides)
@@ -107,9 +104,8 @@ def abstract_experts(cfg: ml_collections.ConfigDict, target: Target) -> tuple[di
     return teachers, params
 
 
-def batch_shapes(cfg: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
+def batch_shapes(c: TrainConfig) -> dict[str, jax.ShapeDtypeStruct]:
     """The per-step global batch as the data pipeline delivers it (sample-major)."""
-    c = config_lib.parse(cfg)
     mc, b, p = c.data.multicrop, c.data.global_batch_size, c.model.vit.patch_size
     g, loc = mc.global_size, mc.local_size
     return {
@@ -123,7 +119,7 @@ def _nbytes(tree: Any) -> int:
     return int(sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)))
 
 
-def build(cfg: ml_collections.ConfigDict, target: Target, per_device_batch: int | None = None,
+def build(cfg: TrainConfig, target: Target, per_device_batch: int | None = None,
           remat: str | None = None, standin_teachers: bool = False, devices: list | None = None) -> Built:
     """The sharded step for the target (as gpfm-train's `train()` assembles it) and its abstract arguments."""
     cfg = resolve_config(cfg, target, per_device_batch, remat, standin_teachers)
@@ -131,11 +127,11 @@ def build(cfg: ml_collections.ConfigDict, target: Target, per_device_batch: int 
     devices = targets_lib.devices(target) if devices is None else devices
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, devices=devices)
     experts, expert_params = abstract_experts(cfg, target)
-    model = GPFMModel(config_lib.vit_config(cfg), config_lib.head_config(cfg), experts)
+    model = GPFMModel(config_lib.vit_config(cfg, backend=target.backend), cfg.model.heads, experts)
     global_batch = cfg.data.global_batch_size
-    schedules = make_schedules(config_lib.schedule_config(cfg), global_batch)
+    schedules = make_schedules(cfg.schedule, global_batch)
     abstract_params = jax.eval_shape(model.init_student, jax.random.key(0))
-    tx = make_optimizer(abstract_params, schedules, config_lib.optim_config(cfg))
+    tx = make_optimizer(abstract_params, schedules, cfg.optim)
     step_cfg = config_lib.step_config(cfg, num_devices=target.chips, process_count=target.hosts)
     abstract_state = jax.eval_shape(lambda k: init_state(model, tx, k), jax.random.key(cfg.seed))
     step = jit_train_step(make_train_step(model, schedules, tx, step_cfg), mesh, abstract_state, expert_params)
@@ -147,7 +143,7 @@ def build(cfg: ml_collections.ConfigDict, target: Target, per_device_batch: int 
 
 def compile_built(built: Built) -> Compiled:
     """Trace (the jaxpr the FLOP count reads), lower and compile for the target; the jitted step carries the XLA
-    options gpfm-train compiles with on that platform (`gpfm_jax.train.xla_options`)."""
+    options gpfm-train compiles with on that platform (`gpfm_jax.step.xla_options`)."""
     t0 = time.perf_counter()
     with jax.set_mesh(built.step.mesh):
         traced = built.step.jitted.trace(*built.args)

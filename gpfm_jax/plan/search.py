@@ -6,6 +6,13 @@ program that does not fit is refused early in the compile). Peak memory is close
 (state and code are fixed, activations scale), so one more compile at half the batch gives the slope, the largest
 batch that fits is predicted and then confirmed by compiling it (stepping down 5% until it fits). When no policy
 fits the batch, the largest batch is searched for the policy that keeps the least ("full").
+
+`accumulation()` answers "how do I run the config's global batch on this slice": per policy (cheapest first) the
+fewest microbatches (`config.step.microbatches`, exact gradient accumulation) whose chunk fits. Peak memory is
+again close to affine in the chunk size (the state and the gradient accumulator are fixed), so 1 and 2
+microbatches give the line, the predicted count is compiled to confirm (more microbatches while it does not fit).
+Microbatches change no FLOPs, so the roofline's images/s is that of the policy; fewer, larger chunks keep the
+matmuls large (better real MFU), which is why the fewest that fit are chosen.
 """
 
 from __future__ import annotations
@@ -14,10 +21,10 @@ import dataclasses
 import math
 from typing import Any, Callable
 
-import ml_collections
 
 from gpfm_jax.plan import analysis
 from gpfm_jax.plan.targets import Target
+from gpfm_jax.train.config_schema import TrainConfig, replace_fields
 
 # cheapest first at equal FLOPs: "none" saves everything, "full" saves only the block inputs
 POLICIES = ("none", "dots_saveable", "dots_with_no_batch_dims_saveable", "full")
@@ -55,7 +62,7 @@ def _affine_max(b1: int, p1: int, b2: int, p2: int, limit: int) -> int:
     return max(0, math.floor(b1 + (limit - p1) / slope))
 
 
-def search(cfg: ml_collections.ConfigDict, target: Target, per_device_batch: int, policies=POLICIES,
+def search(cfg: TrainConfig, target: Target, per_device_batch: int, policies=POLICIES,
            standin_teachers: bool = False, mfu: float = analysis.DEFAULT_MFU,
            samples: float = analysis.RELEASED_SAMPLES, margin: float = analysis.DEFAULT_MARGIN,
            devices: list | None = None, log: Callable[[str], None] = lambda s: None) -> SearchResult:
@@ -105,3 +112,76 @@ def search(cfg: ml_collections.ConfigDict, target: Target, per_device_batch: int
     policy.max_batch = confirmed
     return SearchResult(target.name, per_device_batch, chosen, confirmed, results, chosen_plan)
 
+
+
+@dataclasses.dataclass
+class AccumulationResult:
+    target: str
+    global_batch: int
+    per_device_batch: int
+    remat: str | None  # the cheapest policy that runs the batch with some microbatch count (None: none does)
+    microbatches: int  # 0: nothing fits
+    peak: int
+    img_per_s_per_chip: float
+    points: list[dict[str, Any]]  # (remat, microbatches, peak, fits) compiled
+    command: str  # the gpfm-train overrides that run it
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def accumulation(cfg: TrainConfig, target: Target, policies=POLICIES, standin_teachers: bool = False,
+                 mfu: float = analysis.DEFAULT_MFU, samples: float = analysis.RELEASED_SAMPLES,
+                 margin: float = analysis.DEFAULT_MARGIN, devices: list | None = None,
+                 log: Callable[[str], None] = lambda s: None) -> AccumulationResult:
+    """The fewest microbatches that run `cfg.data.global_batch_size` on the target, for the cheapest remat policy
+    that gets there (module docstring)."""
+    from gpfm_jax.plan import targets as targets_lib
+
+    devices = targets_lib.devices(target) if devices is None else devices
+    per_device = cfg.data.global_batch_size // target.chips
+    counts = [k for k in range(1, per_device + 1) if per_device % k == 0]
+    flops = {p: analysis.traced_flops(cfg, target, per_device, p, standin_teachers, devices) for p in policies}
+    order = sorted(policies, key=lambda p: (round(flops[p] / 1e9), policies.index(p)))
+    points: list[dict[str, Any]] = []
+
+    def point(remat: str, k: int) -> analysis.PlanResult:
+        # masks drawn per device chunk (one data shard each, as the reference's per-GPU collate): a microbatch's
+        # masked-token buffer is then its share of the batch's (with one shard per host any chunk may hold every
+        # masked crop, and no microbatch count shrinks it), and each device gathers its own masked tokens
+        changes: dict[str, Any] = {"step.microbatches": k}
+        if not cfg.data.shards:
+            changes["data.shards"] = target.chips * k
+        c = replace_fields(cfg, changes)
+        r = analysis.plan_point(c, target, per_device, remat, standin_teachers, mfu, samples, margin, devices)
+        points.append(dict(remat=remat, microbatches=k, peak=r.memory.peak, fits=r.memory.fits, error=r.error))
+        log(f"  {remat:<34} {k:>3} microbatch(es) of {per_device // k:>4}/device: peak "
+            f"{r.memory.peak / 2**30:7.2f} GiB {'fits' if r.memory.fits else 'does not fit'}"
+            + (f" ({r.error})" if r.error else ""))
+        return r
+
+    for remat in order:
+        one = point(remat, 1)
+        found = one if one.memory.fits else None
+        if found is None and len(counts) > 1:
+            two = point(remat, counts[1])
+            found = two if two.memory.fits else None
+            if found is None and one.memory.peak > 0 and two.memory.peak > 0:
+                largest = _affine_max(per_device // counts[1], two.memory.peak, per_device, one.memory.peak,
+                                      two.memory.limit)
+                candidates = [k for k in counts[2:] if per_device // k <= max(largest, 1)]
+                for k in candidates[:3]:  # the predicted count, then up to two more if the line was optimistic
+                    r = point(remat, k)
+                    if r.memory.fits:
+                        found = r
+                        break
+        if found is not None:
+            k = found.microbatches
+            command = (f"--config.step.microbatches={k} --config.compute.remat_policy={remat}"
+                       + ("" if cfg.data.shards else f" --config.data.shards={target.chips * k}")
+                       + ("" if cfg.mesh.fsdp == found.mesh.get("fsdp", 1) else
+                          f" --config.mesh.fsdp={found.mesh.get('fsdp', 1)}"))
+            return AccumulationResult(target.name, cfg.data.global_batch_size, per_device, remat, k,
+                                      found.memory.peak, found.roofline.img_per_s_per_chip if found.roofline else 0.0,
+                                      points, command)
+    return AccumulationResult(target.name, cfg.data.global_batch_size, per_device, None, 0, 0, 0.0, points, "")

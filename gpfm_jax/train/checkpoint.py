@@ -33,7 +33,7 @@ from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, EveryNSt
 
 from gpfm_jax.train.config_schema import CheckpointConfig, ConfigError
 from gpfm_jax.train.faults import committed_steps
-from gpfm_jax.train.step import TrainState
+from gpfm_jax.step.train_step import TrainState
 
 log = logging.getLogger("gpfm_jax.train")
 STATE, DATA = "state", "data"

@@ -1,76 +1,69 @@
 """gpfm-train configs: validation (before anything compiles) and building the run's objects from a config.
 
 The schema is `gpfm_jax/train/config_schema.py` (dataclasses; config files start from its `base_config()`);
-docs/training.md lists every field. `validate()` raises `ConfigError` naming the offending field
-(`config.data.global_batch_size`, `config.teachers.uni`, ...).
+docs/training.md lists every field. Everything here takes the typed `TrainConfig`: a config file's ConfigDict is
+parsed once, where it enters (`gpfm-train`'s and `gpfm-plan`'s command lines), and the typed config is passed on.
+`validate()` raises `ConfigError` naming the offending field (`config.data.global_batch_size`,
+`config.teachers.uni`, ...).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import jax
-import ml_collections
+import numpy as np
 
-from gpfm_jax.data.augment import MultiCropConfig
-from gpfm_jax.data.masking import MaskingConfig, max_masked_tokens
+from gpfm_jax.data.masking import MaskingConfig, mask_bins
 from gpfm_jax.data.pipeline import PipelineConfig
-from gpfm_jax.losses import LossConfig
 from gpfm_jax.models.vit import ViTConfig
 from gpfm_jax.encoders.teachers import STANDIN, load_teacher
 from gpfm_jax.models.teachers import TEACHERS, Teacher, build_teacher, standin_spec
-from gpfm_jax.train.config_schema import ConfigError, TrainConfig, parse
-from gpfm_jax.train.model import GPFMModel, HeadConfig
-from gpfm_jax.train.optim import OptimConfig
-from gpfm_jax.train.schedules import ScheduleConfig
-from gpfm_jax.train.step import StepConfig
+from gpfm_jax.train.config_schema import ConfigError, TrainConfig
+from gpfm_jax.step.model import GPFMModel
+from gpfm_jax.step.train_step import StepConfig
 
 SOURCES = ("index", "folder", "tfds", "slides")
 DTYPES = ("float32", "bfloat16", "float16")
 SAVE_ERROR_MODES = ("stop", "retry")
 
 
-Config = Union[ml_collections.ConfigDict, TrainConfig]
+def _typed(cfg: Any) -> TrainConfig:
+    """The helpers below take the typed config, parsed once where the config enters (the command line,
+    `loop.train`); a ConfigDict here is a caller that skipped that step."""
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"expected a TrainConfig (gpfm_jax.train.config_schema.parse(config_dict)), got "
+                        f"{type(cfg).__name__}")
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Resolved settings (every function takes the ConfigDict of a config file or the parsed TrainConfig)
+# Settings the config leaves to the run (derived from several fields, the backend or the device count)
 
 
-def compute_dtype(cfg: Config, backend: str | None = None) -> str:
+def compute_dtype(c: TrainConfig, backend: str | None = None) -> str:
     """bf16 on accelerators, f32 on CPU unless set."""
-    dtype = parse(cfg).compute.dtype
+    dtype = c.compute.dtype
     if dtype == "auto":
         backend = backend or jax.default_backend()
         return "float32" if backend == "cpu" else "bfloat16"
     return dtype
 
 
-def teacher_dtypes(cfg: Config) -> tuple[str, str]:
-    c = parse(cfg).compute
-    dtype = compute_dtype(cfg) if c.teacher_dtype == "auto" else c.teacher_dtype
-    param_dtype = dtype if c.teacher_param_dtype == "auto" else c.teacher_param_dtype
+def teacher_dtypes(c: TrainConfig, backend: str | None = None) -> tuple[str, str]:
+    dtype = compute_dtype(c, backend) if c.compute.teacher_dtype == "auto" else c.compute.teacher_dtype
+    param_dtype = dtype if c.compute.teacher_param_dtype == "auto" else c.compute.teacher_param_dtype
     return dtype, param_dtype
 
 
-def vit_config(cfg: Config) -> ViTConfig:
-    c = parse(cfg)
-    return c.model.vit.replace(dtype=compute_dtype(c), param_dtype=c.compute.param_dtype,
+def vit_config(c: TrainConfig, backend: str | None = None) -> ViTConfig:
+    return c.model.vit.replace(dtype=compute_dtype(c, backend), param_dtype=c.compute.param_dtype,
                                scan_layers=bool(c.compute.scan_layers), remat_policy=c.compute.remat_policy)
 
 
-def head_config(cfg: Config) -> HeadConfig:
-    return parse(cfg).model.heads
-
-
-def multicrop_config(cfg: Config) -> MultiCropConfig:
-    return parse(cfg).data.multicrop
-
-
-def masking_config(cfg: Config) -> MaskingConfig:
-    c = parse(cfg)
+def masking_config(c: TrainConfig) -> MaskingConfig:
     grid = c.data.multicrop.global_size // c.model.vit.patch_size
     m = c.data.masking
     try:
@@ -79,25 +72,12 @@ def masking_config(cfg: Config) -> MaskingConfig:
         raise ConfigError(f"config.data.masking: {err}") from err
 
 
-def loss_config(cfg: Config) -> LossConfig:
-    return parse(cfg).loss
-
-
-def schedule_config(cfg: Config) -> ScheduleConfig:
-    return parse(cfg).schedule
-
-
-def optim_config(cfg: Config) -> OptimConfig:
-    return parse(cfg).optim
-
-
-def num_shards(cfg: Config, process_count: int | None = None) -> int:
+def num_shards(c: TrainConfig, process_count: int | None = None) -> int:
     process_count = jax.process_count() if process_count is None else process_count
-    return int(parse(cfg).data.shards) or process_count
+    return int(c.data.shards) or process_count
 
 
-def pipeline_config(cfg: Config) -> PipelineConfig:
-    c = parse(cfg)
+def pipeline_config(c: TrainConfig) -> PipelineConfig:
     d = c.data
     return PipelineConfig(
         global_batch_size=d.global_batch_size, seed=c.seed, shuffle=d.shuffle, num_epochs=None,
@@ -106,26 +86,56 @@ def pipeline_config(cfg: Config) -> PipelineConfig:
         multicrop=d.multicrop, masking=masking_config(c))
 
 
-def total_steps(cfg: Config) -> int:
-    c = parse(cfg)
+def total_steps(c: TrainConfig) -> int:
     return int(c.steps) or int(c.schedule.total_steps)
 
 
-def step_config(cfg: Config, num_devices: int, process_count: int | None = None) -> StepConfig:
-    """config.step with the derived fields set; max_masked 0: the exact bound summed over the data shards (masks are
-    drawn per shard batch); batch_groups 0: one group per device."""
-    c = parse(cfg)
-    shards = num_shards(c, process_count)
-    per_shard = c.data.global_batch_size // shards
-    max_masked = c.step.max_masked or shards * max_masked_tokens(2 * per_shard, masking_config(c))
+def step_config(c: TrainConfig, num_devices: int, process_count: int | None = None) -> StepConfig:
+    """config.step with the derived fields set: batch_groups 0 = one group per device and microbatch (the
+    reference's per-GPU batch is what one device holds at a time); max_masked 0 = the exact bound of one
+    microbatch's masked tokens, and `shard_max_masked` the bound of one device's share of it, for the per-device
+    selection of the masked tokens (`gpfm_jax.step.masked`; masks are drawn per data shard, `masked_bounds`)."""
+    k = int(c.step.microbatches)
+    total, per_device = masked_bounds(c, num_devices, process_count)
+    # Per-device buffers only where they hold no more rows in all than the whole batch's buffer: when masks are
+    # drawn per device chunk (data.shards a multiple of devices x microbatches, as the reference's per-GPU collate).
+    # With masks drawn over a whole host's crops any device may get the largest masks, the per-device bounds add up
+    # to several times the total (3.3x for the recipe on 8 devices, +21 GiB at 192 images/device on H100).
+    tight = num_devices > 1 and per_device * num_devices <= total
     return dataclasses.replace(c.step, n_global=2, n_local=c.data.multicrop.num_local_crops,
-                               max_masked=int(max_masked), batch_groups=int(c.step.batch_groups or num_devices),
-                               loss=c.loss)
+                               max_masked=int(c.step.max_masked or total),
+                               shard_max_masked=(num_devices, per_device if tight and not c.step.max_masked else 0),
+                               batch_groups=int(c.step.batch_groups or num_devices * k), loss=c.loss)
 
 
-def mesh_devices(cfg: Config) -> list:
+def masked_bounds(c: TrainConfig, num_devices: int, process_count: int | None = None) -> tuple[int, int]:
+    """(the most masked patches one microbatch can hold, ... one device's chunk of it). Each data shard draws masks
+    for its 2 x per-shard crops (ratio bins, then shuffled: any of its crops may carry the largest masks), so a set
+    holding n of a shard's crops holds at most the n largest per-crop bounds of that shard; summed over shards,
+    maximised over microbatches (devices). Microbatch m = the m-th of k chunks of every device's rows
+    (`gpfm_jax.step.microbatch`); with one microbatch the first is the reference collate's upper bound summed over
+    the shards."""
+    shards, k, b = num_shards(c, process_count), int(c.step.microbatches), c.data.global_batch_size
+    masking = masking_config(c)
+    per_shard, per_device = b // shards, b // num_devices
+    chunk = per_device // k
+    bins = mask_bins(2 * per_shard, masking)
+    caps = sorted((int(np.float32(masking.num_patches) * bins[i + 1]) for i in range(len(bins) - 1)), reverse=True)
+
+    def bound(rows_of_shard) -> int:
+        return sum(sum(caps[: 2 * rows_of_shard(s * per_shard, (s + 1) * per_shard)]) for s in range(shards))
+
+    def overlap(lo: int, hi: int, d: int, m: int) -> int:
+        return max(0, min(hi, d * per_device + (m + 1) * chunk) - max(lo, d * per_device + m * chunk))
+
+    total = max(bound(lambda lo, hi: sum(overlap(lo, hi, d, m) for d in range(num_devices))) for m in range(k))
+    device = max(bound(lambda lo, hi: overlap(lo, hi, d, m)) for m in range(k) for d in range(num_devices))
+    return total, device
+
+
+def mesh_devices(c: TrainConfig) -> list:
     devices = jax.devices()
-    n = parse(cfg).mesh.num_devices
+    n = c.mesh.num_devices
     if n:
         if jax.process_count() > 1:
             raise ConfigError("config.mesh.num_devices: only for single-process runs (0 = all devices)")
@@ -144,9 +154,9 @@ def _require(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def validate(cfg: Config, num_devices: int | None = None, process_count: int | None = None) -> None:
+def validate(cfg: TrainConfig, num_devices: int | None = None, process_count: int | None = None) -> None:
     """Every check that can be made without compiling; raises ConfigError naming the field."""
-    c = parse(cfg)
+    c = _typed(cfg)
     process_count = jax.process_count() if process_count is None else process_count
     if num_devices is None:
         num_devices = c.mesh.num_devices or jax.device_count()
@@ -206,8 +216,19 @@ def validate(cfg: Config, num_devices: int | None = None, process_count: int | N
     if c.mesh.data != -1:
         _require(c.mesh.data * c.mesh.fsdp == num_devices, f"config.mesh.data={c.mesh.data} x "
                  f"config.mesh.fsdp={c.mesh.fsdp} != the number of devices ({num_devices})")
-    groups = c.step.batch_groups or num_devices
+    k = c.step.microbatches
+    _require(k >= 1, f"config.step.microbatches={k} must be >= 1 (1 = no accumulation)")
+    _require(b % (num_devices * k) == 0, f"config.data.global_batch_size={b} does not split into {num_devices} devices "
+             f"x config.step.microbatches={k}")
+    groups = c.step.batch_groups or num_devices * k
     _require(b % groups == 0, f"config.step.batch_groups={groups} does not divide config.data.global_batch_size={b}")
+    for field, value in (("batch_groups", groups), ("drop_path_groups", c.step.drop_path_groups or groups)):
+        _require(k == 1 or value % (num_devices * k) == 0,
+                 f"config.step.{field}={value} must be a multiple of devices x config.step.microbatches ({num_devices}"
+                 f" x {k}): a group (the reference's per-GPU batch) must not straddle two microbatches")
+    _require(k == 1 or loss.centering == "centering",
+             f"config.loss.centering={loss.centering!r} normalises the teacher targets over the whole batch, which "
+             f"config.step.microbatches={k} cannot split exactly; use centering (the GPFM recipe) or microbatches=1")
 
     # data source
     _require(d.source in SOURCES, f"config.data.source={d.source!r}: expected one of {SOURCES}")
@@ -255,9 +276,9 @@ def slide_paths(value: str) -> list[str]:
 # Building
 
 
-def load_experts(cfg: Config) -> tuple[dict[str, Teacher], dict[str, Any]]:
-    """{name: Teacher}, {name: params}: bundles through gpfm_jax.encoders.teachers, stand-ins built here (any input size)."""
-    c = parse(cfg)
+def load_experts(c: TrainConfig) -> tuple[dict[str, Teacher], dict[str, Any]]:
+    """{name: Teacher}, {name: params}: bundles through gpfm_jax.encoders.teachers, stand-ins built here (any input
+    size)."""
     dtype, param_dtype = teacher_dtypes(c)
     overrides = dict(dtype=dtype, param_dtype=param_dtype, scan_layers=bool(c.compute.scan_layers))
     teachers, params = {}, {}
@@ -274,10 +295,10 @@ def load_experts(cfg: Config) -> tuple[dict[str, Teacher], dict[str, Any]]:
     return teachers, params
 
 
-def make_source(cfg: Config, workdir: str | Path | None = None):
+def make_source(c: TrainConfig, workdir: str | Path | None = None):
     from gpfm_jax.data import FolderSource, IndexSource, SlideTileSource, TfdsSource
 
-    d = parse(cfg).data
+    d = c.data
     if d.source == "index":
         return IndexSource(d.path, root=d.root or None)
     if d.source == "folder":
@@ -293,7 +314,6 @@ def make_source(cfg: Config, workdir: str | Path | None = None):
     raise ConfigError(f"config.data.source={d.source!r}: expected one of {SOURCES}")
 
 
-def build_model(cfg: Config) -> tuple[GPFMModel, dict[str, Any]]:
-    c = parse(cfg)
+def build_model(c: TrainConfig) -> tuple[GPFMModel, dict[str, Any]]:
     experts, expert_params = load_experts(c)
     return GPFMModel(vit_config(c), c.model.heads, experts), expert_params

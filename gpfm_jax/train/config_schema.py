@@ -24,11 +24,11 @@ from gpfm_jax.data.augment import MultiCropConfig
 from gpfm_jax.data.masking import MaskingConfig
 from gpfm_jax.losses import LossConfig
 from gpfm_jax.models.vit import ViTConfig
-from gpfm_jax.train.model import HeadConfig
-from gpfm_jax.train.optim import OptimConfig
+from gpfm_jax.step.model import HeadConfig
+from gpfm_jax.step.optim import OptimConfig
 from gpfm_jax.train.probe import ProbeConfig
-from gpfm_jax.train.schedules import ScheduleConfig
-from gpfm_jax.train.step import StepConfig
+from gpfm_jax.step.schedules import ScheduleConfig
+from gpfm_jax.step.train_step import StepConfig
 
 
 class ConfigError(ValueError):
@@ -39,7 +39,8 @@ class ConfigError(ValueError):
 DERIVED: dict[type, tuple[str, ...]] = {
     ViTConfig: ("dtype", "param_dtype", "scan_layers", "remat_policy"),  # from config.compute
     MaskingConfig: ("grid",),  # data.multicrop.global_size // model.vit.patch_size
-    StepConfig: ("n_global", "n_local", "loss"),  # 2, data.multicrop.num_local_crops, config.loss
+    # 2, data.multicrop.num_local_crops, config.loss, the per-device masked-token bound
+    StepConfig: ("n_global", "n_local", "loss", "shard_max_masked"),
 }
 
 
@@ -279,3 +280,20 @@ def parse(cfg: ml_collections.ConfigDict | TrainConfig) -> TrainConfig:
     if isinstance(cfg, TrainConfig):
         return cfg
     return _parse(TrainConfig(), cfg, "")
+
+
+def replace_fields(cfg: TrainConfig, changes: Mapping[str, Any]) -> TrainConfig:
+    """A copy of the typed config with dotted fields replaced: `replace_fields(c, {"compute.dtype": "bfloat16"})`.
+    For code that derives a config from another (gpfm-plan's target resolution) without going back to a ConfigDict."""
+    for path, value in changes.items():
+        *parents, leaf = path.split(".")
+        nodes = [cfg]
+        for name in parents:
+            nodes.append(getattr(nodes[-1], name))
+        if not any(f.name == leaf for f in dataclasses.fields(nodes[-1])):
+            raise ConfigError(f"config.{path}: no such field")
+        new = dataclasses.replace(nodes[-1], **{leaf: value})
+        for node, name in zip(reversed(nodes[:-1]), reversed(parents)):
+            new = dataclasses.replace(node, **{name: new})
+        cfg = new
+    return cfg

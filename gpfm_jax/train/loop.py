@@ -1,6 +1,7 @@
 """The gpfm-train run: build everything from the config, restore or initialise, then the step loop.
 
-`train(config, workdir) -> RunResult`; `gpfm_jax.train.main` is the command line around it.
+`train(config, workdir) -> RunResult` for a typed TrainConfig; `gpfm_jax.train.main` is the command line around it
+(it parses the config file once).
 
 The loop keeps the devices busy: the next batch is read and put on the devices by a background thread while the
 current step runs (train/data_stream.py), and step i's metrics are read after step i+1 has been dispatched
@@ -20,18 +21,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
-import ml_collections
 import numpy as np
 
+from gpfm_jax.step import sharding
+from gpfm_jax.step.optim import make_optimizer
+from gpfm_jax.step.sanity import make_sanity_fn
+from gpfm_jax.step.schedules import make_schedules, peak_lr
+from gpfm_jax.step.train_step import init_state, jit_train_step, make_train_step
 from gpfm_jax.train import checkpoint as ckpt
 from gpfm_jax.train import config as config_lib
-from gpfm_jax.train import config_schema, encoder_meta, faults, runtime, sharding
+from gpfm_jax.train import config_schema, encoder_meta, faults, runtime
 from gpfm_jax.train.data_stream import DataStream, Prefetcher
 from gpfm_jax.train.metrics_writer import MetricsWriter
-from gpfm_jax.train.optim import make_optimizer
-from gpfm_jax.train.sanity import make_sanity_fn
-from gpfm_jax.train.schedules import make_schedules, peak_lr
-from gpfm_jax.train.step import init_state, jit_train_step, make_train_step
 from gpfm_jax.train.step_results import HostFlags, StepOutcome, StepReader
 
 log = logging.getLogger("gpfm_jax.train")
@@ -165,9 +166,12 @@ def build(cfg: config_schema.TrainConfig, workdir: Path, context: faults.RunCont
     return run, state, start
 
 
-def train(cfg: ml_collections.ConfigDict | config_schema.TrainConfig, workdir: str | Path) -> RunResult:
+def train(cfg: config_schema.TrainConfig, workdir: str | Path) -> RunResult:
+    """The run for a typed config (`config_schema.parse(config_dict)`: gpfm-train parses its --config once, at the
+    command line, and everything below takes the TrainConfig or its parts)."""
     t_start = time.perf_counter()
-    cfg = config_schema.parse(cfg)
+    if not isinstance(cfg, config_schema.TrainConfig):
+        raise TypeError(f"train() takes a TrainConfig (config_schema.parse(config_dict)), got {type(cfg).__name__}")
     d = cfg.deadline
     runtime.setup(cfg.runtime, heartbeat_interval_s=min(1.0, d.peer_s / 5) if d.peer_s else 1.0)
     context = faults.RunContext(process_index=jax.process_index(), process_count=jax.process_count())

@@ -36,11 +36,12 @@ def main(argv) -> int:
     if not FLAGS["verbosity"].present:  # orbax logs every save at INFO
         absl_logging.set_verbosity(absl_logging.WARNING)
     from gpfm_jax.train import faults
-    from gpfm_jax.train.config import ConfigError
+    from gpfm_jax.train.config_schema import ConfigError, parse
     from gpfm_jax.train.loop import train
 
     try:
-        result = train(FLAGS.config, FLAGS.workdir)
+        cfg = parse(FLAGS.config)  # the only parse: train() and everything below take the typed config
+        result = train(cfg, FLAGS.workdir)
     except ConfigError as err:
         print(f"gpfm-train: config error: {err}", file=sys.stderr)
         return faults.EXIT_CONFIG

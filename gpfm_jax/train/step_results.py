@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from gpfm_jax.train import sharding
+from gpfm_jax.step import sharding
 
 FLAGS = ("skipped", "stop")
 

@@ -3,6 +3,8 @@ distillation losses, AdamW update, EMA update, center updates — one jitted fun
 
 Batch layout (sample-major, so each device holds all views of its samples):
   global_crops f32[B, 2, H, W, 3], local_crops f32[B, n_local, h, w, 3], masks bool[B, 2, gh*gw].
+With `StepConfig.microbatches` > 1 the same step runs the batch as a scan over microbatches (exact gradient
+accumulation, microbatch.py).
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from jax.sharding import Mesh
 
 from gpfm_jax import losses
 from gpfm_jax.models.teachers import split_targets, teacher_targets
-from gpfm_jax.train import sharding, xla_options
-from gpfm_jax.train.model import GPFMModel, ema_subset
-from gpfm_jax.train.optim import ema_update, grad_norms
-from gpfm_jax.train.schedules import Schedules, schedule_values
+from gpfm_jax.step import microbatch, sharding, xla_options
+from gpfm_jax.step.masked import masked_selection
+from gpfm_jax.step.model import GPFMModel, ema_subset
+from gpfm_jax.step.optim import ema_update, grad_norms
+from gpfm_jax.step.schedules import Schedules, schedule_values
 
 
 class TrainState(NamedTuple):
@@ -39,11 +42,20 @@ class TrainState(NamedTuple):
 class StepConfig:
     n_global: int = 2
     n_local: int = 8
-    max_masked: int = 0  # buffer for the gathered masked tokens; 0 = all 2B * N patches (small configs)
+    max_masked: int = 0  # buffer for the gathered masked tokens of one microbatch; 0 = all its 2B * N patches
     # The reference's per-GPU batches: this many contiguous groups of the batch, within which KoLeo looks for
-    # neighbours and over which the iBOT centre averages per-group token means (config: 0 = one per device).
+    # neighbours and over which the iBOT centre averages per-group token means (config: 0 = one per device and
+    # microbatch).
     batch_groups: int = 1
     drop_path_groups: int = 0  # batch-subset drop path drawn per group (reference: per GPU); 0 = batch_groups
+    # Exact gradient accumulation: the batch runs as this many sequential microbatches (a scan: the memory of one),
+    # one optimizer update per step. Each device's share is cut into `microbatches` contiguous chunks, so a group
+    # (batch_groups, drop_path_groups: multiples of devices x microbatches) never straddles two microbatches.
+    microbatches: int = 1
+    # (devices, buffer): select the masked tokens per device into buffers of this many rows when the batch is split
+    # over exactly that many devices (no gather across devices, the iBOT head not replicated); (0, 0): over the
+    # whole (micro)batch into one buffer of max_masked rows
+    shard_max_masked: tuple[int, int] = (0, 0)
     loss: losses.LossConfig = losses.LossConfig()
 
 
@@ -66,6 +78,9 @@ def _views_first(x: jax.Array, batch: int, n_views: int) -> jax.Array:
     return jnp.swapaxes(x.reshape((batch, n_views) + x.shape[1:]), 0, 1)
 
 
+SUMMED_METRICS = ("masked_overflow",)  # counts: summed over microbatches (everything else is a batch mean)
+
+
 def make_grad_fn(
     model: GPFMModel, schedules: Schedules, cfg: StepConfig
 ) -> Callable[[TrainState, Mapping[str, jax.Array], Mapping[str, Any]], tuple[Any, dict[str, jax.Array], dict]]:
@@ -73,13 +88,51 @@ def make_grad_fn(
 
     The EMA teacher and the experts make the targets (no gradient); the student's masked global crops and its local
     crops make the predictions. Separate from the update so that tests can compare gradients with the reference.
+    With `cfg.microbatches` = k > 1 the batch is processed in k microbatches (`microbatch.py`) and the gradients,
+    metrics and next centres are their means: every term is a mean over samples, groups or crops of equal-sized
+    microbatches, the centre update is linear in the batch mean, and each group draws its own stochastic depth,
+    so the result is the full batch's up to float summation order.
+    """
+    objective = make_objective(model, schedules, cfg)
+    k = cfg.microbatches
+
+    def grad_fn(state: TrainState, batch: Mapping[str, jax.Array], expert_params: Mapping[str, Any]):
+        if k == 1:
+            return objective(state, batch, expert_params, None)
+        chunks, group_ids = microbatch.split(batch, k, microbatch.batch_shards(), cfg.batch_groups,
+                                             cfg.drop_path_groups or cfg.batch_groups)
+
+        def body(total, xs):
+            chunk, ids = xs
+            return jax.tree_util.tree_map(jnp.add, total, objective(state, chunk, expert_params, ids)), None
+
+        zero = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype),
+                                      jax.eval_shape(objective, state, microbatch.first(chunks), expert_params,
+                                                     microbatch.first(group_ids)))
+        (grads, metrics, centers), _ = jax.lax.scan(body, zero, (chunks, group_ids))
+        mean = lambda tree: jax.tree_util.tree_map(lambda a: a / k, tree)  # noqa: E731
+        metrics = {name: (v if name in SUMMED_METRICS else v / k) for name, v in metrics.items()}
+        return mean(grads), metrics, mean(centers)
+
+    return grad_fn
+
+
+def make_objective(model: GPFMModel, schedules: Schedules, cfg: StepConfig) -> Callable:
+    """objective(state, batch, expert_params, group_ids) -> (grads, loss metrics, next centres) of one (micro)batch.
+
+    `group_ids` (None for the whole batch) name the batch groups and drop-path groups this microbatch holds, so its
+    stochastic depth is the whole batch's. Centres: the teacher targets use the step's old centres; the "next
+    centres" are this batch's EMA update (linear in its batch mean, so microbatch means average to the full batch's).
     """
     backbone, dino_head, distill_heads = model.backbone, model.dino_head, model.distill_heads
     loss_cfg = cfg.loss
     weights = losses.loss_weights(loss_cfg)
-    drop_path_groups = cfg.drop_path_groups or cfg.batch_groups
+    k = cfg.microbatches
+    groups, dp_groups = cfg.batch_groups // k, (cfg.drop_path_groups or cfg.batch_groups) // k
+    dp_total = cfg.drop_path_groups or cfg.batch_groups
 
-    def grad_fn(state: TrainState, batch: Mapping[str, jax.Array], expert_params: Mapping[str, Any]):
+    def objective(state: TrainState, batch: Mapping[str, jax.Array], expert_params: Mapping[str, Any],
+                  group_ids: Mapping[str, jax.Array] | None):
         b = batch["global_crops"].shape[0]
         n_g, n_l = cfg.n_global, cfg.n_local
         global_crops = batch["global_crops"].reshape((b * n_g,) + batch["global_crops"].shape[2:])
@@ -89,19 +142,23 @@ def make_grad_fn(
         step = state.step
         key_global, key_local = jax.random.split(jax.random.fold_in(state.rng, step))
         tau = schedules.teacher_temp(step)
+        drop_path = dict(drop_path_groups=dp_groups)
+        if group_ids is not None:
+            drop_path |= dict(drop_path_group_ids=group_ids["drop_path"], drop_path_total_groups=dp_total)
+
+        select = masked_selection(masks, max_masked, groups, cfg.shard_max_masked)
 
         # EMA teacher on the unmasked global crops: CLS targets and the patch targets at the masked positions.
         t_out = backbone.apply({"params": state.teacher["backbone"]}, global_crops)
         t_cls_logits = dino_head.apply({"params": state.teacher["dino_head"]}, t_out["cls"])
-        t_tokens, _, valid = losses.select_masked(t_out["patch"], masks, max_masked)
+        t_tokens, _, valid = select.tokens(t_out["patch"])
         t_patch_logits = dino_head.apply({"params": state.teacher["dino_head"]}, t_tokens)
         dino_probs, dino_center = losses.teacher_targets(
             t_cls_logits, state.centers["dino"], tau, loss_cfg.centering, loss_cfg.center_momentum,
             loss_cfg.sinkhorn_iterations)
         ibot_probs, ibot_center = losses.teacher_targets(
             t_patch_logits, state.centers["ibot"], tau, loss_cfg.centering, loss_cfg.center_momentum,
-            loss_cfg.sinkhorn_iterations, valid=valid,
-            center_weights=losses.group_mean_weights(masks, max_masked, cfg.batch_groups))
+            loss_cfg.sinkhorn_iterations, valid=valid, center_weights=select.center_weights)
         dino_probs, ibot_probs = jax.lax.stop_gradient((dino_probs, ibot_probs))
 
         grid = (global_crops.shape[1] // model.vit.patch_size, global_crops.shape[2] // model.vit.patch_size)
@@ -110,16 +167,16 @@ def make_grad_fn(
 
         def loss_fn(params):
             s_global = backbone.apply({"params": params["backbone"]}, global_crops, masks, train=True,
-                                      rngs={"drop_path": key_global}, drop_path_groups=drop_path_groups)
+                                      rngs={"drop_path": key_global}, **drop_path)
             s_local = backbone.apply({"params": params["backbone"]}, local_crops, train=True,
-                                     rngs={"drop_path": key_local}, drop_path_groups=drop_path_groups)
+                                     rngs={"drop_path": key_local}, **drop_path)
             head = lambda x: dino_head.apply({"params": params["dino_head"]}, x)  # noqa: E731
             dino = losses.dino_loss(
                 _views_first(head(s_global["cls"]), b, n_g), _views_first(dino_probs, b, n_g),
                 _views_first(head(s_local["cls"]), b, n_l), student_temp=loss_cfg.student_temp)
-            s_tokens, token_weights, _ = losses.select_masked(s_global["patch"], masks, max_masked)
+            s_tokens, token_weights, _ = select.tokens(s_global["patch"])
             ibot = losses.ibot_loss(head(s_tokens), ibot_probs, token_weights, b * n_g, loss_cfg.student_temp)
-            koleo = losses.koleo_global_views(_views_first(s_global["cls"], b, n_g), cfg.batch_groups,
+            koleo = losses.koleo_global_views(_views_first(s_global["cls"], b, n_g), groups,
                                               loss_cfg.koleo_eps, loss_cfg.koleo_pairwise_eps)
             distill = lambda x: distill_heads.apply({"params": params["distill_heads"]}, x)  # noqa: E731
             terms = {"dino": dino, "ibot": ibot, "koleo": koleo}
@@ -128,12 +185,11 @@ def make_grad_fn(
             return losses.weighted_total(terms, weights)
 
         (_, loss_metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        masked_count = jnp.sum(masks.astype(jnp.int32))
-        loss_metrics = {**loss_metrics, "masked_fraction": masked_count / masks.size,
-                        "masked_overflow": jnp.maximum(masked_count - max_masked, 0)}
+        loss_metrics = {**loss_metrics, "masked_fraction": jnp.sum(masks.astype(jnp.int32)) / masks.size,
+                        "masked_overflow": select.overflow}
         return grads, loss_metrics, {"dino": dino_center, "ibot": ibot_center}
 
-    return grad_fn
+    return objective
 
 
 def make_train_step(

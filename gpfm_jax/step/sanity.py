@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gpfm_jax.train import sharding
+from gpfm_jax.step import sharding
 
 
 def make_sanity_fn(model, schedules, student_temp: float, mesh):

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gpfm_jax.train.schedules import Schedules
+from gpfm_jax.step.schedules import Schedules
 
 PyTree = Any
 EMBEDDING_KEYS = ("pos_embed", "cls_token", "mask_token", "register_tokens")
