@@ -2,12 +2,14 @@
 learning-rate schedule, with early stopping on a validation split (the best-validation-loss weights are kept).
 
 An epoch is one jitted lax.scan over shuffled minibatches; the last minibatch is padded with zero-weight rows, so
-every epoch has one compiled shape.
+every epoch has one compiled shape, and the jitted epoch is shared by every probe with the same optimiser settings
+and data shapes (the encoders of a benchmark, folds of equal size) instead of being compiled per probe.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -69,6 +71,34 @@ def _loss(params: dict, x: jax.Array, y: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
+@functools.lru_cache(maxsize=64)
+def _optimizer(learning_rate: float, weight_decay: float, warmup_steps: int,
+               total: int) -> optax.GradientTransformation:
+    """One optimizer object per setting, so `_epoch` (static in it) compiles once per setting and data shape and is
+    reused by every probe with those (the folds and encoders of a benchmark)."""
+    if warmup_steps:
+        schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, total)
+    else:
+        schedule = optax.cosine_decay_schedule(learning_rate, total)
+    return optax.adamw(schedule, weight_decay=weight_decay, mask={"w": True, "b": False})
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _epoch(opt, params, opt_state, order, weights, xt, yt, xv, yv):
+    """One epoch: a scan over the minibatches `order` [steps, batch] (padding rows weigh 0); returns the mean
+    training loss and the validation loss after the epoch."""
+
+    def step(carry, batch):
+        p, s = carry
+        idx, w = batch
+        loss, grads = jax.value_and_grad(_loss)(p, xt[idx], yt[idx], w)
+        updates, s = opt.update(grads, s, p)
+        return (optax.apply_updates(p, updates), s), loss * jnp.sum(w)
+
+    (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), (order, weights))
+    return params, opt_state, jnp.sum(losses) / xt.shape[0], _loss(params, xv, yv, jnp.ones(len(yv), jnp.float32))
+
+
 def train_linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
                        num_classes: int, cfg: LinearProbeConfig = LinearProbeConfig()) -> LinearProbe:
     train_x = np.asarray(train_x, np.float32)
@@ -80,25 +110,9 @@ def train_linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarr
     bs = min(cfg.batch_size, n)
     steps = -(-n // bs)
     total = max(cfg.epochs * steps, 1)
-    if cfg.warmup_epochs:
-        schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_epochs * steps, total)
-    else:
-        schedule = optax.cosine_decay_schedule(cfg.learning_rate, total)
-    opt = optax.adamw(schedule, weight_decay=cfg.weight_decay, mask={"w": True, "b": False})
+    opt = _optimizer(float(cfg.learning_rate), float(cfg.weight_decay), cfg.warmup_epochs * steps, total)
     params = {"w": jnp.zeros((d, num_classes), jnp.float32), "b": jnp.zeros((num_classes,), jnp.float32)}
     opt_state = opt.init(params)
-
-    @jax.jit
-    def epoch(params, opt_state, order, weights):
-        def step(carry, batch):
-            p, s = carry
-            idx, w = batch
-            loss, grads = jax.value_and_grad(_loss)(p, xt[idx], yt[idx], w)
-            updates, s = opt.update(grads, s, p)
-            return (optax.apply_updates(p, updates), s), loss * jnp.sum(w)
-
-        (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), (order, weights))
-        return params, opt_state, jnp.sum(losses) / n, _loss(params, xv, yv, jnp.ones(len(yv), jnp.float32))
 
     rng = np.random.default_rng(cfg.seed)
     best: tuple[float, int, Any] = (np.inf, -1, params)
@@ -106,7 +120,7 @@ def train_linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarr
     weights = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)]).reshape(steps, bs)
     for e in range(cfg.epochs):
         order = np.concatenate([rng.permutation(n), np.zeros(pad, np.int64)]).reshape(steps, bs)
-        params, opt_state, train_loss, val_loss = epoch(params, opt_state, order, weights)
+        params, opt_state, train_loss, val_loss = _epoch(opt, params, opt_state, order, weights, xt, yt, xv, yv)
         probe.history.append({"train_loss": float(train_loss), "val_loss": float(val_loss)})
         if float(val_loss) < best[0]:
             best = (float(val_loss), e, params)

@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gpfm_jax.evaluation.mil_models import Dropout, MILConfig
+from gpfm_jax.evaluation.mil_layers import Dropout, MILConfig
 
 
 def pinv_newton(x: jax.Array, iters: int) -> jax.Array:
