@@ -1,11 +1,13 @@
 """The official GPFM ViT-L/14 recipe (../shared/SPEC.md): 1,536 images per iteration, 500k-iteration schedules,
 UNI + Phikon + CONCH expert teachers from encoder bundles made by tools/port_teacher.py.
 
+    gpfm-index build --json /data/tiles/index.json --out /data/tiles/index     # once: ~190M tiles, minutes
     gpfm-train --config configs/gpfm_vitl14.py --workdir runs/gpfm \
-        --config.data.path=/data/tiles/index.json \
+        --config.data.path=/data/tiles/index \
         --config.teachers.uni=bundles/uni --config.teachers.phikon=bundles/phikon --config.teachers.conch=bundles/conch
 
-Data: the GPFM JSON index {slide_dir: [tile, ...]} (data.source="index"), or a TFDS dataset
+Data: the GPFM JSON index {slide_dir: [tile, ...]} built into a memory-mapped index folder by gpfm-index
+(data.source="index"; docs/data.md), or a TFDS dataset
 (data.source="tfds", data.path=<name or builder dir>, data.data_dir=...). Compute: bf16 with fp32 master params on
 GPU/TPU, fp32 on CPU (compute.dtype="auto"); scanned blocks (compile time independent of depth).
 
@@ -32,7 +34,7 @@ def get_config():
     c.teachers.phikon = "bundles/phikon"
     c.teachers.conch = "bundles/conch"
     c.data.source = "index"
-    c.data.path = "data/index.json"
+    c.data.path = "data/index"  # gpfm-index build --json data/index.json --out data/index
     c.data.worker_count = 8
     c.compute.scan_layers = True
     c.compute.remat_policy = "dots_saveable"  # gpfm-plan --search on h100-8 and v5p-8 at 96/device (docs/plan.md)

@@ -168,3 +168,50 @@ def test_resize_matches_torchvision_on_pil():
     ours = A.apply_crop_plan(img, plan, 98)[0]
     ref = np.asarray(F.hflip(F.resized_crop(img, 10, 20, 150, 170, [98, 98], F.InterpolationMode.BICUBIC)))
     assert np.array_equal(ours, ref)
+
+
+def test_uint8_crops_match_the_float_path():
+    """crop dtype uint8: crops no colour op touches are exactly their pixels (normalised: the float path to float
+    rounding); touched crops are the float path's values rounded to the nearest grey level."""
+    from gpfm_jax.data.normalize import normalize_numpy
+
+    img = np.asarray(Image.open("tests/data/tiatoolbox_target_image.png").convert("RGB"))[:300, :300]
+    cfg = dataclasses.replace(CFG, global_size=56, local_size=28)
+    worst_untouched, worst, n_untouched = 0.0, 0.0, 0
+    for seed in range(40):
+        f = A.multi_crop(img, np.random.default_rng(seed), cfg)
+        u = A.multi_crop(img, np.random.default_rng(seed), cfg, "uint8")
+        rng = np.random.default_rng(seed)  # replay the draws to know which crops were touched
+        A.draw_crop_plan(rng, 300, 300, 2, cfg.global_scale, cfg)
+        A.draw_crop_plan(rng, 300, 300, cfg.num_local_crops, cfg.local_scale, cfg)
+        g_plan = A.draw_color_plan(rng, np.array([cfg.blur_p_global1, cfg.blur_p_global2]),
+                                   np.array([0.0, cfg.solarize_p_global2]), cfg)
+        l_plan = A.draw_color_plan(rng, np.full(8, cfg.blur_p_local), np.zeros(8), cfg)
+        for key, plan in (("global_crops", g_plan), ("local_crops", l_plan)):
+            assert u[key].dtype == np.uint8 and u[key].shape == f[key].shape
+            diff = np.abs(normalize_numpy(u[key]) - f[key]).max(axis=(1, 2, 3))
+            touched = A.touched(plan)
+            n_untouched += int((~touched).sum())
+            worst_untouched = max(worst_untouched, float(diff[~touched].max(initial=0)))
+            worst = max(worst, float(diff.max()))
+    assert n_untouched > 20 and worst_untouched < 2e-6
+    assert 0.008 < worst <= 0.5 / 255 / min(CFG.std) + 2e-6  # 0.00875: half a grey level / 0.224
+
+
+def test_device_normalisation():
+    import jax.numpy as jnp
+
+    from gpfm_jax.data.normalize import input_dtype, normalize_batch, normalize_numpy
+
+    x = np.random.default_rng(0).integers(0, 256, (2, 3, 8, 8, 3), dtype=np.uint8)
+    want = (x / 255.0 - np.array(A.IMAGENET_MEAN)) / np.array(A.IMAGENET_STD)
+    out = normalize_batch({"global_crops": jnp.asarray(x), "local_crops": jnp.asarray(x[:, :1]),
+                           "masks": jnp.ones((2, 2), bool)}, "bfloat16", "float32")
+    assert out["global_crops"].dtype == jnp.float32 and out["masks"].dtype == jnp.bool_
+    assert np.abs(np.asarray(out["global_crops"]) - want).max() < 1e-6
+    assert np.abs(normalize_numpy(x) - want).max() < 1e-6
+    bf = normalize_batch({"global_crops": jnp.asarray(x)}, "bfloat16")["global_crops"]
+    assert bf.dtype == jnp.bfloat16 and np.abs(np.asarray(bf, np.float32) - want).max() < 0.02
+    floats = np.float32(want)  # already normalised (the float32 path): only cast
+    assert np.array_equal(np.asarray(normalize_batch({"global_crops": jnp.asarray(floats)})["global_crops"]), floats)
+    assert input_dtype("bfloat16", "float16") == jnp.float32 and input_dtype("bfloat16") == jnp.bfloat16

@@ -38,8 +38,9 @@ def tiles(tmp_path_factory):
 def test_full_size_batch_layout(tiles):
     it = make_iterator(FolderSource(tiles), PipelineConfig(global_batch_size=2))
     b = next(it)
-    assert b["global_crops"].shape == (2, 2, 224, 224, 3) and b["global_crops"].dtype == np.float32
-    assert b["local_crops"].shape == (2, 8, 98, 98, 3) and b["local_crops"].dtype == np.float32
+    assert b["global_crops"].shape == (2, 2, 224, 224, 3) and b["global_crops"].dtype == np.uint8
+    assert b["local_crops"].shape == (2, 8, 98, 98, 3) and b["local_crops"].dtype == np.uint8
+    assert b["global_crops"].nbytes + b["local_crops"].nbytes == 2 * (2 * 224 * 224 * 3 + 8 * 98 * 98 * 3)
     assert b["masks"].shape == (2, 2, 256) and b["masks"].dtype == bool
     assert (b["masks"].sum(-1) > 0).sum() == 2  # int(2B * 0.5) masked crops
     assert b["num_skipped"] == 0
@@ -52,8 +53,7 @@ def test_sample_major_order(tmp_path):
         Image.fromarray(np.full((32, 32, 3), c, np.uint8)).save(tmp_path / f"{i}.png")
     cfg = dataclasses.replace(SMALL, shuffle=False, multicrop=NO_COLOUR)
     b = next(make_iterator(FolderSource(tmp_path), cfg))
-    mean, std = np.array(NO_COLOUR.mean), np.array(NO_COLOUR.std)
-    rgb = lambda x: np.round((x.mean(axis=(-3, -2)) * std + mean) * 255).astype(int)  # noqa: E731
+    rgb = lambda x: np.round(x.mean(axis=(-3, -2))).astype(int)  # noqa: E731
     B, N = 4, 3
     want = np.array(colours)
     g, loc = rgb(b["global_crops"]), rgb(b["local_crops"])
@@ -137,6 +137,9 @@ def test_config_validation(tiles):
 
 
 def test_worker_processes_give_the_same_batches(tiles):
+    from gpfm_jax.data.pipeline import tune_malloc
+
+    assert tune_malloc()  # glibc here: the workers' malloc settings (run in each worker below) take
     src = FolderSource(tiles)
     ref = make_iterator(src, SMALL)
     expected = [next(ref) for _ in range(3)]
@@ -149,3 +152,27 @@ def test_worker_processes_give_the_same_batches(tiles):
     assert _equal(next(again), expected[1])
     for x in (it, again):
         x.close() if hasattr(x, "close") else None
+
+
+def test_uint8_batches_are_the_float_batches_rounded(tiles):
+    """The same pipeline with crop_dtype uint8 and float32: the same draws; normalised as the step does, the uint8
+    batch is within half a grey level of the host-normalised one (0.5 / 255 / min(std) plus float rounding), and
+    4x smaller."""
+    import jax.numpy as jnp
+
+    from gpfm_jax.data.normalize import normalize_batch
+
+    src = FolderSource(tiles)
+    u8 = make_iterator(src, SMALL)
+    f32 = make_iterator(src, dataclasses.replace(SMALL, crop_dtype="float32"))
+    bound = 0.5 / 255 / min(SMALL.multicrop.std) + 2e-6
+    for _ in range(3):
+        a, b = next(u8), next(f32)
+        assert a["global_crops"].dtype == np.uint8 and b["global_crops"].dtype == np.float32
+        assert np.array_equal(a["masks"], b["masks"]) and a["num_skipped"] == b["num_skipped"]
+        dev = normalize_batch({k: jnp.asarray(v) for k, v in a.items()})
+        for k in ("global_crops", "local_crops"):
+            assert 4 * a[k].nbytes == b[k].nbytes
+            diff = np.abs(np.asarray(dev[k]) - b[k])
+            assert diff.max() <= bound, (k, diff.max())
+            assert diff.max() > 1e-3  # colour ops fired: the rounding is visible, the bound is not vacuous

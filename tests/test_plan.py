@@ -294,13 +294,15 @@ def test_search_runs_a_global_batch_that_does_not_fit_in_microbatches():
 
     from gpfm_jax.plan import analysis, search
     from gpfm_jax.plan.cli import apply_overrides, load_config
-    from gpfm_jax.train.config_schema import parse
+    from gpfm_jax.train.config_schema import parse, replace_fields
 
     config_dict = load_config(DEMO)
     apply_overrides(config_dict, SMALLER + ["--config.data.global_batch_size=64"])
     cfg = parse(config_dict)
     cpu = targets.get_target("cpu-8")
-    one = analysis.plan_point(cfg, cpu, 8, "none", True, margin=0.0)
+    # the search draws masks per device chunk (data.shards = chips x microbatches) when the config leaves shards
+    # unset; its one-microbatch point is this config's step with 8 shards
+    one = analysis.plan_point(replace_fields(cfg, {"data.shards": 8}), cpu, 8, "none", True, margin=0.0)
     assert one.memory.fits and one.microbatches == 1
     tight = dataclasses.replace(cpu, hbm_bytes=int(one.memory.peak * 0.97))
     acc = search.accumulation(cfg, tight, policies=("none",), standin_teachers=True, margin=0.0)

@@ -285,10 +285,8 @@ def draw_color_plan(
     )
 
 
-def apply_color_plan(crops: np.ndarray, plan: ColorPlan, cfg: MultiCropConfig) -> np.ndarray:
-    """uint8 [n, H, W, 3] -> normalised float32 [n, H, W, 3] (work is done planar, see _gray)."""
-    x = crops.transpose(0, 3, 1, 2).astype(np.float32, order="C")
-    x *= np.float32(1.0 / 255.0)
+def _color_ops(x: np.ndarray, plan: ColorPlan, cfg: MultiCropConfig) -> np.ndarray:
+    """The colour ops of `plan` on planar float32 crops [n, 3, H, W] in [0, 1], in place where possible."""
     if plan.hed.any():
         idx = np.flatnonzero(plan.hed)
         x[idx] = hed_jitter(x[idx], plan.hed_alpha[idx], plan.hed_beta[idx])
@@ -309,6 +307,19 @@ def apply_color_plan(crops: np.ndarray, plan: ColorPlan, cfg: MultiCropConfig) -
     if plan.solarize.any():
         idx = np.flatnonzero(plan.solarize)
         x[idx] = solarize(x[idx], cfg.solarize_threshold)
+    return x
+
+
+def _planar_unit(crops: np.ndarray) -> np.ndarray:
+    """uint8 [n, H, W, 3] -> float32 [n, 3, H, W] in [0, 1] (contiguous channel planes)."""
+    x = crops.transpose(0, 3, 1, 2).astype(np.float32, order="C")
+    x *= np.float32(1.0 / 255.0)
+    return x
+
+
+def apply_color_plan(crops: np.ndarray, plan: ColorPlan, cfg: MultiCropConfig) -> np.ndarray:
+    """uint8 [n, H, W, 3] -> normalised float32 [n, H, W, 3] (work is done planar, see _gray)."""
+    x = _color_ops(_planar_unit(crops), plan, cfg)
     # Normalise while transposing back to NHWC: one strided pass instead of a normalise pass plus a copy.
     std = np.asarray(cfg.std, np.float32)
     out = np.empty((x.shape[0], x.shape[2], x.shape[3], 3), np.float32)
@@ -317,8 +328,48 @@ def apply_color_plan(crops: np.ndarray, plan: ColorPlan, cfg: MultiCropConfig) -
     return out
 
 
-def multi_crop(image: np.ndarray | Image.Image, rng: np.random.Generator, cfg: MultiCropConfig) -> dict[str, np.ndarray]:
-    """One image -> {"global_crops": f32[2, G, G, 3], "local_crops": f32[N, L, L, 3]} (ImageNet-normalised, NHWC)."""
+def _subset(plan: ColorPlan, idx: np.ndarray) -> ColorPlan:
+    return ColorPlan(**{f.name: getattr(plan, f.name)[idx] for f in dataclasses.fields(ColorPlan)})
+
+
+def touched(plan: ColorPlan) -> np.ndarray:
+    """bool [n]: crops that any colour op changes (the others keep their uint8 pixels exactly)."""
+    return plan.jitter | plan.gray | (plan.blur_sigma > 0) | plan.solarize | plan.hed
+
+
+def apply_color_plan_uint8(crops: np.ndarray, plan: ColorPlan, cfg: MultiCropConfig) -> np.ndarray:
+    """uint8 [n, H, W, 3] -> uint8 [n, H, W, 3]: the same colour ops as `apply_color_plan` in float32, rounded to the
+    nearest grey level once at the end, unnormalised (the train step normalises on the device).
+
+    Crops no colour op touches are passed through untouched (no float round trip): exactly their pixels. The others
+    differ from the float path by at most half a grey level before normalisation, 0.5 / 255 / min(std) after it
+    (0.0088 with ImageNet's std); the reference's PIL transforms round to uint8 after every op.
+    """
+    idx = np.flatnonzero(touched(plan))
+    out = np.array(crops, np.uint8, copy=True, order="C")
+    if idx.size:
+        x = _color_ops(_planar_unit(crops[idx]), _subset(plan, idx), cfg)
+        x *= np.float32(255.0)
+        np.rint(x, out=x)
+        np.clip(x, 0.0, 255.0, out=x)
+        out[idx] = x.transpose(0, 2, 3, 1)  # the cast rounds nothing: x holds integers
+    return out
+
+
+CROP_DTYPES = ("uint8", "float32")
+
+
+def multi_crop(image: np.ndarray | Image.Image, rng: np.random.Generator, cfg: MultiCropConfig,
+               dtype: str = "float32") -> dict[str, np.ndarray]:
+    """One image -> {"global_crops": [2, G, G, 3], "local_crops": [N, L, L, 3]}, NHWC.
+
+    dtype "float32": ImageNet-normalised floats (the host does everything). dtype "uint8": the crops after every
+    colour op, as pixels (4x fewer bytes to the accelerator; `data.normalize` finishes them inside the jitted step).
+    The random draws are the same for both, so the two differ only by the rounding described in
+    `apply_color_plan_uint8`.
+    """
+    if dtype not in CROP_DTYPES:
+        raise ValueError(f"crop dtype must be one of {CROP_DTYPES}, got {dtype!r}")
     img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
     if img.mode != "RGB":
         img = img.convert("RGB")
@@ -330,4 +381,5 @@ def multi_crop(image: np.ndarray | Image.Image, rng: np.random.Generator, cfg: M
     )
     nl = cfg.num_local_crops
     l_plan = draw_color_plan(rng, np.full(nl, cfg.blur_p_local), np.zeros(nl), cfg)
-    return {"global_crops": apply_color_plan(g, g_plan, cfg), "local_crops": apply_color_plan(loc, l_plan, cfg)}
+    apply = apply_color_plan_uint8 if dtype == "uint8" else apply_color_plan
+    return {"global_crops": apply(g, g_plan, cfg), "local_crops": apply(loc, l_plan, cfg)}

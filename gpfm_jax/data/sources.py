@@ -11,7 +11,6 @@ import io
 import json
 import logging
 import os
-import threading
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
@@ -109,17 +108,30 @@ class FolderSource(FileListSource):
         super().__init__(paths, str(root))
 
 
+# A JSON index above this size is refused: json.load plus one path per tile, in every process and every grain
+# worker, costs ~13 s and ~0.6 GB per million tiles (measured, docs/data.md). gpfm-index builds a memory-mapped one.
+MAX_JSON_INDEX_BYTES = 256 << 20
+
+
 class IndexSource(FileListSource):
-    """The official GPFM index: a JSON object {slide_dir: [tile file name, ...]}.
+    """The official GPFM index: a JSON object {slide_dir: [tile file name, ...]}, for small sets (see
+    MAX_JSON_INDEX_BYTES; the recipe's index goes through `gpfm-index build` and `data.index.TileIndexSource`).
 
     Relative slide_dirs are resolved against `root` (default: the JSON file's folder). Files are not stat'ed up
-    front (the real index lists ~190M tiles); a missing one is a bad record at read time.
+    front; a missing one is a bad record at read time. Order: slide dirs sorted, each dir's files in list order.
     """
 
-    def __init__(self, index_file: str | os.PathLike, root: str | os.PathLike | None = None):
+    def __init__(self, index_file: str | os.PathLike, root: str | os.PathLike | None = None,
+                 max_bytes: int | None = MAX_JSON_INDEX_BYTES):
         index_file = Path(index_file)
         if not index_file.is_file():
             raise FileNotFoundError(f"tile index not found: {index_file}")
+        size = index_file.stat().st_size
+        if max_bytes is not None and size > max_bytes:
+            raise ValueError(
+                f"tile index {index_file} is {size / 1e9:.2f} GB: too large to load as JSON in every process (minutes "
+                f"and GBs each). Build a memory-mapped index once: `gpfm-index build --json {index_file} --out "
+                f"INDEX_DIR`, then read INDEX_DIR instead (gpfm-train: data.path=INDEX_DIR)")
         with open(index_file) as f:
             index = json.load(f)
         if not isinstance(index, dict):
@@ -167,12 +179,15 @@ class TfdsSource:
 class SlideTileSource:
     """Tissue tiles of whole-slide images, read on demand through openslide (grid cached via slides.tile_coordinates).
 
-    Records add "coords" (level-0 x, y) and "slide" (index into slide_paths). Open slide handles are per process, so
-    the source pickles cleanly into grain workers.
+    For a few slides (tools, tests): every slide is tiled here, at construction, and the coordinates travel with the
+    source into each grain worker. Many slides go through `gpfm-index build --slides` and `SlideIndexSource`, which
+    returns the same records. Records add "coords" (level-0 x, y) and "slide" (index into slide_paths). Open slides
+    live in a bounded per-process LRU (`handles`), so the source pickles cleanly into grain workers.
     """
 
     def __init__(self, slide_paths: Sequence[str | os.PathLike], tile_size: int = 224, magnification: float = 20.0,
-                 *, cache_dir: str | os.PathLike | None = None, **tiling: Any):
+                 *, cache_dir: str | os.PathLike | None = None, handles: int = 256, cache_mb: float = 64.0,
+                 **tiling: Any):
         if not slide_paths:
             raise ValueError("SlideTileSource needs at least one slide")
         self.slide_paths = [str(p) for p in slide_paths]
@@ -186,29 +201,10 @@ class SlideTileSource:
             raise ValueError(f"no tissue tiles found in slides {self.slide_paths}")
         self._offsets = np.concatenate([[0], np.cumsum(counts)])
         self._coords = np.concatenate([g.coords for g in grids]).reshape(-1, 2)
-        self._handles: dict[int, Any] = {}
-        self._pid = os.getpid()
-        self._lock = threading.Lock()
+        self.handles = slides_lib.SlideHandles(handles, cache_mb)
 
     def __len__(self) -> int:
         return int(self._offsets[-1])
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_handles"], state["_lock"] = {}, None
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
-
-    def _slide(self, s: int):
-        if self._pid != os.getpid():  # forked: handles are not shareable
-            self._handles, self._pid = {}, os.getpid()
-        with self._lock:
-            if s not in self._handles:
-                self._handles[s] = slides_lib.open_slide(self.slide_paths[s])
-            return self._handles[s]
 
     def position(self, index: int) -> tuple[int, int, int, int]:
         """(slide index, level-0 x, level-0 y, level-0 footprint) of tile `index`, without reading it."""
@@ -217,11 +213,11 @@ class SlideTileSource:
         return s, x, y, int(self._level0[s])
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        s = int(np.searchsorted(self._offsets, index, side="right") - 1)
-        x, y = (int(v) for v in self._coords[index])
+        s, x, y, span = self.position(index)
         path = f"{self.slide_paths[s]}@{x},{y}"
         try:
-            img = slides_lib.read_tile(self._slide(s), x, y, int(self._level0[s]), self.tile_size, self._downs[s])
+            with self.handles.open(self.slide_paths[s]) as slide:
+                img = slides_lib.read_tile(slide, x, y, span, self.tile_size, self._downs[s])
         except Exception as e:  # openslide raises on corrupt tiles
             raise BadImageError(path, f"{type(e).__name__}: {e}") from None
         return {"image": img, "path": path, "coords": np.array([x, y], np.int64), "slide": s}

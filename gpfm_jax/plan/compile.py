@@ -108,9 +108,10 @@ def batch_shapes(c: TrainConfig) -> dict[str, jax.ShapeDtypeStruct]:
     """The per-step global batch as the data pipeline delivers it (sample-major)."""
     mc, b, p = c.data.multicrop, c.data.global_batch_size, c.model.vit.patch_size
     g, loc = mc.global_size, mc.local_size
+    crops = jnp.dtype(c.data.crop_dtype)  # uint8 by default: normalised inside the step (gpfm_jax.data.normalize)
     return {
-        "global_crops": jax.ShapeDtypeStruct((b, 2, g, g, 3), jnp.float32),
-        "local_crops": jax.ShapeDtypeStruct((b, mc.num_local_crops, loc, loc, 3), jnp.float32),
+        "global_crops": jax.ShapeDtypeStruct((b, 2, g, g, 3), crops),
+        "local_crops": jax.ShapeDtypeStruct((b, mc.num_local_crops, loc, loc, 3), crops),
         "masks": jax.ShapeDtypeStruct((b, 2, (g // p) ** 2), jnp.bool_),
     }
 
@@ -155,7 +156,7 @@ def compile_built(built: Built) -> Compiled:
 
 def materialize(built: Built, seed: int = 0) -> tuple[Any, dict[str, jax.Array], dict[str, Any]]:
     """Real arrays for the built step, made on the devices in their shardings: a fresh train state, random expert
-    weights and one random batch (normal images, a third of the patches masked). For timing the step
+    weights and one random batch (random pixels in the crop dtype, a third of the patches masked). For timing the step
     (tools/device_check.py); the numbers mean nothing."""
     state_abs, batch_abs, experts_abs = built.args
     mesh = built.step.mesh
@@ -176,10 +177,15 @@ def materialize(built: Built, seed: int = 0) -> tuple[Any, dict[str, jax.Array],
     experts = jax.jit(init_experts, out_shardings=sharding.state_shardings(experts_abs, mesh))(key)
     batch_sh = sharding.batch_sharding(mesh)
 
+    def crops(k, x):
+        if jnp.issubdtype(x.dtype, jnp.integer):
+            return jax.random.randint(k, x.shape, 0, 256, jnp.int32).astype(x.dtype)
+        return jax.random.normal(k, x.shape, x.dtype)
+
     def make_batch(k):
         kg, kl, km = jax.random.split(k, 3)
-        return {"global_crops": jax.random.normal(kg, batch_abs["global_crops"].shape, jnp.float32),
-                "local_crops": jax.random.normal(kl, batch_abs["local_crops"].shape, jnp.float32),
+        return {"global_crops": crops(kg, batch_abs["global_crops"]),
+                "local_crops": crops(kl, batch_abs["local_crops"]),
                 "masks": jax.random.bernoulli(km, 1 / 3, batch_abs["masks"].shape)}
 
     batch = jax.jit(make_batch, out_shardings={k: batch_sh for k in batch_abs})(jax.random.fold_in(key, 1))

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gpfm_jax.data.normalize import normalize_images
 from gpfm_jax.step import sharding
 
 
@@ -19,7 +20,7 @@ def make_sanity_fn(model, schedules, student_temp: float, mesh):
 
     def fn(params, teacher, centers, global_crops, step):
         with nn.logical_axis_rules(rules):
-            x = global_crops.reshape((-1,) + global_crops.shape[2:])
+            x = normalize_images(global_crops.reshape((-1,) + global_crops.shape[2:]), model.vit.dtype)
             s = backbone.apply({"params": params["backbone"]}, x)["cls"].astype(jnp.float32)
             t = backbone.apply({"params": teacher["backbone"]}, x)["cls"].astype(jnp.float32)
             s_logits = head.apply({"params": params["dino_head"]}, s).astype(jnp.float32)

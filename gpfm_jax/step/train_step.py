@@ -2,7 +2,8 @@
 distillation losses, AdamW update, EMA update, center updates — one jitted function, sharded by its arguments.
 
 Batch layout (sample-major, so each device holds all views of its samples):
-  global_crops f32[B, 2, H, W, 3], local_crops f32[B, n_local, h, w, 3], masks bool[B, 2, gh*gw].
+  global_crops f32[B, 2, H, W, 3], local_crops f32[B, n_local, h, w, 3], masks bool[B, 2, gh*gw]; crops may also
+  come as uint8 pixels, normalised at the start of the step (gpfm_jax.data.normalize).
 With `StepConfig.microbatches` > 1 the same step runs the batch as a scan over microbatches (exact gradient
 accumulation, microbatch.py).
 """
@@ -19,6 +20,7 @@ import optax
 from jax.sharding import Mesh
 
 from gpfm_jax import losses
+from gpfm_jax.data.normalize import normalize_batch
 from gpfm_jax.models.teachers import split_targets, teacher_targets
 from gpfm_jax.step import microbatch, sharding, xla_options
 from gpfm_jax.step.masked import masked_selection
@@ -133,6 +135,7 @@ def make_objective(model: GPFMModel, schedules: Schedules, cfg: StepConfig) -> C
 
     def objective(state: TrainState, batch: Mapping[str, jax.Array], expert_params: Mapping[str, Any],
                   group_ids: Mapping[str, jax.Array] | None):
+        batch = normalize_batch(batch, model.vit.dtype, *(e.spec.vit.dtype for e in model.experts.values()))
         b = batch["global_crops"].shape[0]
         n_g, n_l = cfg.n_global, cfg.n_local
         global_crops = batch["global_crops"].reshape((b * n_g,) + batch["global_crops"].shape[2:])

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from gpfm_jax.data.augment import CROP_DTYPES, IMAGENET_MEAN, IMAGENET_STD
 from gpfm_jax.data.masking import MaskingConfig, mask_bins
 from gpfm_jax.data.pipeline import PipelineConfig
 from gpfm_jax.models.vit import ViTConfig
@@ -83,7 +84,7 @@ def pipeline_config(c: TrainConfig) -> PipelineConfig:
         global_batch_size=d.global_batch_size, seed=c.seed, shuffle=d.shuffle, num_epochs=None,
         patch_size=c.model.vit.patch_size, worker_count=d.worker_count, worker_buffer_size=d.worker_buffer_size,
         read_threads=d.read_threads, prefetch_records=d.prefetch_records, max_read_retries=d.max_read_retries,
-        multicrop=d.multicrop, masking=masking_config(c))
+        crop_dtype=d.crop_dtype, multicrop=d.multicrop, masking=masking_config(c))
 
 
 def total_steps(c: TrainConfig) -> int:
@@ -234,12 +235,24 @@ def validate(cfg: TrainConfig, num_devices: int | None = None, process_count: in
     _require(d.source in SOURCES, f"config.data.source={d.source!r}: expected one of {SOURCES}")
     if d.source in ("index", "folder"):
         _require(bool(d.path) and Path(d.path).exists(), f"config.data.path={d.path!r}: no such "
-                 f"{'index file' if d.source == 'index' else 'folder'}")
+                 f"{'index (folder or JSON file)' if d.source == 'index' else 'folder'}")
     elif d.source == "slides":
-        missing = [s for s in slide_paths(d.path) if not Path(s).is_file()]
-        _require(bool(d.path) and not missing, f"config.data.path: slides not found: {missing or d.path!r}")
+        _require(bool(d.path), "config.data.path: empty (a slides index, a list file, a glob or slide paths)")
+        try:
+            missing = [s for s in slide_paths(d.path) if not Path(s).is_file()]
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"config.data.path: {err}") from err
+        _require(not missing, f"config.data.path: slides not found: {missing[:5]}"
+                 + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
     elif d.source == "tfds":
         _require(bool(d.path), "config.data.path: the TFDS dataset name or builder dir is empty")
+    _require(d.crop_dtype in CROP_DTYPES, f"config.data.crop_dtype={d.crop_dtype!r}: expected one of {CROP_DTYPES}")
+    # uint8 crops are normalised inside the step with ImageNet's mean/std (data.normalize); other values need the
+    # host to normalise
+    _require(d.crop_dtype == "float32" or (tuple(mc.mean), tuple(mc.std)) == (IMAGENET_MEAN, IMAGENET_STD),
+             f"config.data.multicrop.mean/std differ from ImageNet's, which the step applies to uint8 crops: set "
+             f"config.data.crop_dtype=float32 to normalise with them on the host")
+    _require(d.slide_handles >= 1, f"config.data.slide_handles={d.slide_handles} must be >= 1")
 
     # schedule / run length / checkpoints / logging / runtime
     schedule = c.schedule
@@ -269,7 +282,10 @@ def validate(cfg: TrainConfig, num_devices: int | None = None, process_count: in
 
 
 def slide_paths(value: str) -> list[str]:
-    return [s.strip() for s in str(value).split(",") if s.strip()]
+    """The slides `data.path` names: a built slides index, a list file, a glob, comma-separated paths."""
+    from gpfm_jax.data.index.resolve import slide_list
+
+    return slide_list(value)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -296,21 +312,23 @@ def load_experts(c: TrainConfig) -> tuple[dict[str, Teacher], dict[str, Any]]:
 
 
 def make_source(c: TrainConfig, workdir: str | Path | None = None):
-    from gpfm_jax.data import FolderSource, IndexSource, SlideTileSource, TfdsSource
+    from gpfm_jax.data import TfdsSource
+    from gpfm_jax.data.index import resolve
 
     d = c.data
     if d.source == "index":
-        return IndexSource(d.path, root=d.root or None)
+        return resolve.tile_source(d.path, d.root or None)
     if d.source == "folder":
-        return FolderSource(d.path)
+        return resolve.folder_source(d.path)
     if d.source == "tfds":
         if Path(d.path).is_dir():
             return TfdsSource(builder_dir=d.path, split=d.split)
         return TfdsSource(d.path, split=d.split, data_dir=d.data_dir or None)
     if d.source == "slides":
         cache = d.cache_dir or (str(Path(workdir) / "slide_cache") if workdir else None)
-        return SlideTileSource(slide_paths(d.path), d.tile_size, d.magnification, cache_dir=cache,
-                               min_tissue=d.min_tissue)
+        return resolve.slide_source(d.path, tile_size=d.tile_size, magnification=d.magnification,
+                                    min_tissue=d.min_tissue, handles=d.slide_handles, cache_mb=d.slide_cache_mb,
+                                    cache_dir=cache, workers=d.tile_workers)
     raise ConfigError(f"config.data.source={d.source!r}: expected one of {SOURCES}")
 
 

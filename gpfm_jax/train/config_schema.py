@@ -67,14 +67,21 @@ class StandinConfig:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     source: str = "index"  # index | folder | tfds | slides
-    path: str = ""  # index: the JSON; folder: the root; tfds: dataset name (or builder dir); slides: comma-separated
-    root: str = ""  # index: folder that relative slide dirs resolve against ("" = the JSON's folder)
+    # index: a folder built by `gpfm-index build` (or, for small sets, the JSON itself); folder: the tile root (or its
+    # built index); tfds: dataset name (or builder dir); slides: a built slides index, or a list file / glob /
+    # comma-separated slide paths (then tiled once into cache_dir)
+    path: str = ""
+    root: str = ""  # index: folder that relative slide dirs resolve against ("" = the one recorded / the JSON's folder)
     split: str = "train"  # tfds
     data_dir: str = ""  # tfds
     tile_size: int = 224  # slides: tile size read at `magnification`
     magnification: float = 20.0  # slides
     min_tissue: float = 0.5  # slides
-    cache_dir: str = ""  # slides: tissue-grid cache ("" = <workdir>/slide_cache)
+    cache_dir: str = ""  # slides given as a list: where their index is built ("" = <workdir>/slide_cache)
+    tile_workers: int = 0  # slides given as a list: processes tiling them (0 = all cores)
+    slide_handles: int = 256  # slides: open slides per process (LRU: ~25-90 KB each with the shared cache)
+    slide_cache_mb: float = 64.0  # slides: openslide tile cache per process, shared by its open slides
+    crop_dtype: str = "uint8"  # uint8: pixels to the device, normalised in the step; float32: normalised on the host
     global_batch_size: int = 1536  # 96 per GPU x 16 GPUs
     shards: int = 0  # data shards (each its own stream and masks); 0 = one per process. Fixed S: any host count divides it
     shuffle: bool = True

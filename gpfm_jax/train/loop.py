@@ -258,7 +258,8 @@ def _iterate(run: Run, state: Any, start: int, watchdog: faults.Watchdog, result
 
     def transform(iteration: int, local: dict) -> dict:
         if iteration == inject:
-            return {**local, "global_crops": np.full_like(local["global_crops"], np.nan)}
+            # float crops pass the step's normalisation unchanged (uint8 cannot hold a NaN); a second compile
+            return {**local, "global_crops": np.full(local["global_crops"].shape, np.nan, np.float32)}
         return local
 
     prefetcher = Prefetcher(run.stream, lambda local: sharding.global_batch(local, run.mesh), start,
