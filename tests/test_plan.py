@@ -248,7 +248,10 @@ def test_target_table_and_peak_lookup():
     assert targets.peak_bf16_for("NVIDIA H100 80GB HBM3") == 989.4e12
     assert targets.peak_bf16_for("NVIDIA H200") == 989.4e12
     assert targets.peak_bf16_for("Some GPU") is None
-    assert "gpu_device_info" in targets.h100_target_config()
+    for name in ("h100-8", "h100-16", "h200-1", "h200-8"):
+        t = targets.get_target(name)
+        text = targets.gpu_target_config(t.gpu_config)
+        assert f"device_memory_size: {t.hbm_bytes}" in text and "gpu_device_info" in text
     with pytest.raises(ValueError, match="unknown target"):
         targets.get_target("v5p-9")
 

@@ -2,7 +2,8 @@
 
 A target is a slice shape plus the published per-chip figures the roofline needs. TPU devices come from libtpu's
 topology description (`pip install -e ".[tpu]"`), H100 devices from XLA's GPU compiler given a
-`GpuTargetConfigProto` (`h100_sxm.textproto`, shipped with the package; `pip install -e ".[gpu]"`), the CPU target
+`GpuTargetConfigProto` (`h100_sxm.textproto` / `h200_sxm.textproto`, shipped with the package;
+`pip install -e ".[gpu]"`), the CPU target
 from fake host devices. Nothing runs on the devices: programs are only lowered and compiled.
 
 Names count chips (v5p-8 = 8 chips). Cloud's accelerator types count TensorCores for v4 and v5p, so the 8-chip
@@ -22,6 +23,10 @@ GiB = 2**30
 GB = 10**9
 H100_TARGET_CONFIG = "h100_sxm.textproto"
 H100_HBM = 85_045_477_376  # "80 GB": 81,106 MiB total as the CUDA runtime reports it (= device_memory_size)
+H200_TARGET_CONFIG = "h200_sxm.textproto"
+# "141 GB": measured on our H200 run, XLA's bytes_limit 127,594,921,984 at XLA_PYTHON_CLIENT_MEM_FRACTION=0.85
+# (docs/device_check_h200.json) -> 150.11e9 bytes total (143,158 MiB)
+H200_HBM = 150_111_672_922
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +45,7 @@ class Target:
     dcn_bytes_per_s: float = 0.0  # between islands, per chip, one direction (0: one island)
     topology: tuple[tuple[str, Any], ...] = ()  # get_topology_desc kwargs
     sources: str = ""
+    gpu_config: str = ""  # GPU targets: the GpuTargetConfigProto file shipped with the package
 
     @property
     def backend(self) -> str:
@@ -72,12 +78,22 @@ TARGETS: dict[str, Target] = {
              link_bytes_per_s=448 * GB, sources=_GOOGLE + " (ICI 3584 Gbps)"),
         Target("h100-8", "gpu", chips=8, hosts=1, hbm_bytes=H100_HBM, peak_bf16_flops=989.4e12,
                link_bytes_per_s=450 * GB, island_size=8, topology=(("topology", "1x1x8"),),
+               gpu_config=H100_TARGET_CONFIG,
                sources="NVIDIA H100 SXM datasheet: 989.4 TFLOP/s bf16 dense, 80 GB HBM3, NVLink 900 GB/s "
                        "bidirectional"),
         Target("h100-16", "gpu", chips=16, hosts=2, hbm_bytes=H100_HBM, peak_bf16_flops=989.4e12,
                link_bytes_per_s=450 * GB, island_size=8, dcn_bytes_per_s=50 * GB,
-               topology=(("topology", "2x1x8"),),
+               topology=(("topology", "2x1x8"),), gpu_config=H100_TARGET_CONFIG,
                sources="as h100-8; between the two 8-GPU nodes one 400 Gb/s NDR InfiniBand NIC per GPU (DGX H100)"),
+        Target("h200-1", "gpu", chips=1, hosts=1, hbm_bytes=H200_HBM, peak_bf16_flops=989.4e12,
+               link_bytes_per_s=450 * GB, island_size=1, topology=(("topology", "1x1x1"),),
+               gpu_config=H200_TARGET_CONFIG,
+               sources="NVIDIA H200 SXM datasheet: 989.4 TFLOP/s bf16 dense (the H100's GH100 at the same clocks), "
+                       "141 GB HBM3e at 4.8 TB/s; memory total measured on our H200 (docs/device_check_h200.json)"),
+        Target("h200-8", "gpu", chips=8, hosts=1, hbm_bytes=H200_HBM, peak_bf16_flops=989.4e12,
+               link_bytes_per_s=450 * GB, island_size=8, topology=(("topology", "1x1x8"),),
+               gpu_config=H200_TARGET_CONFIG,
+               sources="as h200-1; NVLink 900 GB/s bidirectional (HGX H200)"),
         Target("cpu-8", "cpu", chips=8, hosts=1, hbm_bytes=2 * GiB, peak_bf16_flops=20e9, link_bytes_per_s=10 * GB,
                island_size=8, sources="fake host devices for tests; figures are nominal"),
     )
@@ -112,8 +128,9 @@ def get_target(name: str) -> Target:
     return TARGETS[name]
 
 
-def h100_target_config() -> str:
-    return files("gpfm_jax.plan").joinpath(H100_TARGET_CONFIG).read_text()
+def gpu_target_config(name: str = H100_TARGET_CONFIG) -> str:
+    """The text of a GpuTargetConfigProto shipped with the package (a GPU target's `gpu_config`)."""
+    return files("gpfm_jax.plan").joinpath(name).read_text()
 
 
 def prepare_environment() -> None:
@@ -176,7 +193,7 @@ def devices(target: Target) -> list:
     if target.platform == "tpu":
         topo = topologies.get_topology_desc(**kwargs)
     else:
-        topo = topologies.get_topology_desc(platform="cuda", topology_name="", target_config=h100_target_config(),
+        topo = topologies.get_topology_desc(platform="cuda", topology_name="", target_config=gpu_target_config(target.gpu_config),
                                             **kwargs)
     found = list(topo.devices)
     if len(found) != target.chips:
