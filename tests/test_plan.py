@@ -380,3 +380,21 @@ def test_h100_deviceless_compile_of_a_small_config(tmp_path):
     assert "__cudnn$fmhaSoftmaxBackward" in hlo  # flash attention, differentiated, in the student
     assert "gemm_fusion" not in hlo  # no Triton GEMMs: the step's GPU compiler option (step/xla_options.py)
     assert _drop_path_traffic(hlo) == 0
+
+
+def test_accumulation_is_considered_when_only_a_costly_policy_fits():
+    """v5p-8 at the recipe's 192 images/chip (measured): only `full` fits (+19% FLOPs), so dots_saveable in
+    microbatches is worth searching; dots_saveable fitting where `none` does not (+0.5%) is not."""
+    from gpfm_jax.plan.search import PolicyResult, SearchResult, worth_accumulating
+
+    def result(chosen, *policies):
+        return SearchResult("v5p-8", 192, chosen, 0, [PolicyResult(r, f, 0, fits, 0, []) for r, f, fits in policies],
+                            None)
+
+    v5p = [("none", 2.691e15, False), ("dots_saveable", 2.691e15, False),
+           ("dots_with_no_batch_dims_saveable", 2.705e15, False), ("full", 3.213e15, True)]
+    assert worth_accumulating(result("full", *v5p)) == ("none", "dots_saveable", "dots_with_no_batch_dims_saveable")
+    h100 = [("none", 2.699e15, False), ("dots_saveable", 2.713e15, True), ("full", 3.221e15, True)]
+    assert worth_accumulating(result("dots_saveable", *h100)) == ()
+    nothing = [("none", 2.699e15, False), ("full", 3.221e15, False)]
+    assert worth_accumulating(result(None, *nothing)) == ("none", "full")

@@ -150,13 +150,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                   + (f"remat {result.chosen}, largest batch {result.max_batch}/device" if result.chosen
                      else f"no remat policy fits; with remat {last} the largest batch is {result.max_batch}/device"))
             payload, ok = result.to_dict(), result.chosen is not None
-            if not ok and not args.per_device_batch:  # the config's global batch: run it in microbatches
+            candidates = search.worth_accumulating(result)
+            if candidates and not args.per_device_batch:  # the config's global batch, in microbatches
+                why = ("no policy fits it" if result.chosen is None else
+                       f"only {result.chosen} fits it, at {search.ACCUMULATION_SAVING:.0%} or more FLOPs above "
+                       f"{candidates[0]}")
                 print(f"gpfm-plan --search: the global batch {cfg.data.global_batch_size} in microbatches "
-                      "(exact gradient accumulation):")
-                acc = search.accumulation(cfg, target, standin_teachers=args.standin_teachers, mfu=args.mfu,
-                                          samples=args.samples, margin=args.margin, log=print)
-                payload["accumulation"], ok = acc.to_dict(), acc.microbatches > 0
-                print(format_accumulation(acc, args.config))
+                      f"(exact gradient accumulation; {why}):")
+                acc = search.accumulation(cfg, target, policies=candidates, standin_teachers=args.standin_teachers,
+                                          mfu=args.mfu, samples=args.samples, margin=args.margin, log=print)
+                payload["accumulation"] = acc.to_dict()
+                ok = ok or acc.microbatches > 0
+                print(format_accumulation(acc, args.config) if acc.microbatches or result.chosen is None else
+                      f"gpfm-plan --search: no cheaper policy runs it in microbatches; remat {result.chosen} it is")
         else:
             hlo: list[str] = []
             plan = analysis.plan_point(cfg, target, batch, args.remat, args.standin_teachers, args.mfu,

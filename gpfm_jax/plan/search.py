@@ -53,6 +53,21 @@ class SearchResult:
         return dataclasses.asdict(self)
 
 
+# A policy that fits only with microbatches is worth them when it executes at least this much less than the policy
+# that fits the whole batch (e.g. v5p-8 at 192/chip: only "full" fits, +19% FLOPs; "dots_saveable" in 2
+# microbatches). Smaller differences (dots_saveable vs none: +0.5% on H100) do not pay for the smaller matmuls.
+ACCUMULATION_SAVING = 0.05
+
+
+def worth_accumulating(result: SearchResult, saving: float = ACCUMULATION_SAVING) -> tuple[str, ...]:
+    """The policies, cheapest first, that did not fit the batch but execute at least `saving` fewer FLOPs than the
+    chosen one (all the policies that did not fit when none was chosen): candidates for `accumulation()`."""
+    chosen = next((p for p in result.policies if p.remat == result.chosen), None)
+    bound = math.inf if chosen is None else chosen.flops_per_step * (1 - saving)
+    return tuple(p.remat for p in sorted(result.policies, key=lambda p: p.flops_per_step)
+                 if not p.fits_at_batch and p.flops_per_step <= bound)
+
+
 def _affine_max(b1: int, p1: int, b2: int, p2: int, limit: int) -> int:
     if b1 == b2 or p1 == p2:
         return b1 if p1 <= limit else 0
