@@ -146,21 +146,27 @@ def _step_config(tiny: bool, num_devices: int):
     return parse(cfg)
 
 
+_COMPILED: dict[tuple, tuple] = {}  # the step compiles once per run: --profile reuses the step section's program
+
+
 def _compiled_step(devices: list, args: argparse.Namespace):
-    """(cfg, target, per-device batch, built, traced, compiled, compile_s, (state, data, experts)): the step section's
-    program, also what --profile traces."""
+    """(cfg, target, per-device batch, built, traced, compiled, compile_s, fresh (state, data, experts)): the step
+    section's program, also what --profile traces (the step donates its state: new inputs every call)."""
     from gpfm_jax.plan import compile as compile_lib
 
-    cfg = _step_config(args.tiny, len(devices))
-    target = _local_target(devices, args.tiny)
-    batch = args.per_device_batch or (2 if args.tiny else 96)
-    built = compile_lib.build(cfg, target, batch, standin_teachers=args.tiny, devices=devices)
-    inputs = compile_lib.materialize(built)
-    t0 = time.perf_counter()
-    with jax.set_mesh(built.step.mesh):
-        traced = built.step.jitted.trace(*inputs)
-        compiled = traced.lower().compile()
-    return cfg, target, batch, built, traced, compiled, time.perf_counter() - t0, inputs
+    key = (tuple(devices), args.tiny, args.per_device_batch)
+    if key not in _COMPILED:
+        cfg = _step_config(args.tiny, len(devices))
+        target = _local_target(devices, args.tiny)
+        batch = args.per_device_batch or (2 if args.tiny else 96)
+        built = compile_lib.build(cfg, target, batch, standin_teachers=args.tiny, devices=devices)
+        t0 = time.perf_counter()
+        with jax.set_mesh(built.step.mesh):
+            traced = built.step.jitted.trace(*compile_lib.materialize(built))
+            compiled = traced.lower().compile()
+        _COMPILED.clear()
+        _COMPILED[key] = (cfg, target, batch, built, traced, compiled, time.perf_counter() - t0)
+    return (*_COMPILED[key], compile_lib.materialize(_COMPILED[key][3]))
 
 
 def step_section(devices: list, args: argparse.Namespace) -> dict[str, Any]:
@@ -201,56 +207,24 @@ def step_section(devices: list, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def profile_section(devices: list, args: argparse.Namespace) -> dict[str, Any]:
-    """The step section's program, warmed up, then --profile-steps steps under jax.profiler.trace, reduced to the
-    per-op table (tools/profile_ops.py) written beside the --out JSON as profile_ops.json / profile_ops.md."""
+    """The step section's program traced for --profile-steps steps; the per-op table (tools/profile_ops.py) goes
+    beside the --out JSON as profile_ops.json / profile_ops.md."""
     from tools import profile_ops
 
-    cfg, target, batch, built, traced, compiled, compile_s, inputs = _compiled_step(devices, args)
-    holder = {"state": inputs[0]}
-
-    def run_step():
-        holder["state"], metrics = compiled(holder["state"], inputs[1], inputs[2])
-        return holder["state"], metrics
-
-    for _ in range(max(1, args.warmup)):
-        jax.block_until_ready(run_step())
-    out_dir = Path(args.out).parent
-    xplane, wall = profile_ops.capture(run_step, args.profile_steps, out_dir / "profile_trace")
-    module, categories = profile_ops.hlo_categories(compiled)
-    table = profile_ops.op_table(xplane, module, categories, args.profile_steps, wall)
+    _, _, batch, built, _, compiled, compile_s, inputs = _compiled_step(devices, args)
     title = (f"Where the step's time goes: {built.cfg.model.vit.embed_dim}-wide ViT, {batch} images/device, "
              f"remat {built.cfg.compute.remat_policy}, {devices[0].device_kind} x{len(devices)}")
-    md = profile_ops.write(table, out_dir / "profile_ops.json", title)
-    brief = {k: v for k, v in table.items() if k not in ("top_ops",)}
-    return {"per_device_batch": batch, "compile_s": round(compile_s, 2), "trace": str(xplane.relative_to(out_dir)),
-            "table_json": "profile_ops.json", "table_md": md.name, **brief, "top_ops": table["top_ops"][:10]}
+    result = profile_ops.profile_step(compiled, inputs, args.profile_steps, max(1, args.warmup), Path(args.out).parent,
+                                      title)
+    return {"per_device_batch": batch, "compile_s": round(compile_s, 2), **result}
 
 
 def train_section(devices: list, args: argparse.Namespace) -> dict[str, Any]:
-    """gpfm-train itself for --train-iters iterations on the bundled slide through grain workers (tools/
-    device_train.py); its metrics.jsonl is copied beside the --out JSON as train_metrics.jsonl."""
-    import shutil
-    import tempfile
-
+    """gpfm-train itself on the bundled slide through grain workers (tools/device_train.py)."""
     from tools import device_train
 
-    out_dir = Path(args.out).parent
-    scratch = Path(args.train_dir or tempfile.mkdtemp(prefix="device_train_"))  # bundles + checkpoints: GBs
-    iters = args.train_iters or (4 if args.tiny else 50)
-    workers = args.train_workers if args.train_workers is not None else (
-        1 if args.tiny else max(1, (os.cpu_count() or 4) - 2))
-    t0 = time.perf_counter()
-    bundles = None if args.tiny else device_train.random_bundles(scratch / "random_teachers")
-    bundles_s = time.perf_counter() - t0
-    workdir = scratch / "run"
-    shutil.rmtree(workdir, ignore_errors=True)
-    result = device_train.run(workdir, args.tiny, len(devices), args.per_device_batch or (2 if args.tiny else 96),
-                              iters, workers, skip=2 if args.tiny else 5, bundles=bundles,
-                              timeout_s=args.train_timeout)
-    shutil.copy(workdir / "metrics.jsonl", out_dir / "train_metrics.jsonl")
-    return {"config": "configs/demo.py shrunk, stand-in teachers" if args.tiny else
-            "configs/gpfm_vitl14.py, UNI / Phikon / CONCH bundles with random weights",
-            "random_bundles_s": round(bundles_s, 2), "metrics": "train_metrics.jsonl", **result}
+    return device_train.section(Path(args.out).parent, args.tiny, len(devices), args.per_device_batch,
+                                args.train_iters, args.train_workers, args.train_dir, args.train_timeout)
 
 
 def _time(fn: Callable[[], Any], repeats: int) -> float:
@@ -419,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="add the profile section (per-op table)")
     parser.add_argument("--profile-steps", type=int, default=3, help="steps traced by --profile")
     parser.add_argument("--train", action="store_true", help="add the train section (gpfm-train end to end)")
-    parser.add_argument("--train-iters", type=int, default=None, help="default 50; tiny: 4")
+    parser.add_argument("--train-iters", type=int, default=None, help="default 50; tiny: 10")
     parser.add_argument("--train-workers", type=int, default=None, help="grain workers; default cores - 2; tiny: 1")
     parser.add_argument("--train-dir", default=None, help="scratch for the bundles and the run (default: a temp dir)")
     parser.add_argument("--train-timeout", type=float, default=900.0, help="seconds the gpfm-train run may take")

@@ -20,8 +20,10 @@ from __future__ import annotations
 import math
 import os
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -162,6 +164,26 @@ def run(workdir: Path, tiny: bool, num_devices: int, per_device_batch: int, iter
             "run_wall_s": wall, "host_cores_whole_run": cpu / wall,
             "host_cores_steady": steady, "host_cores_available": os.cpu_count(), "grain_workers": workers,
             **figures, "log_tail": out[-600:]}
+
+
+def section(out_dir: Path, tiny: bool, num_devices: int, per_device_batch: int | None, iters: int | None,
+            workers: int | None, scratch: str | None, timeout_s: float) -> dict[str, Any]:
+    """device_check's train section: random teacher bundles (not with --tiny), the run, its metrics.jsonl copied
+    beside the JSON as train_metrics.jsonl. Bundles and checkpoints (GBs) go to `scratch` (default a temp dir)."""
+    scratch_dir = Path(scratch or tempfile.mkdtemp(prefix="device_train_"))
+    iters = iters or (10 if tiny else 50)
+    workers = workers if workers is not None else (1 if tiny else max(1, (os.cpu_count() or 4) - 2))
+    t0 = time.perf_counter()
+    bundles = None if tiny else random_bundles(scratch_dir / "random_teachers")
+    bundles_s = time.perf_counter() - t0
+    workdir = scratch_dir / "run"
+    shutil.rmtree(workdir, ignore_errors=True)
+    result = run(workdir, tiny, num_devices, per_device_batch or (2 if tiny else 96), iters, workers,
+                 skip=2 if tiny else 5, bundles=bundles, timeout_s=timeout_s)
+    shutil.copy(workdir / "metrics.jsonl", out_dir / "train_metrics.jsonl")
+    return {"config": "configs/demo.py shrunk, stand-in teachers" if tiny else
+            "configs/gpfm_vitl14.py, UNI / Phikon / CONCH bundles with random weights",
+            "random_bundles_s": round(bundles_s, 2), "metrics": "train_metrics.jsonl", **result}
 
 
 def breakdown(workdir: Path, skip: int) -> dict[str, Any]:

@@ -49,6 +49,26 @@ def capture(run_step: Callable[[], Any], steps: int, log_dir: str | Path) -> tup
     return files[-1], wall
 
 
+def profile_step(compiled: Any, inputs: tuple, steps: int, warmup: int, out_dir: Path, title: str) -> dict[str, Any]:
+    """`compiled(state, batch, experts) -> (state, metrics)` warmed up, traced, tabled; the table is written to
+    out_dir/profile_ops.{json,md} and returned without its rows beyond the first 10."""
+    state, rest = inputs[0], inputs[1:]
+    holder = {"state": state}
+
+    def run_step():
+        holder["state"], metrics = compiled(holder["state"], *rest)
+        return holder["state"], metrics
+
+    for _ in range(warmup):
+        jax.block_until_ready(run_step())
+    xplane, wall = capture(run_step, steps, out_dir / "profile_trace")
+    module, categories = hlo_categories(compiled)
+    table = op_table(xplane, module, categories, steps, wall)
+    md = write(table, out_dir / "profile_ops.json", title)
+    return {"trace": str(xplane.relative_to(out_dir)), "table_json": "profile_ops.json", "table_md": md.name,
+            **{k: v for k, v in table.items() if k != "top_ops"}, "top_ops": table["top_ops"][:10]}
+
+
 def hlo_categories(compiled: Any) -> tuple[str, dict[str, tuple[str, str]]]:
     """(module name, {instruction name: (opcode, category)}) of a `jax.stages.Compiled`, from its HLO modules."""
     modules = compiled.runtime_executable().hlo_modules()
@@ -125,12 +145,13 @@ def _union_ns(intervals: list[tuple[int, int]]) -> int:
     return total + (0 if cur_e is None else cur_e - cur_s)
 
 
-def op_table(xplane: str | Path, module: str, categories: dict[str, tuple[str, str]], steps: int, wall_s: float,
+def op_table(xplane: Any, module: str, categories: dict[str, tuple[str, str]], steps: int, wall_s: float,
              top: int = 30) -> dict[str, Any]:
-    """The per-op table of `module`'s ops in the trace (see the module docstring for what each figure means)."""
+    """The per-op table of `module`'s ops in the trace (an .xplane.pb path or a `jax.profiler.ProfileData`; see the
+    module docstring for what each figure means)."""
     from jax.profiler import ProfileData
 
-    data = ProfileData.from_file(str(xplane))
+    data = xplane if isinstance(xplane, ProfileData) else ProfileData.from_file(str(xplane))
     per_device: dict[tuple, dict[str, list]] = collections.defaultdict(lambda: collections.defaultdict(list))
     seen_lines, modules_seen = [], collections.Counter()
     for plane in data.planes:
