@@ -59,7 +59,7 @@ def overrides(tiny: bool, num_devices: int, per_device_batch: int, iters: int, w
     progress bar, one checkpoint at the end."""
     flags = {
         "steps": iters, "data.source": "slides", "data.path": str(SLIDE), "data.worker_count": workers,
-        "data.global_batch_size": per_device_batch * num_devices, "mesh.fsdp": math.gcd(8, num_devices),
+        "data.global_batch_size": per_device_batch * num_devices, "mesh.fsdp": math.gcd(8, num_devices), "mesh.num_devices": num_devices,
         "checkpoint.every": iters, "checkpoint.keep": 1, "checkpoint.keep_period": 0,
         "log.progress": False, "log.tensorboard": False, "log.sanity_every": 0, "probe.enabled": False,
     }
