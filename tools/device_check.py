@@ -23,6 +23,13 @@ Sections, in order:
               `vit_large_patch14_dinov2` (torch.autocast bf16) on the same GPU, same weights, interleaved runs.
   features    the same encoder on real H&E tiles (tests/data): JAX bf16 vs JAX fp32 (cosine, max |diff| relative to
               the feature norm) and JAX fp32 vs timm fp32 (TF32 off on both sides).
+Added by --profile / --train (alone, with env, unless --sections names more; issue 19):
+  profile     the step section's program traced for --profile-steps steps (jax.profiler): profile_ops.json / .md
+              beside the JSON, the top 30 ops by device time (category, ms/step, share, count), device busy vs wall
+              (tools/profile_ops.py). ~1-2 min: python tools/device_check.py --profile --out $OUT/profile.json
+  train       gpfm-train itself, 50 iterations, official model, random-weight UNI / Phikon / CONCH bundles, tiles
+              from the bundled slide through grain workers: end-to-end and step-only img/s, device idle share,
+              host cores (tools/device_train.py). ~3-6 min: ... --train --out $OUT/train.json
 --tiny runs every section at toy sizes on whatever backend jax has (the test suite runs it on the CPU).
 """
 
@@ -146,16 +153,21 @@ def _step_config(tiny: bool, num_devices: int):
     return parse(cfg)
 
 
-_COMPILED: dict[tuple, tuple] = {}  # the step compiles once per run: --profile reuses the step section's program
+# The step compiles once per run (--profile traces the step section's program, from its last state): key -> the
+# compiled tuple, and the latest (state, batch, experts) handed back by the section that used them.
+_COMPILED: dict[tuple, tuple] = {}
+_INPUTS: dict[tuple, tuple] = {}
 
 
 def _compiled_step(devices: list, args: argparse.Namespace):
-    """(cfg, target, per-device batch, built, traced, compiled, compile_s, fresh (state, data, experts)): the step
-    section's program, also what --profile traces (the step donates its state: new inputs every call)."""
+    """(cfg, target, per-device batch, built, traced, compiled, compile_s, (state, data, experts)): the step
+    section's program, also what --profile traces. The step donates its state: a caller that keeps stepping hands
+    the latest inputs back with `_keep_inputs`, else the next caller gets fresh ones (materialize compiles too)."""
     from gpfm_jax.plan import compile as compile_lib
 
     key = (tuple(devices), args.tiny, args.per_device_batch)
     if key not in _COMPILED:
+        _INPUTS.clear()
         cfg = _step_config(args.tiny, len(devices))
         target = _local_target(devices, args.tiny)
         batch = args.per_device_batch or (2 if args.tiny else 96)
@@ -166,7 +178,12 @@ def _compiled_step(devices: list, args: argparse.Namespace):
             compiled = traced.lower().compile()
         _COMPILED.clear()
         _COMPILED[key] = (cfg, target, batch, built, traced, compiled, time.perf_counter() - t0)
-    return (*_COMPILED[key], compile_lib.materialize(_COMPILED[key][3]))
+    inputs = _INPUTS.pop(key, None) or compile_lib.materialize(_COMPILED[key][3])
+    return (*_COMPILED[key], inputs)
+
+
+def _keep_inputs(devices: list, args: argparse.Namespace, inputs: tuple) -> None:
+    _INPUTS[(tuple(devices), args.tiny, args.per_device_batch)] = inputs
 
 
 def step_section(devices: list, args: argparse.Namespace) -> dict[str, Any]:
@@ -185,6 +202,7 @@ def step_section(devices: list, args: argparse.Namespace) -> dict[str, Any]:
         state, metrics = compiled(state, data, experts)
     jax.block_until_ready((state, metrics))
     step_s = (time.perf_counter() - t0) / args.iters
+    _keep_inputs(devices, args, (state, data, experts))
     n = len(devices)
     img_s = batch / step_s
     mfu = model_flops / n / step_s / target.peak_bf16_flops
@@ -217,14 +235,6 @@ def profile_section(devices: list, args: argparse.Namespace) -> dict[str, Any]:
     result = profile_ops.profile_step(compiled, inputs, args.profile_steps, max(1, args.warmup), Path(args.out).parent,
                                       title)
     return {"per_device_batch": batch, "compile_s": round(compile_s, 2), **result}
-
-
-def train_section(devices: list, args: argparse.Namespace) -> dict[str, Any]:
-    """gpfm-train itself on the bundled slide through grain workers (tools/device_train.py)."""
-    from tools import device_train
-
-    return device_train.section(Path(args.out).parent, args.tiny, len(devices), args.per_device_batch,
-                                args.train_iters, args.train_workers, args.train_dir, args.train_timeout)
 
 
 def _time(fn: Callable[[], Any], repeats: int) -> float:
@@ -380,6 +390,8 @@ def features_section(devices: list, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tools import device_train
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="the JSON file (the lead passes $OUT/device_check.json)")
     parser.add_argument("--per-device-batch", type=int, default=None, help="default: 96 (the recipe); tiny: 2")
@@ -393,10 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="add the profile section (per-op table)")
     parser.add_argument("--profile-steps", type=int, default=3, help="steps traced by --profile")
     parser.add_argument("--train", action="store_true", help="add the train section (gpfm-train end to end)")
-    parser.add_argument("--train-iters", type=int, default=None, help="default 50; tiny: 10")
-    parser.add_argument("--train-workers", type=int, default=None, help="grain workers; default cores - 2; tiny: 1")
-    parser.add_argument("--train-dir", default=None, help="scratch for the bundles and the run (default: a temp dir)")
-    parser.add_argument("--train-timeout", type=float, default=900.0, help="seconds the gpfm-train run may take")
+    device_train.add_arguments(parser)
     args = parser.parse_args(argv)
     extra = [name for name, on in (("profile", args.profile), ("train", args.train)) if on]
     if args.sections is None:
@@ -414,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         "extraction": lambda: extraction_section(devices, args),
         "features": lambda: features_section(devices, args),
         "profile": lambda: profile_section(devices, args),
-        "train": lambda: train_section(devices, args),
+        "train": lambda: device_train.section(Path(args.out).parent, args, len(devices)),
     }
     for name in args.sections.split(","):
         if name not in sections:

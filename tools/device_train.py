@@ -17,6 +17,7 @@ over the same steady iterations, sampled with psutil; and over the whole run, fr
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import resource
@@ -166,13 +167,22 @@ def run(workdir: Path, tiny: bool, num_devices: int, per_device_batch: int, iter
             **figures, "log_tail": out[-600:]}
 
 
-def section(out_dir: Path, tiny: bool, num_devices: int, per_device_batch: int | None, iters: int | None,
-            workers: int | None, scratch: str | None, timeout_s: float) -> dict[str, Any]:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """tools/device_check.py's options for the train section."""
+    parser.add_argument("--train-iters", type=int, default=None, help="default 50; tiny: 10")
+    parser.add_argument("--train-workers", type=int, default=None, help="grain workers; default cores - 2; tiny: 1")
+    parser.add_argument("--train-dir", default=None, help="scratch for the bundles and the run (default: a temp dir)")
+    parser.add_argument("--train-timeout", type=float, default=900.0, help="seconds the gpfm-train run may take")
+
+
+def section(out_dir: Path, args: argparse.Namespace, num_devices: int) -> dict[str, Any]:
     """device_check's train section: random teacher bundles (not with --tiny), the run, its metrics.jsonl copied
-    beside the JSON as train_metrics.jsonl. Bundles and checkpoints (GBs) go to `scratch` (default a temp dir)."""
-    scratch_dir = Path(scratch or tempfile.mkdtemp(prefix="device_train_"))
-    iters = iters or (10 if tiny else 50)
-    workers = workers if workers is not None else (1 if tiny else max(1, (os.cpu_count() or 4) - 2))
+    beside the JSON as train_metrics.jsonl. Bundles and checkpoints (GBs) go to --train-dir (default a temp dir)."""
+    tiny, per_device_batch, timeout_s = args.tiny, args.per_device_batch, args.train_timeout
+    scratch_dir = Path(args.train_dir or tempfile.mkdtemp(prefix="device_train_"))
+    iters = args.train_iters or (10 if tiny else 50)
+    workers = args.train_workers if args.train_workers is not None else (
+        1 if tiny else max(1, (os.cpu_count() or 4) - 2))
     t0 = time.perf_counter()
     bundles = None if tiny else random_bundles(scratch_dir / "random_teachers")
     bundles_s = time.perf_counter() - t0
