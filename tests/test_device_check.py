@@ -71,7 +71,7 @@ def test_device_check_keeps_earlier_sections_when_a_later_one_fails(tmp_path, mo
 
 def test_op_table_on_a_gpu_like_trace():
     """Two streams of one GPU (kernels carry hlo_op / hlo_module stats, as CUPTI events do): exact op times, the
-    overlap counted once in busy time, another module's kernel left out."""
+    overlap counted once in busy time, another module's kernel left out, host-side events of the same ops too."""
     from jax.profiler import ProfileData
 
     from tools.profile_ops import _exclusive, op_table
@@ -90,6 +90,9 @@ def test_op_table_on_a_gpu_like_trace():
             + " stat_metadata { key: 2 value { id: 2 name: \"hlo_module\" } } "
             + " ".join(f"stat_metadata {{ key: {k} value {{ id: {k} name: \"{v}\" }} }}" for k, v in names.items())
             + " }")
+    gpu_lines = text[text.index("lines {"):text.index("event_metadata")]
+    host = text.replace(gpu_lines, "lines { id: 3 name: \"python\" timestamp_ns: 1000 " + event(1, 0, 15, 11) + " } ")
+    text += " " + host.replace("planes { id: 1 name: \"/device:GPU:0\"", "planes { id: 2 name: \"/host:CPU\"")
     data = ProfileData.from_serialized_xspace(ProfileData.text_proto_to_serialized_xspace(text))
     cats = {"fusion.1": ("fusion", "matmul"), "custom-call.2": ("custom-call", "attention"),
             "all-gather-start": ("all-gather-start", "collective")}

@@ -145,6 +145,25 @@ def _union_ns(intervals: list[tuple[int, int]]) -> int:
     return total + (0 if cur_e is None else cur_e - cur_s)
 
 
+def _op_events(data: Any) -> tuple[list[tuple], list[str]]:
+    """[(plane, line, start_ns, end_ns, hlo_module, hlo_op, device_ordinal)] of every op execution in the trace,
+    and the plane:line names seen (for the error message when none matches)."""
+    events, seen = [], []
+    for plane in data.planes:
+        lines = list(plane.lines)
+        seen += [f"{plane.name}:{line.name}" for line in lines]
+        derived = [line for line in lines if line.name == XLA_OPS_LINE]
+        for line in derived or lines:
+            for ev in line.events:
+                stats = dict(ev.stats)
+                op = stats.get("hlo_op") or (ev.name if derived else None)
+                if op:
+                    module = stats.get("hlo_module")
+                    events.append((plane.name, line.name, int(ev.start_ns), int(ev.start_ns + ev.duration_ns),
+                                   None if module is None else str(module), str(op), stats.get("device_ordinal")))
+    return events, seen
+
+
 def op_table(xplane: Any, module: str, categories: dict[str, tuple[str, str]], steps: int, wall_s: float,
              top: int = 30) -> dict[str, Any]:
     """The per-op table of `module`'s ops in the trace (an .xplane.pb path or a `jax.profiler.ProfileData`; see the
@@ -152,30 +171,25 @@ def op_table(xplane: Any, module: str, categories: dict[str, tuple[str, str]], s
     from jax.profiler import ProfileData
 
     data = xplane if isinstance(xplane, ProfileData) else ProfileData.from_file(str(xplane))
+    events, seen_lines = _op_events(data)
+    modules = collections.Counter(e[4] for e in events)
+    if module not in modules and modules:  # another spelling of the name: the program traced is the busiest module
+        module = max((m for m in modules if m is not None), key=modules.__getitem__, default=module)
+    planes = {e[0] for e in events if e[4] in (module, None)}
+    if any(p.startswith("/device:") for p in planes):  # accelerator kernels: host-side annotations are not device time
+        planes = {p for p in planes if p.startswith("/device:")}
     per_device: dict[tuple, dict[str, list]] = collections.defaultdict(lambda: collections.defaultdict(list))
-    seen_lines, modules_seen = [], collections.Counter()
-    for plane in data.planes:
-        lines = list(plane.lines)
-        seen_lines += [f"{plane.name}:{line.name}" for line in lines]
-        derived = [line for line in lines if line.name == XLA_OPS_LINE]
-        for line in derived or lines:
-            events = []
-            for ev in line.events:
-                stats = dict(ev.stats)
-                op = stats.get("hlo_op") or (ev.name if derived else None)
-                if not op:
-                    continue
-                modules_seen[str(stats.get("hlo_module"))] += 1
-                if stats.get("hlo_module", module) != module:
-                    continue
-                events.append((int(ev.start_ns), int(ev.start_ns + ev.duration_ns), str(op),
-                               stats.get("device_ordinal")))
-            excl = _exclusive([e[:3] for e in events])
-            for i, (start, end, op, ordinal) in enumerate(events):
-                per_device[(plane.name, ordinal)]["ops"].append((op, excl[i]))
-                per_device[(plane.name, ordinal)]["spans"].append((start, end))
+    by_line: dict[tuple, list] = collections.defaultdict(list)
+    for e in events:
+        if e[0] in planes and e[4] in (module, None):
+            by_line[e[:2]].append(e)
+    for (plane, _), line_events in by_line.items():
+        excl = _exclusive([(start, end, op) for _, _, start, end, _, op, _ in line_events])
+        for i, (_, _, start, end, _, op, ordinal) in enumerate(line_events):
+            per_device[(plane, ordinal)]["ops"].append((op, excl[i]))
+            per_device[(plane, ordinal)]["spans"].append((start, end))
     if not per_device:
-        raise RuntimeError(f"no event of module {module!r} in the trace; modules seen: {dict(modules_seen)}; lines "
+        raise RuntimeError(f"no event of module {module!r} in the trace; modules seen: {dict(modules)}; lines "
                            f"seen: {seen_lines[:40]}")
     n_dev = len(per_device)
     op_ns: dict[str, float] = collections.defaultdict(float)
