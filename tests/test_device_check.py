@@ -132,3 +132,25 @@ def test_device_check_tiny_train_runs_gpfm_train_end_to_end(tmp_path):
     assert abs(t["iteration_s"] - period / 8) < 1e-9
     assert abs(t["device_idle_share"] - (1 - sum(r["perf/step_s"] for r in steady) / period)) < 1e-9
     assert t["first_loss"] == t["first_loss"] and t["last_loss"] == t["last_loss"]  # finite
+
+
+def test_random_bundles_load_as_the_registry_teacher(tmp_path, monkeypatch):
+    """--train's random teachers are encoder bundles gpfm-train loads like ported ones (registry architecture checked,
+    params in the module's layout). The registry entry is shrunk here: the real ones are hundreds of MB."""
+    import numpy as np
+    import jax
+
+    from gpfm_jax.encoders.teachers import load_teacher
+    from gpfm_jax.models.teachers import TEACHERS, standin_spec
+    from tools.device_train import random_bundles
+
+    monkeypatch.setitem(TEACHERS, "conch", standin_spec("conch", embed_dim=16, depth=2, num_heads=2, pooler_dim=8)
+                        .replace(fixed_input_size=224))  # CONCH: the one with an attention pooler
+    paths = random_bundles(tmp_path, names=("conch",), seed=3)
+    teacher, params = load_teacher("conch", paths["conch"])
+    assert teacher.spec.vit.depth == 2 and teacher.spec.pooler is not None
+    want = teacher.init_params(3)  # what was written: the registry module's random params with that seed
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(want)
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert random_bundles(tmp_path, names=("conch",))["conch"] == paths["conch"]  # kept, not rewritten

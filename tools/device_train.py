@@ -133,7 +133,7 @@ def run(workdir: Path, tiny: bool, num_devices: int, per_device_batch: int, iter
     config, flags = overrides(tiny, num_devices, per_device_batch, iters, workers, bundles)
     cmd = [sys.executable, "-m", "gpfm_jax.train.main", "--config", str(config), "--workdir", str(workdir), *flags]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")  # configs/gpfm_vitl14.py: the plan counts 90% of HBM
+    env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = "0.9"  # configs/gpfm_vitl14.py: the plan counts 90% of HBM
     metrics = workdir / METRICS_FILE
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
