@@ -104,7 +104,7 @@ def _category(ins: Any, called_ops: dict[str, set[str]]) -> str:
         return "attention"
     if any(t in target for t in MATMUL_TARGETS) or inner & {"dot", "convolution"} or "__triton_gemm" in text:
         return "matmul"
-    if inner & {c for c in inner if any(c.startswith(k) for k in COLLECTIVES)}:
+    if any(c.startswith(k) for c in inner for k in COLLECTIVES):
         return "collective"
     if op == "fusion":
         if "reduce" in inner or "kind=kInput" in text:
