@@ -189,7 +189,7 @@ def section(out_dir: Path, args: argparse.Namespace, num_devices: int) -> dict[s
     workdir = scratch_dir / "run"
     shutil.rmtree(workdir, ignore_errors=True)
     result = run(workdir, tiny, num_devices, per_device_batch or (2 if tiny else 96), iters, workers,
-                 skip=2 if tiny else 5, bundles=bundles, timeout_s=timeout_s)
+                 skip=min(5, max(1, iters // 5)), bundles=bundles, timeout_s=timeout_s)
     shutil.copy(workdir / "metrics.jsonl", out_dir / "train_metrics.jsonl")
     return {"config": "configs/demo.py shrunk, stand-in teachers" if tiny else
             "configs/gpfm_vitl14.py, UNI / Phikon / CONCH bundles with random weights",
