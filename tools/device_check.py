@@ -23,6 +23,13 @@ Sections, in order:
               `vit_large_patch14_dinov2` (torch.autocast bf16) on the same GPU, same weights, interleaved runs.
   features    the same encoder on real H&E tiles (tests/data): JAX bf16 vs JAX fp32 (cosine, max |diff| relative to
               the feature norm) and JAX fp32 vs timm fp32 (TF32 off on both sides).
+Added by --profile / --train (alone, with env, unless --sections names more; issue 19):
+  profile     the step section's program traced for --profile-steps steps (jax.profiler): profile_ops.json / .md
+              beside the JSON, the top 30 ops by device time (category, ms/step, share, count), device busy vs wall
+              (tools/profile_ops.py). ~1-2 min: python tools/device_check.py --profile --out $OUT/profile.json
+  train       gpfm-train itself, 50 iterations, official model, random-weight UNI / Phikon / CONCH bundles, tiles
+              from the bundled slide through grain workers: end-to-end and step-only img/s, device idle share,
+              host cores (tools/device_train.py). ~3-6 min: ... --train --out $OUT/train.json
 --tiny runs every section at toy sizes on whatever backend jax has (the test suite runs it on the CPU).
 """
 
@@ -146,20 +153,43 @@ def _step_config(tiny: bool, num_devices: int):
     return parse(cfg)
 
 
-def step_section(devices: list, args: argparse.Namespace) -> dict[str, Any]:
-    from gpfm_jax.plan import analysis, roofline
+# The step compiles once per run (--profile traces the step section's program, from its last state): key -> the
+# compiled tuple, and the latest (state, batch, experts) handed back by the section that used them.
+_COMPILED: dict[tuple, tuple] = {}
+_INPUTS: dict[tuple, tuple] = {}
+
+
+def _compiled_step(devices: list, args: argparse.Namespace):
+    """(cfg, target, per-device batch, built, traced, compiled, compile_s, (state, data, experts)): the step
+    section's program, also what --profile traces. The step donates its state: a caller that keeps stepping hands
+    the latest inputs back with `_keep_inputs`, else the next caller gets fresh ones (materialize compiles too)."""
     from gpfm_jax.plan import compile as compile_lib
 
-    cfg = _step_config(args.tiny, len(devices))
-    target = _local_target(devices, args.tiny)
-    batch = args.per_device_batch or (2 if args.tiny else 96)
-    built = compile_lib.build(cfg, target, batch, standin_teachers=args.tiny, devices=devices)
-    state, data, experts = compile_lib.materialize(built)
-    t0 = time.perf_counter()
-    with jax.set_mesh(built.step.mesh):
-        traced = built.step.jitted.trace(state, data, experts)
-        compiled = traced.lower().compile()
-    compile_s = time.perf_counter() - t0
+    key = (tuple(devices), args.tiny, args.per_device_batch)
+    if key not in _COMPILED:
+        _INPUTS.clear()
+        cfg = _step_config(args.tiny, len(devices))
+        target = _local_target(devices, args.tiny)
+        batch = args.per_device_batch or (2 if args.tiny else 96)
+        built = compile_lib.build(cfg, target, batch, standin_teachers=args.tiny, devices=devices)
+        t0 = time.perf_counter()
+        with jax.set_mesh(built.step.mesh):
+            traced = built.step.jitted.trace(*compile_lib.materialize(built))
+            compiled = traced.lower().compile()
+        _COMPILED.clear()
+        _COMPILED[key] = (cfg, target, batch, built, traced, compiled, time.perf_counter() - t0)
+    inputs = _INPUTS.pop(key, None) or compile_lib.materialize(_COMPILED[key][3])
+    return (*_COMPILED[key], inputs)
+
+
+def _keep_inputs(devices: list, args: argparse.Namespace, inputs: tuple) -> None:
+    _INPUTS[(tuple(devices), args.tiny, args.per_device_batch)] = inputs
+
+
+def step_section(devices: list, args: argparse.Namespace) -> dict[str, Any]:
+    from gpfm_jax.plan import analysis, roofline
+
+    cfg, target, batch, built, traced, compiled, compile_s, (state, data, experts) = _compiled_step(devices, args)
     flops = roofline.jaxpr_flops(traced.jaxpr)
     model_flops = flops if built.cfg.compute.remat_policy == "none" else analysis.traced_flops(
         cfg, target, batch, "none", args.tiny, devices)
@@ -172,6 +202,7 @@ def step_section(devices: list, args: argparse.Namespace) -> dict[str, Any]:
         state, metrics = compiled(state, data, experts)
     jax.block_until_ready((state, metrics))
     step_s = (time.perf_counter() - t0) / args.iters
+    _keep_inputs(devices, args, (state, data, experts))
     n = len(devices)
     img_s = batch / step_s
     mfu = model_flops / n / step_s / target.peak_bf16_flops
@@ -191,6 +222,19 @@ def step_section(devices: list, args: argparse.Namespace) -> dict[str, Any]:
                     "img_per_s_per_device": roof.img_per_s_per_chip, "step_s": roof.step_s,
                     "collective_bytes": sum(summary.bytes_by_kind.values())},
     }
+
+
+def profile_section(devices: list, args: argparse.Namespace) -> dict[str, Any]:
+    """The step section's program traced for --profile-steps steps; the per-op table (tools/profile_ops.py) goes
+    beside the --out JSON as profile_ops.json / profile_ops.md."""
+    from tools import profile_ops
+
+    _, _, batch, built, _, compiled, compile_s, inputs = _compiled_step(devices, args)
+    title = (f"Where the step's time goes: {built.cfg.model.vit.embed_dim}-wide ViT, {batch} images/device, "
+             f"remat {built.cfg.compute.remat_policy}, {devices[0].device_kind} x{len(devices)}")
+    result = profile_ops.profile_step(compiled, inputs, args.profile_steps, max(1, args.warmup), Path(args.out).parent,
+                                      title)
+    return {"per_device_batch": batch, "compile_s": round(compile_s, 2), **result}
 
 
 def _time(fn: Callable[[], Any], repeats: int) -> float:
@@ -346,6 +390,8 @@ def features_section(devices: list, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tools import device_train
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="the JSON file (the lead passes $OUT/device_check.json)")
     parser.add_argument("--per-device-batch", type=int, default=None, help="default: 96 (the recipe); tiny: 2")
@@ -353,9 +399,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--extract-batch", type=int, default=256)
     parser.add_argument("--devices", type=int, default=None, help="use the first N local devices (default all)")
-    parser.add_argument("--sections", default="env,step,attention,extraction,features")
+    parser.add_argument("--sections", default=None, help="default: env,step,attention,extraction,features; "
+                        "with --profile / --train and no --sections: env and those")
     parser.add_argument("--tiny", action="store_true", help="toy sizes (CPU test)")
+    parser.add_argument("--profile", action="store_true", help="add the profile section (per-op table)")
+    parser.add_argument("--profile-steps", type=int, default=3, help="steps traced by --profile")
+    parser.add_argument("--train", action="store_true", help="add the train section (gpfm-train end to end)")
+    device_train.add_arguments(parser)
     args = parser.parse_args(argv)
+    extra = [name for name, on in (("profile", args.profile), ("train", args.train)) if on]
+    if args.sections is None:
+        args.sections = ",".join(["env", *extra]) if extra else "env,step,attention,extraction,features"
+    else:
+        args.sections = ",".join([*args.sections.split(","), *(e for e in extra if e not in args.sections.split(","))])
     devices = _devices(args.devices)
     report = Report(Path(args.out))
     report.data["argv"] = sys.argv[1:] if argv is None else list(argv)
@@ -366,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
         "attention": lambda: attention_section(devices, args),
         "extraction": lambda: extraction_section(devices, args),
         "features": lambda: features_section(devices, args),
+        "profile": lambda: profile_section(devices, args),
+        "train": lambda: device_train.section(Path(args.out).parent, args, len(devices)),
     }
     for name in args.sections.split(","):
         if name not in sections:
