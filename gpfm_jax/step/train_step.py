@@ -27,6 +27,7 @@ from gpfm_jax.step.masked import masked_selection
 from gpfm_jax.step.model import GPFMModel, ema_subset
 from gpfm_jax.step.optim import ema_update, grad_norms
 from gpfm_jax.step.schedules import Schedules, schedule_values
+from gpfm_jax.step.signals import collapse_signals
 
 
 class TrainState(NamedTuple):
@@ -189,7 +190,8 @@ def make_objective(model: GPFMModel, schedules: Schedules, cfg: StepConfig) -> C
 
         (_, loss_metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         loss_metrics = {**loss_metrics, "masked_fraction": jnp.sum(masks.astype(jnp.int32)) / masks.size,
-                        "masked_overflow": select.overflow}
+                        "masked_overflow": select.overflow,
+                        **collapse_signals(dino_probs, t_out["cls"])}  # signals.py: means of microbatch statistics
         return grads, loss_metrics, {"dino": dino_center, "ibot": ibot_center}
 
     return objective
