@@ -9,12 +9,12 @@ keep falling). The kinds and what tells them apart (train/collapse.py reads them
              high batch-mean entropy (different images, different prototypes)
   representation  the CLS features of different images nearly identical: spread ~0
 
-Every signal is a mean over the (micro)batch's global crops or a statistic of one (micro)batch. With gradient
-accumulation the step reports the mean over its microbatches: exact for `teacher_entropy` (a per-sample mean over
-equal-sized microbatches); for `batch_entropy`, `prototypes_used` and `cls_spread` it is the mean of each
-microbatch's statistic, which for a smaller batch reads a little lower (fewer images can cover fewer prototypes) —
-thresholds are set with margins far from that effect. With Sinkhorn-Knopp centring the batch-mean target is forced
-uniform, so `batch_entropy` is ~1 by construction and only the per-sample and feature signals carry information.
+Gradient accumulation: every signal is a function of per-(micro)batch means — the mean target (f32[K]), the
+mean and mean square of the normalised CLS (f32[D]) and the mean per-sample entropy — which the step's microbatch
+scan averages like any metric (equal-sized microbatches: the mean of the means is the batch's mean); `finalize`
+turns them into the scalars after the scan, so the signals with k microbatches are the full batch's (up to float
+summation order), not a mean of smaller batches' statistics. With Sinkhorn-Knopp centring the batch-mean target is
+forced uniform, so `batch_entropy` is ~1 by construction and only the per-sample and feature signals inform.
 """
 
 from __future__ import annotations
@@ -58,8 +58,30 @@ def feature_spread(features: jax.Array) -> jax.Array:
     return jnp.mean(jnp.std(x, axis=0)) * math.sqrt(x.shape[-1])
 
 
-def collapse_signals(dino_probs: jax.Array, teacher_cls: jax.Array) -> dict[str, jax.Array]:
-    """The step's `collapse/*` metrics from the DINO CLS targets f32[N, K] and the teacher's CLS features [N, D]."""
-    out = target_signals(dino_probs)
-    out["cls_spread"] = feature_spread(teacher_cls)
-    return {PREFIX + name: value for name, value in out.items()}
+_MOMENTS = ("_mean_target", "_cls_mean", "_cls_square")
+
+
+def batch_moments(dino_probs: jax.Array, teacher_cls: jax.Array) -> dict[str, jax.Array]:
+    """What one (micro)batch contributes, all means over its global crops: the mean per-sample entropy / ln K, the
+    mean target f32[K], the mean and mean square of the L2-normalised teacher CLS f32[D]. Averaged over
+    microbatches by the step; `finalize` makes the `collapse/*` scalars."""
+    p = dino_probs.astype(jnp.float32)
+    x = teacher_cls.astype(jnp.float32)
+    x = x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + 1e-12)
+    return {PREFIX + "teacher_entropy": jnp.mean(_entropy(p)) / math.log(p.shape[-1]),
+            PREFIX + "_mean_target": jnp.mean(p, axis=0),
+            PREFIX + "_cls_mean": jnp.mean(x, axis=0), PREFIX + "_cls_square": jnp.mean(x * x, axis=0)}
+
+
+def finalize(metrics: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """The metrics with the moments of `batch_moments` replaced by the scalars batch_entropy, prototypes_used and
+    cls_spread (same definitions as `target_signals` / `feature_spread`)."""
+    out = {k: v for k, v in metrics.items() if k[len(PREFIX):] not in _MOMENTS}
+    mean = metrics[PREFIX + "_mean_target"]
+    h_batch = _entropy(mean)
+    out[PREFIX + "batch_entropy"] = h_batch / math.log(mean.shape[-1])
+    out[PREFIX + "prototypes_used"] = jnp.exp(h_batch)
+    mu = metrics[PREFIX + "_cls_mean"]
+    var = jnp.maximum(metrics[PREFIX + "_cls_square"] - mu * mu, 0.0)
+    out[PREFIX + "cls_spread"] = jnp.mean(jnp.sqrt(var)) * math.sqrt(mu.shape[-1])
+    return out

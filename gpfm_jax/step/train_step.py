@@ -27,7 +27,7 @@ from gpfm_jax.step.masked import masked_selection
 from gpfm_jax.step.model import GPFMModel, ema_subset
 from gpfm_jax.step.optim import ema_update, grad_norms
 from gpfm_jax.step.schedules import Schedules, schedule_values
-from gpfm_jax.step.signals import collapse_signals
+from gpfm_jax.step import signals
 
 
 class TrainState(NamedTuple):
@@ -101,7 +101,8 @@ def make_grad_fn(
 
     def grad_fn(state: TrainState, batch: Mapping[str, jax.Array], expert_params: Mapping[str, Any]):
         if k == 1:
-            return objective(state, batch, expert_params, None)
+            grads, metrics, centers = objective(state, batch, expert_params, None)
+            return grads, signals.finalize(metrics), centers
         chunks, group_ids = microbatch.split(batch, k, microbatch.batch_shards(), cfg.batch_groups,
                                              cfg.drop_path_groups or cfg.batch_groups)
 
@@ -115,7 +116,7 @@ def make_grad_fn(
         (grads, metrics, centers), _ = jax.lax.scan(body, zero, (chunks, group_ids))
         mean = lambda tree: jax.tree_util.tree_map(lambda a: a / k, tree)  # noqa: E731
         metrics = {name: (v if name in SUMMED_METRICS else v / k) for name, v in metrics.items()}
-        return mean(grads), metrics, mean(centers)
+        return mean(grads), signals.finalize(metrics), mean(centers)
 
     return grad_fn
 
@@ -191,7 +192,7 @@ def make_objective(model: GPFMModel, schedules: Schedules, cfg: StepConfig) -> C
         (_, loss_metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         loss_metrics = {**loss_metrics, "masked_fraction": jnp.sum(masks.astype(jnp.int32)) / masks.size,
                         "masked_overflow": select.overflow,
-                        **collapse_signals(dino_probs, t_out["cls"])}  # signals.py: means of microbatch statistics
+                        **signals.batch_moments(dino_probs, t_out["cls"])}  # signals.finalize: collapse/*
         return grads, loss_metrics, {"dino": dino_center, "ibot": ibot_center}
 
     return objective

@@ -61,7 +61,7 @@ class CollapseSettings:
     """The detector's knobs (config.sanity: on_collapse, collapse_window, collapse_after)."""
 
     window: int = 50
-    after: int = 0
+    after: int = 150
 
 
 def _distill_sum(m: Mapping[str, float]) -> float | None:
@@ -169,3 +169,11 @@ def verdict_row(verdict: Mapping[str, Any], on_collapse: str) -> dict[str, Any]:
     """The metrics.jsonl row of kind "collapse" (JSON-ready): the verdict and what the run does about it."""
     return {"collapse_kind": verdict["kind"], "since": verdict["since"], "numbers": verdict["numbers"],
             "message": verdict["message"], "action": on_collapse}
+
+
+def replay(rows: Mapping[int, Mapping[str, float]], num_prototypes: int,
+           settings: CollapseSettings = CollapseSettings()) -> list[dict[str, Any]]:
+    """The verdicts a run's logged metrics (`metrics_writer.read_metrics(workdir)`) give with `settings`: how the
+    thresholds were calibrated on finished runs (docs/training.md) without rerunning them."""
+    detector = CollapseDetector(num_prototypes, settings)
+    return [v for i in sorted(rows) for v in detector.update(i, rows[i])]

@@ -138,7 +138,9 @@ class SanityConfig:
 
     on_collapse: str = "warn"  # "warn" | "stop" | "off"
     collapse_window: int = 50
-    collapse_after: int = 0  # iterations before this one never count (a fresh network is legitimately one-hot)
+    # iterations before this one never count: a fresh network is legitimately one-hot / unspread for a while (the
+    # shipped demo: one-hot targets and CLS spread < 0.02 until ~iteration 110)
+    collapse_after: int = 150
 
     def __post_init__(self):
         if self.on_collapse not in ("warn", "stop", "off"):
