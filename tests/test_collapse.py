@@ -65,8 +65,17 @@ def test_finalized_moments_equal_the_direct_signals_and_microbatch_means_the_ful
     # two microbatches of 8, their moments averaged as the step's scan does: the full batch's signals
     halves = [signals.batch_moments(probs[i:i + 8], feats[i:i + 8]) for i in (0, 8)]
     averaged = jax.tree_util.tree_map(lambda a, b: (a + b) / 2, *halves)
+    averaged |= {name: jnp.stack([h[name] for h in halves]) for name in signals.STACKED}
     for name, value in signals.finalize(averaged).items():
         assert float(value) == pytest.approx(full[name], rel=1e-5), name
+    # nearly identical features (the case to measure): the pooled variance keeps its digits
+    tight = jnp.ones((16, 8)) + 1e-3 * feats
+    halves = [signals.batch_moments(probs[i:i + 8], tight[i:i + 8]) for i in (0, 8)]
+    pooled = jax.tree_util.tree_map(lambda a, b: (a + b) / 2, *halves)
+    pooled |= {name: jnp.stack([h[name] for h in halves]) for name in signals.STACKED}
+    expected = float(signals.feature_spread(tight))
+    assert 0 < expected < 0.01
+    assert float(signals.finalize(pooled)[signals.PREFIX + "cls_spread"]) == pytest.approx(expected, rel=1e-4)
     assert set(full) == {signals.PREFIX + n for n in ("teacher_entropy", "batch_entropy", "prototypes_used",
                                                       "cls_spread")}
 

@@ -9,12 +9,15 @@ keep falling). The kinds and what tells them apart (train/collapse.py reads them
              high batch-mean entropy (different images, different prototypes)
   representation  the CLS features of different images nearly identical: spread ~0
 
-Gradient accumulation: every signal is a function of per-(micro)batch means — the mean target (f32[K]), the
-mean and mean square of the normalised CLS (f32[D]) and the mean per-sample entropy — which the step's microbatch
-scan averages like any metric (equal-sized microbatches: the mean of the means is the batch's mean); `finalize`
-turns them into the scalars after the scan, so the signals with k microbatches are the full batch's (up to float
-summation order), not a mean of smaller batches' statistics. With Sinkhorn-Knopp centring the batch-mean target is
-forced uniform, so `batch_entropy` is ~1 by construction and only the per-sample and feature signals inform.
+Gradient accumulation: the signals are computed from per-(micro)batch quantities — the mean per-sample entropy, the
+mean target (f32[K]), and the mean and variance of the normalised CLS (f32[D]) — which the step's microbatch scan
+averages like any metric, except the CLS means, which it stacks (`STACKED`, f32[k, D]); `finalize` turns them into
+the scalars after the scan. The variance of the whole batch is the pooled one, the mean of the microbatch variances
+plus the variance of the microbatch means, each computed about its own mean (a variance from E[x^2] - E[x]^2 loses
+its digits when every image has almost the same feature, exactly the case to measure). So the signals with k
+microbatches are the full batch's up to float rounding (test_accumulation.py holds them to the losses' tolerance),
+not a mean of smaller batches' statistics. With Sinkhorn-Knopp centring the batch-mean target is forced uniform, so
+`batch_entropy` is ~1 by construction and only the per-sample and feature signals inform.
 """
 
 from __future__ import annotations
@@ -58,30 +61,34 @@ def feature_spread(features: jax.Array) -> jax.Array:
     return jnp.mean(jnp.std(x, axis=0)) * math.sqrt(x.shape[-1])
 
 
-_MOMENTS = ("_mean_target", "_cls_mean", "_cls_square")
+_MOMENTS = ("_mean_target", "_cls_mean", "_cls_var")
+STACKED = (PREFIX + "_cls_mean",)  # stacked over microbatches by the step's scan, not averaged
 
 
 def batch_moments(dino_probs: jax.Array, teacher_cls: jax.Array) -> dict[str, jax.Array]:
-    """What one (micro)batch contributes, all means over its global crops: the mean per-sample entropy / ln K, the
-    mean target f32[K], the mean and mean square of the L2-normalised teacher CLS f32[D]. Averaged over
-    microbatches by the step; `finalize` makes the `collapse/*` scalars."""
+    """What one (micro)batch contributes, over its global crops: the mean per-sample entropy / ln K, the mean target
+    f32[K], the mean f32[D] and the variance about that mean f32[D] of the L2-normalised teacher CLS. `finalize`
+    makes the `collapse/*` scalars (after the step's microbatch scan)."""
     p = dino_probs.astype(jnp.float32)
     x = teacher_cls.astype(jnp.float32)
     x = x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + 1e-12)
+    mean = jnp.mean(x, axis=0)
     return {PREFIX + "teacher_entropy": jnp.mean(_entropy(p)) / math.log(p.shape[-1]),
             PREFIX + "_mean_target": jnp.mean(p, axis=0),
-            PREFIX + "_cls_mean": jnp.mean(x, axis=0), PREFIX + "_cls_square": jnp.mean(x * x, axis=0)}
+            PREFIX + "_cls_mean": mean, PREFIX + "_cls_var": jnp.mean(jnp.square(x - mean), axis=0)}
 
 
 def finalize(metrics: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """The metrics with the moments of `batch_moments` replaced by the scalars batch_entropy, prototypes_used and
-    cls_spread (same definitions as `target_signals` / `feature_spread`)."""
+    cls_spread (same definitions as `target_signals` / `feature_spread`). `_cls_mean` is f32[D] (one batch) or
+    f32[k, D] (the step's k microbatches, stacked); `_cls_var` the mean of the k within-microbatch variances."""
     out = {k: v for k, v in metrics.items() if k[len(PREFIX):] not in _MOMENTS}
     mean = metrics[PREFIX + "_mean_target"]
     h_batch = _entropy(mean)
     out[PREFIX + "batch_entropy"] = h_batch / math.log(mean.shape[-1])
     out[PREFIX + "prototypes_used"] = jnp.exp(h_batch)
-    mu = metrics[PREFIX + "_cls_mean"]
-    var = jnp.maximum(metrics[PREFIX + "_cls_square"] - mu * mu, 0.0)
-    out[PREFIX + "cls_spread"] = jnp.mean(jnp.sqrt(var)) * math.sqrt(mu.shape[-1])
+    mus = jnp.atleast_2d(metrics[PREFIX + "_cls_mean"])
+    between = jnp.mean(jnp.square(mus - jnp.mean(mus, axis=0)), axis=0)
+    var = metrics[PREFIX + "_cls_var"] + between
+    out[PREFIX + "cls_spread"] = jnp.mean(jnp.sqrt(var)) * math.sqrt(mus.shape[-1])
     return out

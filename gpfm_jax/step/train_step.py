@@ -108,14 +108,17 @@ def make_grad_fn(
 
         def body(total, xs):
             chunk, ids = xs
-            return jax.tree_util.tree_map(jnp.add, total, objective(state, chunk, expert_params, ids)), None
+            grads, metrics, centers = objective(state, chunk, expert_params, ids)
+            stacked = {name: metrics.pop(name) for name in signals.STACKED}  # per microbatch (signals.finalize)
+            return jax.tree_util.tree_map(jnp.add, total, (grads, metrics, centers)), stacked
 
-        zero = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype),
-                                      jax.eval_shape(objective, state, microbatch.first(chunks), expert_params,
-                                                     microbatch.first(group_ids)))
-        (grads, metrics, centers), _ = jax.lax.scan(body, zero, (chunks, group_ids))
+        shapes = list(jax.eval_shape(objective, state, microbatch.first(chunks), expert_params,
+                                     microbatch.first(group_ids)))
+        shapes[1] = {name: v for name, v in shapes[1].items() if name not in signals.STACKED}
+        zero = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), tuple(shapes))
+        (grads, metrics, centers), stacked = jax.lax.scan(body, zero, (chunks, group_ids))
         mean = lambda tree: jax.tree_util.tree_map(lambda a: a / k, tree)  # noqa: E731
-        metrics = {name: (v if name in SUMMED_METRICS else v / k) for name, v in metrics.items()}
+        metrics = {name: (v if name in SUMMED_METRICS else v / k) for name, v in metrics.items()} | stacked
         return mean(grads), signals.finalize(metrics), mean(centers)
 
     return grad_fn
