@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 
 from helpers_train import run_cli, tiny
 from gpfm_jax.train import loop
