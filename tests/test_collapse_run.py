@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
 from helpers_train import run_cli, tiny
 from gpfm_jax.train import loop
 from gpfm_jax.train.faults import EXIT_COLLAPSED, committed_steps
