@@ -53,6 +53,10 @@ def test_uniform_collapse_stops_gpfm_train_with_status_6_after_saving(tmp_path):
     v = verdicts["uniform"]
     assert v["since"] == AFTER and v["step"] == AFTER + WINDOW - 1 and v["action"] == "stop"
     assert v["numbers"]["teacher_entropy"] > 0.99 and v["numbers"]["dino_over_lnk"] > 0.99
+    # TensorBoard: every signal (to see the drift before the verdict) and a marker at the verdict
+    events = b"".join(f.read_bytes() for f in (workdir / "tensorboard").iterdir())
+    for tag in ("teacher_entropy", "batch_entropy", "prototypes_used", "cls_spread", "verdict/uniform"):
+        assert f"collapse/{tag}".encode() in events, tag
     # saved and stopped within a couple of iterations of the verdict (the metrics arrive one iteration late)
     (saved,) = committed_steps(workdir / "checkpoints")
     assert v["step"] < saved <= v["step"] + 3 < 24
