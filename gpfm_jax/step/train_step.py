@@ -22,12 +22,11 @@ from jax.sharding import Mesh
 from gpfm_jax import losses
 from gpfm_jax.data.normalize import normalize_batch
 from gpfm_jax.models.teachers import split_targets, teacher_targets
-from gpfm_jax.step import microbatch, sharding, xla_options
+from gpfm_jax.step import microbatch, sharding, signals, xla_options
 from gpfm_jax.step.masked import masked_selection
 from gpfm_jax.step.model import GPFMModel, ema_subset
 from gpfm_jax.step.optim import ema_update, grad_norms
 from gpfm_jax.step.schedules import Schedules, schedule_values
-from gpfm_jax.step import signals
 
 
 class TrainState(NamedTuple):
