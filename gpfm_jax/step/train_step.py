@@ -93,7 +93,8 @@ def make_grad_fn(
     With `cfg.microbatches` = k > 1 the batch is processed in k microbatches (`microbatch.py`) and the gradients,
     metrics and next centres are their means: every term is a mean over samples, groups or crops of equal-sized
     microbatches, the centre update is linear in the batch mean, and each group draws its own stochastic depth,
-    so the result is the full batch's up to float summation order.
+    so the result is the full batch's up to float summation order (the collapse signals too: signals.py pools their
+    per-microbatch moments after the scan).
     """
     objective = make_objective(model, schedules, cfg)
     k = cfg.microbatches
