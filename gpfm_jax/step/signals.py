@@ -37,7 +37,8 @@ def _entropy(p: jax.Array) -> jax.Array:
 
 
 def target_signals(probs: jax.Array) -> dict[str, jax.Array]:
-    """probs f32[N, K] (the teacher's DINO targets, rows summing to 1) ->
+    """The one-batch definitions (the step computes the same through `batch_moments` + `finalize`):
+    probs f32[N, K] (the teacher's DINO targets, rows summing to 1) ->
     teacher_entropy: mean per-sample entropy / ln K (1 = uniform for every image, 0 = one-hot);
     batch_entropy: entropy of the batch-mean target / ln K (0 = every image on the same prototype);
     prototypes_used: exp(entropy of the batch-mean target), the effective number of prototypes the batch uses."""
