@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from gpfm_jax import losses
 from gpfm_jax.data.normalize import normalize_batch
 from gpfm_jax.models.teachers import split_targets, teacher_targets
-from gpfm_jax.step import microbatch, sharding, xla_options
+from gpfm_jax.step import microbatch, sharding, signals, xla_options
 from gpfm_jax.step.masked import masked_selection
 from gpfm_jax.step.model import GPFMModel, ema_subset
 from gpfm_jax.step.optim import ema_update, grad_norms
@@ -93,28 +93,33 @@ def make_grad_fn(
     With `cfg.microbatches` = k > 1 the batch is processed in k microbatches (`microbatch.py`) and the gradients,
     metrics and next centres are their means: every term is a mean over samples, groups or crops of equal-sized
     microbatches, the centre update is linear in the batch mean, and each group draws its own stochastic depth,
-    so the result is the full batch's up to float summation order.
+    so the result is the full batch's up to float summation order (the collapse signals too: signals.py pools their
+    per-microbatch moments after the scan).
     """
     objective = make_objective(model, schedules, cfg)
     k = cfg.microbatches
 
     def grad_fn(state: TrainState, batch: Mapping[str, jax.Array], expert_params: Mapping[str, Any]):
         if k == 1:
-            return objective(state, batch, expert_params, None)
+            grads, metrics, centers = objective(state, batch, expert_params, None)
+            return grads, signals.finalize(metrics), centers
         chunks, group_ids = microbatch.split(batch, k, microbatch.batch_shards(), cfg.batch_groups,
                                              cfg.drop_path_groups or cfg.batch_groups)
 
         def body(total, xs):
             chunk, ids = xs
-            return jax.tree_util.tree_map(jnp.add, total, objective(state, chunk, expert_params, ids)), None
+            grads, metrics, centers = objective(state, chunk, expert_params, ids)
+            stacked = {name: metrics.pop(name) for name in signals.STACKED}  # per microbatch (signals.finalize)
+            return jax.tree_util.tree_map(jnp.add, total, (grads, metrics, centers)), stacked
 
-        zero = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype),
-                                      jax.eval_shape(objective, state, microbatch.first(chunks), expert_params,
-                                                     microbatch.first(group_ids)))
-        (grads, metrics, centers), _ = jax.lax.scan(body, zero, (chunks, group_ids))
+        shapes = list(jax.eval_shape(objective, state, microbatch.first(chunks), expert_params,
+                                     microbatch.first(group_ids)))
+        shapes[1] = {name: v for name, v in shapes[1].items() if name not in signals.STACKED}
+        zero = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), tuple(shapes))
+        (grads, metrics, centers), stacked = jax.lax.scan(body, zero, (chunks, group_ids))
         mean = lambda tree: jax.tree_util.tree_map(lambda a: a / k, tree)  # noqa: E731
-        metrics = {name: (v if name in SUMMED_METRICS else v / k) for name, v in metrics.items()}
-        return mean(grads), metrics, mean(centers)
+        metrics = {name: (v if name in SUMMED_METRICS else v / k) for name, v in metrics.items()} | stacked
+        return mean(grads), signals.finalize(metrics), mean(centers)
 
     return grad_fn
 
@@ -189,7 +194,8 @@ def make_objective(model: GPFMModel, schedules: Schedules, cfg: StepConfig) -> C
 
         (_, loss_metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         loss_metrics = {**loss_metrics, "masked_fraction": jnp.sum(masks.astype(jnp.int32)) / masks.size,
-                        "masked_overflow": select.overflow}
+                        "masked_overflow": select.overflow,
+                        **signals.batch_moments(dino_probs, t_out["cls"])}  # signals.finalize: collapse/*
         return grads, loss_metrics, {"dino": dino_center, "ibot": ibot_center}
 
     return objective

@@ -131,6 +131,27 @@ class LogConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SanityConfig:
+    """Collapse detection (train/collapse.py): a kind of collapse that holds `collapse_window` consecutive
+    iterations from `collapse_after` on is reported (log line + metrics.jsonl row of kind "collapse"); "stop" also
+    saves a checkpoint and ends the run with exit status 6, "off" skips the detector."""
+
+    on_collapse: str = "warn"  # "warn" | "stop" | "off"
+    collapse_window: int = 50
+    # iterations before this one never count: a fresh network is legitimately one-hot / unspread for a while (the
+    # shipped demo: one-hot targets and CLS spread < 0.02 until ~iteration 110)
+    collapse_after: int = 150
+
+    def __post_init__(self):
+        if self.on_collapse not in ("warn", "stop", "off"):
+            raise ValueError(f"on_collapse={self.on_collapse!r}: expected 'warn', 'stop' or 'off'")
+        if not isinstance(self.collapse_window, int) or self.collapse_window < 1:
+            raise ValueError(f"collapse_window={self.collapse_window!r}: expected an integer >= 1")
+        if not isinstance(self.collapse_after, int) or self.collapse_after < 0:
+            raise ValueError(f"collapse_after={self.collapse_after!r}: expected an integer >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class RuntimeConfig:
     distributed: str = "auto"  # auto: jax.distributed.initialize() when the environment names a cluster; on; off
     coordinator_address: str = ""  # explicit multi-process setup (otherwise from SLURM / TPU / JAX_* env vars)
@@ -183,6 +204,7 @@ class TrainConfig:
     step: StepConfig = StepConfig(batch_groups=0)
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
+    sanity: SanityConfig = SanityConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     deadline: DeadlineConfig = DeadlineConfig()
     # after a finished run: copy-detection probe of the EMA teacher vs the start (train/probe.py; slides only)

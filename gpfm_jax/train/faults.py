@@ -32,6 +32,7 @@ EXIT_CONFIG = 2
 EXIT_SAVE_FAILED = 3
 EXIT_STALLED = 4
 EXIT_PEER_LOST = 5
+EXIT_COLLAPSED = 6  # config.sanity.on_collapse = "stop": collapse reported, checkpoint saved
 
 
 class Stalled(RuntimeError):

@@ -30,7 +30,7 @@ from gpfm_jax.step.schedules import make_schedules, peak_lr
 from gpfm_jax.step.train_step import init_state, jit_train_step, make_train_step
 from gpfm_jax.train import checkpoint as ckpt
 from gpfm_jax.train import config as config_lib
-from gpfm_jax.train import config_schema, encoder_meta, faults, runtime
+from gpfm_jax.train import collapse, config_schema, encoder_meta, faults, runtime
 from gpfm_jax.train.data_stream import DataStream, Prefetcher
 from gpfm_jax.train.metrics_writer import MetricsWriter
 from gpfm_jax.train.step_results import HostFlags, StepOutcome, StepReader
@@ -43,6 +43,7 @@ FIRST_ITERATIONS = 2  # iterations under deadline.first_step_s (the step and the
 @dataclasses.dataclass
 class RunResult:
     status: str  # "done" | "preempted" | "nonfinite" | "nothing_to_do" | "stalled" | "peer_lost" | "save_failed"
+    # | "collapsed" (config.sanity.on_collapse = "stop")
     start_step: int
     end_step: int  # the checkpointed / reached iteration count
     first_loss: float | None = None
@@ -297,14 +298,14 @@ def _iterate(run: Run, state: Any, start: int, watchdog: faults.Watchdog, result
                 run.checkpointer.save(step, state, position, force=progress.stop_requested or step == run.end_step)
                 if progress.stop_requested:
                     run.checkpointer.wait()
-                    progress.preempted(step, run.checkpointer.directory)
+                    progress.stopped(step, run.checkpointer.directory)
             run.checkpointer.poll()
             if cfg.runtime.step_sleep_s:
                 time.sleep(cfg.runtime.step_sleep_s)
         while reader.pending and progress.status is None:
             progress.take(_wait(reader.get, watchdog, d.poll_s))
         result.status = progress.status or "done"
-        result.end_step = step if result.status in ("done", "preempted") else progress.last_good
+        result.end_step = step if result.status in ("done", "preempted", "collapsed") else progress.last_good
     except (faults.Stalled, faults.PeerLost) as err:
         result.status = "stalled" if isinstance(err, faults.Stalled) else "peer_lost"
         result.message, result.end_step = str(err), progress.last_good
@@ -345,12 +346,14 @@ def _peer_loss_behind(err: Exception, watchdog: faults.Watchdog, d: config_schem
 
 class _Progress:
     """Takes the steps' outcomes in order: logs them, sums the flags, and decides to stop (non-finite loss, a
-    signal on any process)."""
+    signal on any process, a collapse verdict with config.sanity.on_collapse = "stop")."""
 
     def __init__(self, run: Run, result: RunResult):
         self.run, self.result = run, result
         self.status: str | None = None
         self.stop_requested = False
+        self.collapse = collapse.detector_for(run.cfg)
+        self.collapse_verdict: dict | None = None  # the verdict that stops the run
         self.last_good = result.start_step  # the iteration count whose state is known finite
         self.previous_ready: float | None = None
 
@@ -385,8 +388,28 @@ class _Progress:
         self.last_good = i + 1
         if outcome.flags["stop"]:
             self.stop_requested = True
+        if self.collapse is not None:
+            self._check_collapse(i, metrics)
 
-    def preempted(self, step: int, directory: Path) -> None:
-        self.status = "preempted"
-        self.result.message = f"signal received: saved iteration {step} to {directory} and stopped"
+    def _check_collapse(self, i: int, metrics: dict) -> None:
+        """Verdicts (train/collapse.py) go to the log and to metrics.jsonl once per kind; "stop" saves and stops."""
+        action = self.run.cfg.sanity.on_collapse
+        for verdict in self.collapse.update(i, metrics):
+            self.run.writer.message(f"gpfm-train: {verdict['message']}")
+            self.run.writer.write_event(i, "collapse", collapse.verdict_row(verdict, action),
+                                        {f"collapse/verdict/{verdict['kind']}": 1.0})
+            if action == "stop" and self.collapse_verdict is None:
+                self.collapse_verdict, self.stop_requested = verdict, True
+
+    def stopped(self, step: int, directory: Path) -> None:
+        """A requested stop has saved iteration `step`: a signal (pre-emption) or a collapse verdict."""
+        if self.collapse_verdict is not None:
+            v = self.collapse_verdict
+            self.status = "collapsed"
+            self.result.message = (f"collapse ({v['kind']}, since iteration {v['since']}; "
+                                   f"config.sanity.on_collapse=stop): saved iteration {step} to {directory} and "
+                                   "stopped")
+        else:
+            self.status = "preempted"
+            self.result.message = f"signal received: saved iteration {step} to {directory} and stopped"
         self.run.writer.message(self.result.message)

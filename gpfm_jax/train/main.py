@@ -7,7 +7,8 @@ The default config is configs/demo.py (a few minutes on a laptop CPU). Run the s
 the latest checkpoint in DIR/checkpoints. Multi-host: one command per host; jax.distributed is initialised from the
 environment (SLURM, TPU pods, JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID). See docs/training.md.
 Exit status: 0 done or pre-empted (checkpoint saved), 1 non-finite loss, 2 bad config, 3 a checkpoint save failed
-(disk full, I/O error), 4 a phase passed its deadline (stalled data, step or checkpoint), 5 a peer process was lost.
+(disk full, I/O error), 4 a phase passed its deadline (stalled data, step or checkpoint), 5 a peer process was lost,
+6 self-distillation collapsed with config.sanity.on_collapse=stop (checkpoint saved).
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ def main(argv) -> int:
         print(f"gpfm-train: config error: {err}", file=sys.stderr)
         return faults.EXIT_CONFIG
     codes = {"nonfinite": faults.EXIT_NONFINITE, "save_failed": faults.EXIT_SAVE_FAILED,
-             "stalled": faults.EXIT_STALLED, "peer_lost": faults.EXIT_PEER_LOST}
-    if result.status == "nonfinite":
+             "stalled": faults.EXIT_STALLED, "peer_lost": faults.EXIT_PEER_LOST,
+             "collapsed": faults.EXIT_COLLAPSED}
+    if result.status in ("nonfinite", "collapsed"):
         print(f"gpfm-train: {result.message}", file=sys.stderr)
     if result.status in ("stalled", "peer_lost"):
         # Threads may still be blocked (a data read, a collective waiting for the dead peer) and the interpreter's

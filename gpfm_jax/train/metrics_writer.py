@@ -82,6 +82,17 @@ class MetricsWriter:
             for k, v in metrics.items():
                 self._tb.add_scalar(k, float(v), step)
 
+    def write_event(self, step: int, kind: str, fields: Mapping[str, Any],
+                    scalars: Mapping[str, float] | None = None) -> None:
+        """A JSONL row of `kind` with arbitrary JSON fields (a collapse verdict: text and numbers), and `scalars` to
+        TensorBoard (e.g. a marker at the verdict's iteration)."""
+        if not self.primary:
+            return
+        self._jsonl.write(json.dumps({"step": int(step), "kind": kind, **fields}) + "\n")
+        if self._tb is not None:
+            for k, v in (scalars or {}).items():
+                self._tb.add_scalar(k, float(v), step)
+
     def message(self, text: str) -> None:
         if not self.primary:
             return
