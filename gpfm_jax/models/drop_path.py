@@ -8,7 +8,7 @@ exactly what its groups draw in the whole batch (exact gradient accumulation, gp
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -44,12 +44,13 @@ def group_keys(rng: jax.Array, groups: int, group_ids: jax.Array | None, total_g
     return jax.random.split(rng, total_groups)[group_ids]
 
 
-def _subset_residual(x: jax.Array, branch: Callable[[jax.Array], jax.Array], rate: float, rng: jax.Array,
-                     groups: int, group_ids: jax.Array | None = None, total_groups: int = 0) -> jax.Array:
+def _subset_pick(x: jax.Array, rate: float, rng: jax.Array, groups: int, group_ids: jax.Array | None = None,
+                 total_groups: int = 0) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
     """Batch-subset stochastic depth drawn per group of the batch (DINOv2 draws per GPU): the batch is viewed as
     [groups, B / groups], each group keeps its own random subset of max(int(B/groups (1 - rate)), 1) samples. With
     one group per device (the trainer's default) the gather and scatter-add stay on the device: no activation
-    crosses devices. One group (of one) is a single permutation of the whole batch."""
+    crosses devices. One group (of one) is a single permutation of the whole batch.
+    Returns the picked samples and the function that adds the branch's output on them back into x."""
     batch = x.shape[0]
     if batch % groups:
         raise ValueError(f"batch-subset drop path: batch {batch} does not split into {groups} groups")
@@ -58,8 +59,8 @@ def _subset_residual(x: jax.Array, branch: Callable[[jax.Array], jax.Array], rat
     scale = per_group / subset
     if groups == 1 and group_ids is None:
         index = jax.random.permutation(rng, batch)[:subset]
-        residual = branch(nn.with_logical_constraint(x[index], ("batch", "tokens", "embed")))
-        return x.at[index].add(residual * jnp.asarray(scale, residual.dtype))
+        picked = nn.with_logical_constraint(x[index], ("batch", "tokens", "embed"))
+        return picked, lambda residual: x.at[index].add(residual * jnp.asarray(scale, residual.dtype))
     rest = x.shape[1:]
     shards = batch_shards()
     # the group axis carries the batch sharding when the groups split evenly over the devices
@@ -70,10 +71,44 @@ def _subset_residual(x: jax.Array, branch: Callable[[jax.Array], jax.Array], rat
     index = constrain(index, ("batch", None))
     picked = jax.vmap(lambda xi, ii: xi[ii])(xs, index)  # [groups, subset, ...]: a gather batched over groups
     picked = constrain(picked.reshape((groups * subset,) + rest), ("batch", "tokens", "embed"))
-    residual = branch(picked).reshape((groups, subset) + rest) * jnp.asarray(scale, x.dtype)
-    residual = constrain(residual, ("batch", None, "tokens", "embed"))
-    out = jax.vmap(lambda xi, ii, ri: xi.at[ii].add(ri))(xs, index, residual.astype(x.dtype))
-    return out.reshape(x.shape)
+
+    def combine(branch_out: jax.Array) -> jax.Array:
+        residual = branch_out.reshape((groups, subset) + rest) * jnp.asarray(scale, x.dtype)
+        residual = constrain(residual, ("batch", None, "tokens", "embed"))
+        out = jax.vmap(lambda xi, ii, ri: xi.at[ii].add(ri))(xs, index, residual.astype(x.dtype))
+        return out.reshape(x.shape)
+
+    return picked, combine
+
+
+def _sample_keep(x: jax.Array, rate: float, rng: jax.Array, groups: int, group_ids: jax.Array | None,
+                 total_groups: int) -> jax.Array:
+    """Per-sample stochastic depth: 1 / keep_prob for the samples whose branch is kept, 0 for the others."""
+    batch, keep_prob = x.shape[0], 1.0 - rate
+    if group_ids is None:
+        keep = jax.random.bernoulli(rng, keep_prob, (batch,) + (1,) * (x.ndim - 1))
+    else:  # the whole batch's draw (one flat stream of bits, whatever its shape), this microbatch's groups of it
+        per_group = batch // groups
+        keep = jax.random.bernoulli(rng, keep_prob, (total_groups, per_group) + (1,) * (x.ndim - 1))
+        keep = keep[group_ids].reshape((batch,) + (1,) * (x.ndim - 1))
+    return keep.astype(x.dtype) / jnp.asarray(keep_prob, x.dtype)
+
+
+def add_residuals(
+    xs: Sequence[jax.Array], branch: Callable[[list[jax.Array]], list[jax.Array]], rate: float, mode: str,
+    rngs: Sequence[jax.Array] | None, groups: int = 1, group_ids: jax.Array | None = None, total_groups: int = 0,
+) -> list[jax.Array]:
+    """[x + branch(x) for each crop set x] with stochastic depth, `branch` called once on all the sets (so that it
+    can run their tokens through its linear layers as one matrix); set i draws from `rngs[i]` exactly what
+    `add_residual(xs[i], ..., rngs[i])` draws."""
+    if rate == 0.0 or rngs is None:
+        return [x + out for x, out in zip(xs, branch(list(xs)))]
+    if drop_path_mode(rate, mode) == "subset":
+        picks = [_subset_pick(x, rate, rng, groups, group_ids, total_groups) for x, rng in zip(xs, rngs)]
+        outs = branch([picked for picked, _ in picks])
+        return [combine(out) for (_, combine), out in zip(picks, outs)]
+    keeps = [_sample_keep(x, rate, rng, groups, group_ids, total_groups) for x, rng in zip(xs, rngs)]
+    return [x + out * keep for x, out, keep in zip(xs, branch(list(xs)), keeps)]
 
 
 def add_residual(
@@ -89,16 +124,5 @@ def add_residual(
     `group_ids` (int [groups], with `total_groups`): this batch is a microbatch holding those groups of a batch of
     `total_groups`; each group draws what it would draw in the whole batch (the step's gradient accumulation).
     """
-    if rate == 0.0 or rng is None:
-        return x + branch(x)
-    batch = x.shape[0]
-    if drop_path_mode(rate, mode) == "subset":
-        return _subset_residual(x, branch, rate, rng, groups, group_ids, total_groups)
-    keep_prob = 1.0 - rate
-    if group_ids is None:
-        keep = jax.random.bernoulli(rng, keep_prob, (batch,) + (1,) * (x.ndim - 1))
-    else:  # the whole batch's draw (one flat stream of bits, whatever its shape), this microbatch's groups of it
-        per_group = batch // groups
-        keep = jax.random.bernoulli(rng, keep_prob, (total_groups, per_group) + (1,) * (x.ndim - 1))
-        keep = keep[group_ids].reshape((batch,) + (1,) * (x.ndim - 1))
-    return x + branch(x) * (keep.astype(x.dtype) / jnp.asarray(keep_prob, x.dtype))
+    rngs = None if rng is None else [rng]
+    return add_residuals([x], lambda ys: [branch(ys[0])], rate, mode, rngs, groups, group_ids, total_groups)[0]
