@@ -14,11 +14,11 @@ import collections
 import re
 import sys
 
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*\S+\s+([\w\-]+)\(")
-_OPCODE = re.compile(r"=\s*(?:\([^=]*?\)|\S+)\s+([\w\-]+)\(")
+_NAME = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s")
+_OPCODE = re.compile(r"\s([a-z][a-z0-9\-]*)\(")  # the first " opcode(" after the (possibly tuple) result type
 _CUSTOM = re.compile(r'custom_call_target="([^"]+)"')
-_START = ("all-gather-start", "all-reduce-start", "collective-permute-start", "async-start")
-_DONE = {"all-gather-done", "all-reduce-done", "collective-permute-done", "async-done"}
+_START = ("all-gather-start", "all-reduce-start", "reduce-scatter-start", "collective-permute-start", "async-start")
+_DONE = {"all-gather-done", "all-reduce-done", "reduce-scatter-done", "collective-permute-done", "async-done"}
 _COMPUTE = ("fusion", "custom-call")
 
 
@@ -32,9 +32,9 @@ def analyse(text: str) -> dict:
         if line.startswith(("ENTRY", "%")) and line.rstrip().endswith("{"):
             open_starts, compute_seen = {}, 0  # a new computation: schedules are per computation
             continue
-        m = _OPCODE.search(line)
-        name = re.match(r"^\s*(?:ROOT\s+)?%([\w.\-]+)", line)
-        if not m or not name:
+        name = _NAME.match(line)
+        m = _OPCODE.search(line, name.end() - 1) if name else None
+        if not m:
             continue
         op = m.group(1)
         ops[op] += 1
@@ -46,13 +46,14 @@ def analyse(text: str) -> dict:
         if op in _START:
             open_starts[name.group(1)] = compute_seen
         elif op in _DONE:
-            operand = re.search(r"\(\s*(?:\S+\s+)?%([\w.\-]+)", line[m.end() - 1:])
+            operand = re.match(r"\(%([\w.\-]+)", line[m.end() - 1:])
             if operand and operand.group(1) in open_starts:
                 overlaps.append(compute_seen - open_starts.pop(operand.group(1)))
     hidden = sum(1 for o in overlaps if o > 0)
     return dict(fusions=ops["fusion"], custom_calls=dict(customs.most_common(6)), async_collectives=len(overlaps),
                 with_compute_between=hidden, mean_compute_between=(sum(overlaps) / len(overlaps) if overlaps else 0.0),
-                collectives_sync={k: ops[k] for k in ("all-gather", "reduce-scatter", "all-reduce") if ops[k]})
+                collectives_sync={k: ops[k] for k in ("all-gather", "reduce-scatter", "all-reduce") if ops[k]},
+                unmatched_starts=sum(ops[k] for k in _START) - len(overlaps))
 
 
 if __name__ == "__main__":
