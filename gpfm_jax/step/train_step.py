@@ -59,7 +59,8 @@ class StepConfig:
     # whole (micro)batch into one buffer of max_masked rows
     shard_max_masked: tuple[int, int] = (0, 0)
     loss: losses.LossConfig = losses.LossConfig()
-    # the student's global and local crops through each block's linear layers as one matrix (gpfm_jax/models/crops.py)
+    # the student's global and local crops through each block's linear layers as one matrix (gpfm_jax/models/crops.py);
+    # set from config.compute.concat_crops (default True there); False here keeps the two forwards as the reference
     concat_crops: bool = False
 
 

@@ -109,8 +109,9 @@ class ComputeConfig:
     teacher_param_dtype: str = "auto"  # expert teachers' stored params ("auto" = teacher compute dtype; frozen)
     scan_layers: bool = False
     remat_policy: str = "none"  # "none", "full", "dots_and_attention_saveable" or a jax.checkpoint_policies name
-    # the student's global + local crops through each block's linear layers as one matrix (models/crops.py)
-    concat_crops: bool = False
+    # the student's global + local crops through each block's linear layers as one matrix (models/crops.py): the
+    # same step, FSDP weights gathered once per block instead of once per crop set (docs/plan.md, "Levers")
+    concat_crops: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
