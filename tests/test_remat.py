@@ -34,8 +34,7 @@ def _saved(policy: str, impl: str) -> str:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("impl", ["loop", "xla"])
-@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("impl,scan", [("loop", False), ("xla", True)])
 def test_dots_and_attention_saveable_gradients_equal_no_remat(impl, scan):
     loss, params = _loss_and_params("none", impl, scan)
     ref = jax.grad(loss)(params)
