@@ -15,7 +15,9 @@ import jax
 import jax.numpy as jnp
 
 from gpfm_jax.models import attention, crops, remat
-from gpfm_jax.models.drop_path import add_residual, add_residuals, batch_shards, drop_path_mode, group_keys  # noqa: F401,E501
+from gpfm_jax.models.drop_path import add_residuals, batch_shards
+# re-exported: callers and tests import the drop path helpers from here
+from gpfm_jax.models.drop_path import add_residual, drop_path_mode, group_keys  # noqa: F401
 from gpfm_jax.models.pos_embed import needs_resampling, resample_patch_pos_embed
 
 DROP_PATH_MODES = ("auto", "sample", "subset")
