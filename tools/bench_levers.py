@@ -24,14 +24,16 @@ import jax
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+_TWO = {"compute.concat_crops": False}  # the student's crops as two forwards (the config's default is True)
+_CONCAT = {"compute.concat_crops": True}
 VARIANTS = {  # name: (remat policy, config overrides)
-    "dots": ("dots_saveable", {}),
-    "dots_attn": ("dots_and_attention_saveable", {}),
-    "none": ("none", {}),
-    "dots_concat": ("dots_saveable", {"compute.concat_crops": True}),
-    "dots_attn_concat": ("dots_and_attention_saveable", {"compute.concat_crops": True}),
-    "none_concat": ("none", {"compute.concat_crops": True}),
-    "dots_unrolled": ("dots_saveable", {"compute.scan_layers": False}),
+    "dots": ("dots_saveable", _TWO),
+    "dots_attn": ("dots_and_attention_saveable", _TWO),
+    "none": ("none", _TWO),
+    "dots_concat": ("dots_saveable", _CONCAT),
+    "dots_attn_concat": ("dots_and_attention_saveable", _CONCAT),
+    "none_concat": ("none", _CONCAT),
+    "dots_unrolled": ("dots_saveable", {**_TWO, "compute.scan_layers": False}),
 }
 
 
