@@ -80,6 +80,22 @@ def test_step_on_2x4_mesh_matches_one_device_and_shards_the_state(setup):
     assert nu.sharding.spec == P(None, "fsdp")
 
 
+def test_concatenated_crops_step_on_2x4_mesh_matches_two_forwards_on_one_device(setup):
+    """compute.concat_crops: the student's global and local crops through each block as one token matrix, the batch
+    sharded over 8 devices, gives the step of the two separate forwards (same drop path draws)."""
+    s = setup
+    one_state, one_metrics = _run(s["single"], s["mesh"], s["state"], s["experts"], s["batch"])
+    step = make_train_step(s["model"], s["sched"], s["tx"], StepConfig(batch_groups=2, drop_path_groups=1,
+                                                                       concat_crops=True))
+    mesh = sharding.make_mesh(2, 4)
+    new_state, metrics = _run(jit_train_step(step, mesh, s["state"], s["experts"]), mesh, s["state"], s["experts"],
+                              s["batch"])
+    for key, value in one_metrics.items():
+        np.testing.assert_allclose(float(metrics[key]), float(value), rtol=1e-5, atol=1e-7, err_msg=key)
+    close = lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)  # noqa
+    jax.tree_util.tree_map(close, new_state._replace(rng=None), one_state._replace(rng=None))
+
+
 def test_ema_centers_and_frozen_last_layer(setup):
     s = setup
     model, sched, state = s["model"], s["sched"], s["state"]

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from gpfm_jax.models.remat import ATTENTION_OUT
 
 AUTO = "auto"
 IMPLS = ("auto", "loop", "xla", "cudnn")
@@ -75,9 +78,7 @@ def _loop_attention(q: jax.Array, k: jax.Array, v: jax.Array, shards: int) -> ja
     return out.swapaxes(0, 1).reshape((b,) + out.shape[2:]).transpose(0, 2, 1, 3)
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str, shards: int = 1) -> jax.Array:
-    """softmax(q k^T / sqrt(hd)) v for q, k, v (b, n, heads, hd); `impl` already resolved (not "auto"); `shards`:
-    the devices the batch axis is split over (only the "loop" implementation needs to know)."""
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str, shards: int) -> jax.Array:
     if impl == "loop":
         return _loop_attention(q, k, v, shards)
     if impl == "cudnn":
@@ -85,3 +86,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str, s
     if impl == "xla":
         return jax.nn.dot_product_attention(q, k, v, implementation="xla")
     raise ValueError(f"unknown attention implementation {impl!r}; expected one of {IMPLS}")
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str, shards: int = 1) -> jax.Array:
+    """softmax(q k^T / sqrt(hd)) v for q, k, v (b, n, heads, hd); `impl` already resolved (not "auto"); `shards`:
+    the devices the batch axis is split over (only the "loop" implementation needs to know). The output is named
+    `remat.ATTENTION_OUT` so that a remat policy can keep it (gpfm_jax/models/remat.py)."""
+    return checkpoint_name(_attention(q, k, v, impl, shards), ATTENTION_OUT)

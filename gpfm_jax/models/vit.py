@@ -8,14 +8,16 @@ leading layer axis (compile time independent of depth); `gpfm_jax.convert.layout
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gpfm_jax.models import attention
+from gpfm_jax.models import attention, crops, remat
+from gpfm_jax.models.drop_path import add_residuals, batch_shards
+# re-exported: callers and tests import the drop path helpers from here
+from gpfm_jax.models.drop_path import add_residual, drop_path_mode, group_keys  # noqa: F401
 from gpfm_jax.models.pos_embed import needs_resampling, resample_patch_pos_embed
 
 DROP_PATH_MODES = ("auto", "sample", "subset")
@@ -70,7 +72,7 @@ class ViTConfig(JsonConfig):
     drop_path_rate: float = 0.0  # uniform over blocks, as GPFM/DINOv2 (drop_path_uniform)
     drop_path_mode: str = "auto"  # "auto": batch-subset above 0.1 (DINOv2's rule), per-sample otherwise
     scan_layers: bool = False
-    remat_policy: str = "none"  # "none", "full", or a jax.checkpoint_policies name, e.g. "dots_saveable"
+    remat_policy: str = "none"  # "none", "full", "dots_and_attention_saveable" or a jax.checkpoint_policies name
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     # "auto": "loop" on CPU, cuDNN flash attention on GPU in bf16/fp16, "xla" otherwise; "loop", "xla", "cudnn"
@@ -88,6 +90,11 @@ class ViTConfig(JsonConfig):
             raise ValueError(f"drop_path_mode must be one of {DROP_PATH_MODES}, got {self.drop_path_mode!r}")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        if self.remat_policy != "none":
+            try:
+                remat.policy(self.remat_policy)
+            except ValueError as err:
+                raise ValueError(f"remat_policy: {err}") from None
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
 
@@ -170,19 +177,28 @@ class PatchProj(nn.Module):
 
 
 class Attention(nn.Module):
+    """Multi-head self-attention. With `sets` ((b_i, n_i) per crop set) x holds several crop sets' tokens as one
+    matrix (gpfm_jax/models/crops.py): QKV and the output projection run on all of it, attention per set."""
+
     cfg: ViTConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, sets: tuple[tuple[int, int], ...] | None = None) -> jax.Array:
         cfg = self.cfg
-        b, n, d = x.shape
+        d = x.shape[-1]
         head_dim = d // cfg.num_heads
         qkv = _dense(3 * d, ("embed", "qkv"), cfg.qkv_bias, cfg, "qkv")(x)
-        qkv = nn.with_logical_constraint(qkv, ("batch", "tokens", "qkv")).reshape(b, n, 3, cfg.num_heads, head_dim)
+        qkv = nn.with_logical_constraint(qkv, ("batch", "tokens", "qkv"))
         impl = attention.resolve_impl(cfg.attention_impl, dtype=cfg.dtype)
         shards = batch_shards() if impl == "loop" else 1
-        out = attention.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], impl, shards)
-        out = nn.with_logical_constraint(out.reshape(b, n, d), ("batch", "tokens", "heads"))
+        n_shards = 1 if sets is None else crops.shards(sets)
+        outs = []
+        for part in [qkv] if sets is None else crops.split(qkv, sets, n_shards):
+            b, n = part.shape[:2]
+            part = part.reshape(b, n, 3, cfg.num_heads, head_dim)
+            out = attention.dot_product_attention(part[:, :, 0], part[:, :, 1], part[:, :, 2], impl, shards)
+            outs.append(nn.with_logical_constraint(out.reshape(b, n, d), ("batch", "tokens", "heads")))
+        out = outs[0] if sets is None else crops.concat(outs, n_shards)
         return _dense(d, ("heads", "embed"), cfg.proj_bias, cfg, "proj")(out)
 
 
@@ -217,95 +233,6 @@ class LayerScale(nn.Module):
         return x * gamma.astype(x.dtype)
 
 
-def drop_path_mode(rate: float, mode: str) -> str:
-    """DINOv2 switches to batch-subset stochastic depth when the rate exceeds 0.1."""
-    if mode == "auto":
-        return "subset" if rate > 0.1 else "sample"
-    return mode
-
-
-def batch_shards() -> int:
-    """How many devices split the logical "batch" axis here: the mesh set by `jax.set_mesh` and the flax logical
-    axis rules in force (1 outside a mesh, as in plain `apply`)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return 1
-    axes = next((mapped for name, mapped in nn.get_logical_axis_rules() if name == "batch"), None)
-    if axes is None:
-        return 1
-    axes = (axes,) if isinstance(axes, str) else tuple(axes)
-    return int(math.prod(mesh.shape[a] for a in axes if a in mesh.shape))
-
-
-def group_keys(rng: jax.Array, groups: int, group_ids: jax.Array | None, total_groups: int) -> jax.Array:
-    """One key per group of this call: `split(rng, groups)`, or, for a microbatch holding groups `group_ids` of a
-    batch of `total_groups` groups, those groups' keys of `split(rng, total_groups)`: a group draws the same
-    stochastic depth whichever microbatch carries it (exact gradient accumulation)."""
-    if group_ids is None:
-        return jax.random.split(rng, groups)
-    return jax.random.split(rng, total_groups)[group_ids]
-
-
-def _subset_residual(x: jax.Array, branch: Callable[[jax.Array], jax.Array], rate: float, rng: jax.Array,
-                     groups: int, group_ids: jax.Array | None = None, total_groups: int = 0) -> jax.Array:
-    """Batch-subset stochastic depth drawn per group of the batch (DINOv2 draws per GPU): the batch is viewed as
-    [groups, B / groups], each group keeps its own random subset of max(int(B/groups (1 - rate)), 1) samples. With
-    one group per device (the trainer's default) the gather and scatter-add stay on the device: no activation
-    crosses devices. One group (of one) is a single permutation of the whole batch."""
-    batch = x.shape[0]
-    if batch % groups:
-        raise ValueError(f"batch-subset drop path: batch {batch} does not split into {groups} groups")
-    per_group = batch // groups
-    subset = max(int(per_group * (1.0 - rate)), 1)
-    scale = per_group / subset
-    if groups == 1 and group_ids is None:
-        index = jax.random.permutation(rng, batch)[:subset]
-        residual = branch(nn.with_logical_constraint(x[index], ("batch", "tokens", "embed")))
-        return x.at[index].add(residual * jnp.asarray(scale, residual.dtype))
-    rest = x.shape[1:]
-    shards = batch_shards()
-    # the group axis carries the batch sharding when the groups split evenly over the devices
-    constrain = nn.with_logical_constraint if groups % shards == 0 else (lambda a, _: a)
-    xs = constrain(x.reshape((groups, per_group) + rest), ("batch", None, "tokens", "embed"))
-    keys = group_keys(rng, groups, group_ids, total_groups)
-    index = jax.vmap(lambda k: jax.random.permutation(k, per_group)[:subset])(keys)
-    index = constrain(index, ("batch", None))
-    picked = jax.vmap(lambda xi, ii: xi[ii])(xs, index)  # [groups, subset, ...]: a gather batched over groups
-    picked = constrain(picked.reshape((groups * subset,) + rest), ("batch", "tokens", "embed"))
-    residual = branch(picked).reshape((groups, subset) + rest) * jnp.asarray(scale, x.dtype)
-    residual = constrain(residual, ("batch", None, "tokens", "embed"))
-    out = jax.vmap(lambda xi, ii, ri: xi.at[ii].add(ri))(xs, index, residual.astype(x.dtype))
-    return out.reshape(x.shape)
-
-
-def add_residual(
-    x: jax.Array, branch: Callable[[jax.Array], jax.Array], rate: float, mode: str, rng: jax.Array | None,
-    groups: int = 1, group_ids: jax.Array | None = None, total_groups: int = 0,
-) -> jax.Array:
-    """x + branch(x) with stochastic depth.
-
-    "sample": each sample's branch is kept with p = 1 - rate and rescaled by 1 / p.
-    "subset": the branch is computed only on a random subset of each of `groups` contiguous groups of the batch
-    (max(int(b (1 - rate)), 1) of its b samples) and added back scaled by b / subset, which also saves that share of
-    the compute (DINOv2: per GPU; the training step passes one group per device).
-    `group_ids` (int [groups], with `total_groups`): this batch is a microbatch holding those groups of a batch of
-    `total_groups`; each group draws what it would draw in the whole batch (the step's gradient accumulation).
-    """
-    if rate == 0.0 or rng is None:
-        return x + branch(x)
-    batch = x.shape[0]
-    if drop_path_mode(rate, mode) == "subset":
-        return _subset_residual(x, branch, rate, rng, groups, group_ids, total_groups)
-    keep_prob = 1.0 - rate
-    if group_ids is None:
-        keep = jax.random.bernoulli(rng, keep_prob, (batch,) + (1,) * (x.ndim - 1))
-    else:  # the whole batch's draw (one flat stream of bits, whatever its shape), this microbatch's groups of it
-        per_group = batch // groups
-        keep = jax.random.bernoulli(rng, keep_prob, (total_groups, per_group) + (1,) * (x.ndim - 1))
-        keep = keep[group_ids].reshape((batch,) + (1,) * (x.ndim - 1))
-    return x + branch(x) * (keep.astype(x.dtype) / jnp.asarray(keep_prob, x.dtype))
-
-
 class Block(nn.Module):
     """Pre-norm block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))), each with stochastic depth."""
 
@@ -315,7 +242,9 @@ class Block(nn.Module):
     drop_path_total_groups: int = 0  # with group ids: the groups of the whole batch this microbatch belongs to
 
     @nn.compact
-    def __call__(self, x: jax.Array, group_ids: jax.Array | None = None) -> tuple[jax.Array, None]:
+    def __call__(self, x: jax.Array | tuple[jax.Array, ...], group_ids: jax.Array | None = None):
+        """x: [b, n, d], or a tuple of crop sets [b_i, n_i, d] whose tokens go through the LayerNorms and linear
+        layers as one matrix (set i's drop path draws from rng stream crops.STREAMS[i]). Returns (x, None)."""
         cfg = self.cfg
         norm1, attn = _layer_norm(cfg, "norm1"), Attention(cfg, name="attn")
         norm2, mlp = _layer_norm(cfg, "norm2"), FeedForward(cfg, name="mlp")
@@ -323,24 +252,38 @@ class Block(nn.Module):
             ls1, ls2 = LayerScale(cfg, name="ls1"), LayerScale(cfg, name="ls2")
         else:
             ls1 = ls2 = lambda y: y
+        xs = list(x) if isinstance(x, tuple) else [x]
         rate = cfg.drop_path_rate if self.train else 0.0
-        rngs = (self.make_rng("drop_path"), self.make_rng("drop_path")) if rate > 0.0 else (None, None)
+        streams = crops.STREAMS[: len(xs)]
+        rngs = [[self.make_rng(s), self.make_rng(s)] for s in streams] if rate > 0.0 else None
         groups = (self.drop_path_groups, group_ids, self.drop_path_total_groups)
-        x = add_residual(x, lambda y: ls1(attn(norm1(y))), rate, cfg.drop_path_mode, rngs[0], *groups)
-        x = add_residual(x, lambda y: ls2(mlp(norm2(y))), rate, cfg.drop_path_mode, rngs[1], *groups)
-        return nn.with_logical_constraint(x, ("batch", "tokens", "embed")), None
+
+        def branch(norm, layer, scale):
+            def run(ys):
+                if len(ys) == 1:
+                    return [scale(layer(norm(ys[0]), None))]
+                sets = tuple(y.shape[:2] for y in ys)
+                n_shards = crops.shards(sets)
+                z = nn.with_logical_constraint(crops.concat(ys, n_shards), ("batch", "tokens", "embed"))
+                return crops.split(scale(layer(norm(z), sets)), sets, n_shards)
+            return run
+
+        attn_rngs = None if rngs is None else [r[0] for r in rngs]
+        mlp_rngs = None if rngs is None else [r[1] for r in rngs]
+        xs = add_residuals(xs, branch(norm1, attn, ls1), rate, cfg.drop_path_mode, attn_rngs, *groups)
+        xs = add_residuals(xs, branch(norm2, lambda h, _: mlp(h), ls2), rate, cfg.drop_path_mode, mlp_rngs,
+                           *groups)
+        xs = [nn.with_logical_constraint(y, ("batch", "tokens", "embed")) for y in xs]
+        return (tuple(xs) if isinstance(x, tuple) else xs[0]), None
 
 
 def _block_class(cfg: ViTConfig) -> type[nn.Module]:
-    block = Block
-    if cfg.remat_policy != "none":
-        policy = None if cfg.remat_policy == "full" else getattr(jax.checkpoint_policies, cfg.remat_policy)
-        block = nn.remat(block, policy=policy, prevent_cse=not cfg.scan_layers)
+    block = remat.wrap(Block, cfg.remat_policy, cfg.scan_layers)
     if cfg.scan_layers:
         block = nn.scan(
             block,
             variable_axes={"params": 0},
-            split_rngs={"params": True, "drop_path": True},
+            split_rngs={"params": True} | {stream: True for stream in crops.STREAMS},
             in_axes=nn.broadcast,
             length=cfg.depth,
             metadata_params={nn.PARTITION_NAME: "layers"},
@@ -363,24 +306,24 @@ class VisionTransformer(nn.Module):
     cfg: ViTConfig
 
     @nn.compact
-    def __call__(self, images: jax.Array, masks: jax.Array | None = None, train: bool = False,
+    def __call__(self, images: jax.Array | tuple[jax.Array, ...], masks: Any = None, train: bool = False,
                  drop_path_groups: int = 1, drop_path_group_ids: jax.Array | None = None,
-                 drop_path_total_groups: int = 0) -> dict[str, jax.Array]:
+                 drop_path_total_groups: int = 0) -> dict[str, jax.Array] | list[dict[str, jax.Array]]:
+        """`images` may be a tuple of crop sets (each [B_i, H_i, W_i, C]; `masks` then a tuple of masks or None):
+        one output dict per set, their tokens through each block's linear layers as one matrix (crops.py), set i's
+        stochastic depth drawn from rng stream crops.STREAMS[i] as a forward of that set alone draws from
+        "drop_path"."""
         cfg = self.cfg
-        x = _PatchEmbed(cfg, name="patch_embed")(images)
-        b, n, d = x.shape
-        gh, gw = images.shape[1] // cfg.patch_size, images.shape[2] // cfg.patch_size
+        multi = isinstance(images, tuple)
+        image_sets = images if multi else (images,)
+        mask_sets = (masks if masks is not None else (None,) * len(images)) if multi else (masks,)
+        patch_embed = _PatchEmbed(cfg, name="patch_embed")
+        embedded = [patch_embed(i) for i in image_sets]
+        d = cfg.embed_dim
         if cfg.use_mask_token:
             mask_token = self.param(
                 "mask_token", _partitioned(nn.initializers.zeros_init(), (None, "embed")), (1, d), cfg.param_dtype
             )
-        if masks is not None:
-            if not cfg.use_mask_token:
-                raise ValueError("this encoder has no mask_token (use_mask_token=False) but masks were given")
-            if masks.shape != (b, n):
-                raise ValueError(f"masks must have shape {(b, n)} for this input, got {masks.shape}")
-            x = jnp.where(masks[..., None], mask_token.astype(x.dtype), x)
-
         cls_token = self.param(
             "cls_token", _partitioned(nn.initializers.normal(1e-6), (None, None, "embed")), (1, 1, d), cfg.param_dtype
         )
@@ -390,11 +333,6 @@ class VisionTransformer(nn.Module):
             (1, 1 + cfg.num_patches, d),
             cfg.param_dtype,
         )
-        patch_pos = pos_embed[:, 1:]
-        if needs_resampling(cfg.num_patches, (gh, gw), cfg.pos_embed_rule):
-            patch_pos = resample_patch_pos_embed(patch_pos, (gh, gw), cfg.pos_embed_rule, cfg.pos_embed_offset)
-        x = jnp.concatenate([jnp.broadcast_to(cls_token.astype(x.dtype), (b, 1, d)), x], axis=1)
-        x = x + jnp.concatenate([pos_embed[:, :1], patch_pos], axis=1).astype(x.dtype)
         if cfg.num_register_tokens:
             registers = self.param(
                 "register_tokens",
@@ -402,10 +340,27 @@ class VisionTransformer(nn.Module):
                 (1, cfg.num_register_tokens, d),
                 cfg.param_dtype,
             )
-            registers = jnp.broadcast_to(registers.astype(x.dtype), (b, cfg.num_register_tokens, d))
-            x = jnp.concatenate([x[:, :1], registers, x[:, 1:]], axis=1)
-        x = nn.with_logical_constraint(x, ("batch", "tokens", "embed"))
+        xs = []
+        for x, imgs, m in zip(embedded, image_sets, mask_sets):
+            b, n, _ = x.shape
+            gh, gw = imgs.shape[1] // cfg.patch_size, imgs.shape[2] // cfg.patch_size
+            if m is not None:
+                if not cfg.use_mask_token:
+                    raise ValueError("this encoder has no mask_token (use_mask_token=False) but masks were given")
+                if m.shape != (b, n):
+                    raise ValueError(f"masks must have shape {(b, n)} for this input, got {m.shape}")
+                x = jnp.where(m[..., None], mask_token.astype(x.dtype), x)
+            patch_pos = pos_embed[:, 1:]
+            if needs_resampling(cfg.num_patches, (gh, gw), cfg.pos_embed_rule):
+                patch_pos = resample_patch_pos_embed(patch_pos, (gh, gw), cfg.pos_embed_rule, cfg.pos_embed_offset)
+            x = jnp.concatenate([jnp.broadcast_to(cls_token.astype(x.dtype), (b, 1, d)), x], axis=1)
+            x = x + jnp.concatenate([pos_embed[:, :1], patch_pos], axis=1).astype(x.dtype)
+            if cfg.num_register_tokens:
+                regs = jnp.broadcast_to(registers.astype(x.dtype), (b, cfg.num_register_tokens, d))
+                x = jnp.concatenate([x[:, :1], regs, x[:, 1:]], axis=1)
+            xs.append(nn.with_logical_constraint(x, ("batch", "tokens", "embed")))
 
+        x = tuple(xs) if multi else xs[0]
         block_cls = _block_class(cfg)
         groups = (drop_path_groups, drop_path_total_groups)
         if cfg.scan_layers:
@@ -414,9 +369,12 @@ class VisionTransformer(nn.Module):
             for i in range(cfg.depth):
                 x, _ = block_cls(cfg, train, *groups, name=f"blocks_{i}")(x, drop_path_group_ids)
 
-        x = _layer_norm(cfg, "norm")(x)
-        r = cfg.num_register_tokens
-        return {"cls": x[:, 0], "registers": x[:, 1 : 1 + r], "patch": x[:, 1 + r :], "tokens": x}
+        norm, r = _layer_norm(cfg, "norm"), cfg.num_register_tokens
+        outs = []
+        for y in x if multi else (x,):
+            y = norm(y)
+            outs.append({"cls": y[:, 0], "registers": y[:, 1 : 1 + r], "patch": y[:, 1 + r :], "tokens": y})
+        return outs if multi else outs[0]
 
 
 class _PatchEmbed(nn.Module):

@@ -26,8 +26,9 @@ from gpfm_jax.plan import analysis
 from gpfm_jax.plan.targets import Target
 from gpfm_jax.train.config_schema import TrainConfig, replace_fields
 
-# cheapest first at equal FLOPs: "none" saves everything, "full" saves only the block inputs
-POLICIES = ("none", "dots_saveable", "dots_with_no_batch_dims_saveable", "full")
+# cheapest first at equal FLOPs: "none" saves everything, "dots_and_attention_saveable" every matmul and the
+# attention output, "full" only the block inputs
+POLICIES = ("none", "dots_and_attention_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "full")
 
 
 @dataclasses.dataclass

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from gpfm_jax.models.heads import DINOHead, DistillHeads
+from gpfm_jax.models import crops
 from gpfm_jax.models.vit import ViTConfig, VisionTransformer
 from gpfm_jax.models.teachers import Teacher, teacher_dims
 
@@ -68,3 +69,20 @@ class GPFMModel:
 def ema_subset(student: Mapping[str, Any]) -> dict[str, Any]:
     """The part of the student that the EMA teacher mirrors (the distillation heads are student-only)."""
     return {"backbone": student["backbone"], "dino_head": student["dino_head"]}
+
+
+def student_forward(backbone: VisionTransformer, params: Mapping[str, Any], global_crops: jax.Array,
+                    masks: jax.Array, local_crops: jax.Array, keys: tuple[jax.Array, jax.Array],
+                    drop_path: Mapping[str, Any], concat: bool) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    """The student backbone on the masked global crops and on the local crops (stochastic depth from keys[0] and
+    keys[1]): two forwards, or with `concat` one forward whose blocks run both crop sets' tokens through their
+    linear layers as one matrix (gpfm_jax/models/crops.py); the same outputs and draws either way."""
+    variables = {"params": params}
+    if concat:
+        rngs = dict(zip(crops.STREAMS, keys))
+        s_global, s_local = backbone.apply(variables, (global_crops, local_crops), (masks, None), train=True,
+                                           rngs=rngs, **drop_path)
+        return s_global, s_local
+    s_global = backbone.apply(variables, global_crops, masks, train=True, rngs={"drop_path": keys[0]}, **drop_path)
+    s_local = backbone.apply(variables, local_crops, train=True, rngs={"drop_path": keys[1]}, **drop_path)
+    return s_global, s_local

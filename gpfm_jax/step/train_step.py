@@ -24,7 +24,7 @@ from gpfm_jax.data.normalize import normalize_batch
 from gpfm_jax.models.teachers import split_targets, teacher_targets
 from gpfm_jax.step import microbatch, sharding, signals, xla_options
 from gpfm_jax.step.masked import masked_selection
-from gpfm_jax.step.model import GPFMModel, ema_subset
+from gpfm_jax.step.model import GPFMModel, ema_subset, student_forward
 from gpfm_jax.step.optim import ema_update, grad_norms
 from gpfm_jax.step.schedules import Schedules, schedule_values
 
@@ -59,6 +59,9 @@ class StepConfig:
     # whole (micro)batch into one buffer of max_masked rows
     shard_max_masked: tuple[int, int] = (0, 0)
     loss: losses.LossConfig = losses.LossConfig()
+    # the student's global and local crops through each block's linear layers as one matrix (gpfm_jax/models/crops.py);
+    # set from config.compute.concat_crops (default True there); False here keeps the two forwards as the reference
+    concat_crops: bool = False
 
 
 def init_state(model: GPFMModel, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
@@ -174,10 +177,8 @@ def make_objective(model: GPFMModel, schedules: Schedules, cfg: StepConfig) -> C
         cls_targets, patch_targets = split_targets(targets)
 
         def loss_fn(params):
-            s_global = backbone.apply({"params": params["backbone"]}, global_crops, masks, train=True,
-                                      rngs={"drop_path": key_global}, **drop_path)
-            s_local = backbone.apply({"params": params["backbone"]}, local_crops, train=True,
-                                     rngs={"drop_path": key_local}, **drop_path)
+            s_global, s_local = student_forward(backbone, params["backbone"], global_crops, masks, local_crops,
+                                                (key_global, key_local), drop_path, cfg.concat_crops)
             head = lambda x: dino_head.apply({"params": params["dino_head"]}, x)  # noqa: E731
             dino = losses.dino_loss(
                 _views_first(head(s_global["cls"]), b, n_g), _views_first(dino_probs, b, n_g),

@@ -106,7 +106,8 @@ def step_config(c: TrainConfig, num_devices: int, process_count: int | None = No
     return dataclasses.replace(c.step, n_global=2, n_local=c.data.multicrop.num_local_crops,
                                max_masked=int(c.step.max_masked or total),
                                shard_max_masked=(num_devices, per_device if tight and not c.step.max_masked else 0),
-                               batch_groups=int(c.step.batch_groups or num_devices * k), loss=c.loss)
+                               batch_groups=int(c.step.batch_groups or num_devices * k), loss=c.loss,
+                               concat_crops=bool(c.compute.concat_crops))
 
 
 def masked_bounds(c: TrainConfig, num_devices: int, process_count: int | None = None) -> tuple[int, int]:

@@ -40,7 +40,7 @@ DERIVED: dict[type, tuple[str, ...]] = {
     ViTConfig: ("dtype", "param_dtype", "scan_layers", "remat_policy"),  # from config.compute
     MaskingConfig: ("grid",),  # data.multicrop.global_size // model.vit.patch_size
     # 2, data.multicrop.num_local_crops, config.loss, the per-device masked-token bound
-    StepConfig: ("n_global", "n_local", "loss", "shard_max_masked"),
+    StepConfig: ("n_global", "n_local", "loss", "shard_max_masked", "concat_crops"),  # concat_crops: compute
 }
 
 
@@ -108,7 +108,10 @@ class ComputeConfig:
     teacher_dtype: str = "auto"  # expert teachers' compute dtype ("auto" = dtype)
     teacher_param_dtype: str = "auto"  # expert teachers' stored params ("auto" = teacher compute dtype; frozen)
     scan_layers: bool = False
-    remat_policy: str = "none"
+    remat_policy: str = "none"  # "none", "full", "dots_and_attention_saveable" or a jax.checkpoint_policies name
+    # the student's global + local crops through each block's linear layers as one matrix (models/crops.py): the
+    # same step, FSDP weights gathered once per block instead of once per crop set (docs/plan.md, "Levers")
+    concat_crops: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
