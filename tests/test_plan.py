@@ -398,3 +398,42 @@ def test_accumulation_is_considered_when_only_a_costly_policy_fits():
     assert worth_accumulating(result("dots_saveable", *h100)) == ()
     nothing = [("none", 2.699e15, False), ("full", 3.221e15, False)]
     assert worth_accumulating(result(None, *nothing)) == ("none", "full")
+
+
+def test_accumulation_prefers_fewer_microbatches_within_a_flops_tier(monkeypatch):
+    """The search logic on a memory model instead of compiles: v5p-8's measured shape at 192 images/chip (none
+    132.67 GiB at 96, dots_saveable 81.73 at 96; equal FLOPs; `full` +19%). Policy by policy, `none` would have
+    won with more, smaller microbatches; in its FLOPs tier dots_saveable runs 2 of 96, which is what is answered."""
+    from types import SimpleNamespace
+
+    from gpfm_jax.plan import analysis, search
+
+    gib = 2**30
+    per_sample = {"none": 1.36 * gib, "dots_saveable": 0.84 * gib, "full": 0.15 * gib}  # GiB per image/device
+    flops = {"none": 2.691e15, "dots_saveable": 2.691e15, "full": 3.213e15}
+    limit = int(86.17 * gib)
+    compiled = []
+
+    def plan_point(c, target, per_device, remat, *args):
+        chunk = per_device // c.step.microbatches
+        compiled.append((remat, c.step.microbatches))
+        peak = int(2 * gib + per_sample[remat] * chunk)
+        return SimpleNamespace(memory=SimpleNamespace(peak=peak, fits=peak <= limit, limit=limit), error="",
+                               microbatches=c.step.microbatches, mesh={"fsdp": c.mesh.fsdp},
+                               roofline=SimpleNamespace(img_per_s_per_chip=100.0))
+
+    monkeypatch.setattr(analysis, "plan_point", plan_point)
+    monkeypatch.setattr(analysis, "traced_flops", lambda c, t, b, remat, *a: flops[remat])
+    from gpfm_jax.train.config_schema import TrainConfig, replace_fields
+
+    cfg = replace_fields(TrainConfig(), {"data.global_batch_size": 1536})
+    target = targets.get_target("v5p-8")
+    acc = search.accumulation(cfg, target, policies=("none", "dots_saveable", "full"), devices=[])
+    assert (acc.remat, acc.microbatches, acc.per_device_batch) == ("dots_saveable", 2, 192)
+    assert acc.command.startswith("--config.step.microbatches=2 --config.compute.remat_policy=dots_saveable")
+    # dots_saveable searched first (k = 1, 2), then none only below 2 microbatches; full (another tier) never
+    assert compiled == [("dots_saveable", 1), ("dots_saveable", 2), ("none", 1)]
+    # one policy alone: its own fewest count (in this model none fits at 48/device: 67.3 GiB, not at 96)
+    compiled.clear()
+    alone = search.accumulation(cfg, target, policies=("none",), devices=[])
+    assert alone.microbatches == 4 and compiled == [("none", 1), ("none", 2), ("none", 4)]

@@ -7,12 +7,14 @@ program that does not fit is refused early in the compile). Peak memory is close
 batch that fits is predicted and then confirmed by compiling it (stepping down 5% until it fits). When no policy
 fits the batch, the largest batch is searched for the policy that keeps the least ("full").
 
-`accumulation()` answers "how do I run the config's global batch on this slice": per policy (cheapest first) the
-fewest microbatches (`config.step.microbatches`, exact gradient accumulation) whose chunk fits. Peak memory is
-again close to affine in the chunk size (the state and the gradient accumulator are fixed), so 1 and 2
-microbatches give the line, the predicted count is compiled to confirm (more microbatches while it does not fit).
-Microbatches change no FLOPs, so the roofline's images/s is that of the policy; fewer, larger chunks keep the
-matmuls large (better real MFU), which is why the fewest that fit are chosen.
+`accumulation()` answers "how do I run the config's global batch on this slice": the fewest microbatches
+(`config.step.microbatches`, exact gradient accumulation) whose chunk fits, in the cheapest tier of policies that
+gets there (a tier: policies within ACCUMULATION_SAVING of each other's FLOPs, e.g. none / dots_saveable on TPU,
+equal FLOPs). Peak memory is again close to affine in the chunk size (the state and the gradient accumulator are
+fixed), so 1 and 2 microbatches give the line, the predicted count is compiled to confirm (more microbatches while
+it does not fit). Microbatches change no FLOPs, so the roofline's images/s is that of the policy; fewer, larger
+chunks keep the matmuls large (better real MFU), which is why within a tier the fewest microbatches win (ties: the
+cheaper policy), and not the policy that saves most.
 """
 
 from __future__ import annotations
@@ -67,6 +69,17 @@ def worth_accumulating(result: SearchResult, saving: float = ACCUMULATION_SAVING
     bound = math.inf if chosen is None else chosen.flops_per_step * (1 - saving)
     return tuple(p.remat for p in sorted(result.policies, key=lambda p: p.flops_per_step)
                  if not p.fits_at_batch and p.flops_per_step <= bound)
+
+
+def _tiers(order: list[str], flops: dict[str, float], saving: float = ACCUMULATION_SAVING) -> list[list[str]]:
+    """Policies (cheapest first) grouped so that each group's FLOPs are within `saving` of its cheapest."""
+    tiers: list[list[str]] = []
+    for p in order:
+        if tiers and flops[p] <= flops[tiers[-1][0]] * (1 + saving):
+            tiers[-1].append(p)
+        else:
+            tiers.append([p])
+    return tiers
 
 
 def _affine_max(b1: int, p1: int, b2: int, p2: int, limit: int) -> int:
@@ -176,22 +189,37 @@ def accumulation(cfg: TrainConfig, target: Target, policies=POLICIES, standin_te
             + (f" ({r.error})" if r.error else ""))
         return r
 
-    for remat in order:
-        one = point(remat, 1)
-        found = one if one.memory.fits else None
-        if found is None and len(counts) > 1:
-            two = point(remat, counts[1])
-            found = two if two.memory.fits else None
-            if found is None and one.memory.peak > 0 and two.memory.peak > 0:
-                largest = _affine_max(per_device // counts[1], two.memory.peak, per_device, one.memory.peak,
-                                      two.memory.limit)
-                candidates = [k for k in counts[2:] if per_device // k <= max(largest, 1)]
-                for k in candidates[:3]:  # the predicted count, then up to two more if the line was optimistic
-                    r = point(remat, k)
-                    if r.memory.fits:
-                        found = r
-                        break
-        if found is not None:
+    def fewest(remat: str, most: int) -> analysis.PlanResult | None:
+        """The fewest microbatches (at most `most`) whose chunk fits with this policy, or None."""
+        allowed = [k for k in counts if k <= most]
+        one = point(remat, allowed[0])
+        if one.memory.fits or len(allowed) == 1:
+            return one if one.memory.fits else None
+        two = point(remat, allowed[1])
+        if two.memory.fits:
+            return two
+        if one.memory.peak <= 0 or two.memory.peak <= 0:
+            return None
+        largest = _affine_max(per_device // allowed[1], two.memory.peak, per_device, one.memory.peak,
+                              two.memory.limit)
+        for k in [k for k in allowed[2:] if per_device // k <= max(largest, 1)][:3]:  # predicted, then 2 more
+            r = point(remat, k)
+            if r.memory.fits:
+                return r
+        return None
+
+    for tier in _tiers(order, flops):
+        # within a tier FLOPs differ by under ACCUMULATION_SAVING, so fewer (larger) microbatches win; the most
+        # memory-frugal policy goes first and its count bounds the search of the others
+        best: tuple[str, analysis.PlanResult] | None = None
+        for remat in reversed(tier):
+            most = per_device if best is None else (best[1].microbatches if flops[remat] < flops[best[0]]
+                                                     else best[1].microbatches - 1)
+            found = fewest(remat, most) if most >= 1 else None
+            if found is not None:
+                best = (remat, found)
+        if best is not None:
+            remat, found = best
             k = found.microbatches
             command = (f"--config.step.microbatches={k} --config.compute.remat_policy={remat}"
                        + ("" if cfg.data.shards else f" --config.data.shards={target.chips * k}")
