@@ -140,6 +140,11 @@ def test_slide_source_builds_a_list_once_into_the_cache(tmp_path, monkeypatch):
     b = resolve.slide_source(spec, cache_dir=tmp_path / "cache", workers=1)
     assert b.origin == a.origin
     assert isinstance(resolve.slide_source(a.origin), SlideIndexSource)
+    # a built index serves the tiles it was built with: another tile size or magnification in the config is refused
+    with pytest.raises(ValueError, match=r"tile_size=224 \(config.data.tile_size=256\)"):
+        resolve.slide_source(a.origin, tile_size=256)
+    with pytest.raises(ValueError, match=r"magnification=20.0 \(config.data.magnification=40.0\)"):
+        resolve.slide_source(a.origin, magnification=40)
     assert isinstance(resolve.slide_source(paths[0]), SlideTileSource)  # no cache folder: in memory
     assert resolve.slide_list(str(tmp_path / "s" / "*.svs")) == paths
     with pytest.raises(FileNotFoundError, match="nothing_here"):

@@ -57,6 +57,8 @@ def test_policy_names():
     assert remat.policy(remat.DOTS_AND_ATTENTION) is remat.dots_and_attention_saveable
     with pytest.raises(ValueError, match="remat_policy"):
         ViTConfig(**TINY, remat_policy="dots_savable")
+    with pytest.raises(ValueError, match="remat_policy: unknown remat policy 'save_only_these_names'"):
+        ViTConfig(**TINY, remat_policy="save_only_these_names")  # a policy factory, not a policy
 
 
 def test_flash_attention_forward_is_saved():

@@ -77,7 +77,8 @@ def run_variant(name: str, batch: int, iters: int, warmup: int, devices: list) -
             "img_per_s_per_device": batch / step_s, "executed_flops": roofline.jaxpr_flops(traced.jaxpr),
             "mfu": model_flops / len(devices) / step_s / target.peak_bf16_flops,
             "predicted_peak_bytes": analysis.memory_of(compiled, target, 0.0).peak,
-            "measured_peak_bytes": (d.memory_stats() or {}).get("peak_bytes_in_use"),
+            # the process's high-water mark so far: this variant's own peak only when it is the largest yet
+            "measured_peak_bytes_so_far": (d.memory_stats() or {}).get("peak_bytes_in_use"),
             "loss": float(metrics["loss/total"])}
 
 

@@ -60,7 +60,8 @@ def overrides(tiny: bool, num_devices: int, per_device_batch: int, iters: int, w
     progress bar, one checkpoint at the end."""
     flags = {
         "steps": iters, "data.source": "slides", "data.path": str(SLIDE), "data.worker_count": workers,
-        "data.global_batch_size": per_device_batch * num_devices, "mesh.fsdp": math.gcd(8, num_devices), "mesh.num_devices": num_devices,
+        "data.global_batch_size": per_device_batch * num_devices, "mesh.fsdp": math.gcd(8, num_devices),
+        "mesh.num_devices": num_devices,
         "checkpoint.every": iters, "checkpoint.keep": 1, "checkpoint.keep_period": 0,
         "log.progress": False, "log.tensorboard": False, "log.sanity_every": 0, "probe.enabled": False,
     }
@@ -178,8 +179,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def section(out_dir: Path, args: argparse.Namespace, num_devices: int) -> dict[str, Any]:
     """device_check's train section: random teacher bundles (not with --tiny), the run, its metrics.jsonl copied
     beside the JSON as train_metrics.jsonl. Bundles and checkpoints (GBs) go to --train-dir (default a temp dir)."""
-    tiny, per_device_batch, timeout_s = args.tiny, args.per_device_batch, args.train_timeout
     scratch_dir = Path(args.train_dir or tempfile.mkdtemp(prefix="device_train_"))
+    try:
+        return _section(out_dir, args, num_devices, scratch_dir)
+    finally:
+        if not args.train_dir:  # GBs of random bundles and a ViT-L checkpoint on a device with a small disk
+            shutil.rmtree(scratch_dir, ignore_errors=True)
+
+
+def _section(out_dir: Path, args: argparse.Namespace, num_devices: int, scratch_dir: Path) -> dict[str, Any]:
+    tiny, per_device_batch, timeout_s = args.tiny, args.per_device_batch, args.train_timeout
     iters = args.train_iters or (10 if tiny else 50)
     workers = args.train_workers if args.train_workers is not None else (
         1 if tiny else max(1, (os.cpu_count() or 4) - 2))

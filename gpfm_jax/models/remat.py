@@ -1,7 +1,8 @@
 """Rematerialisation policies for the ViT blocks: what the backward pass keeps from the forward, by name.
 
 "none" keeps everything (fewest FLOPs, most memory), "full" keeps only each block's input (recomputes the whole
-forward), any `jax.checkpoint_policies` name (e.g. "dots_saveable": every matmul output) picks in between, and
+forward), the `jax.checkpoint_policies` predicates (`JAX_POLICIES`, e.g. "dots_saveable": every matmul output)
+pick in between, and
 "dots_and_attention_saveable" is `dots_saveable` plus the attention output. Why the last one: on GPU the attention
 is cuDNN flash attention, a custom call and not a `dot_general`, so `dots_saveable` does not keep it and the
 backward pass runs the attention forward again (its residuals: the output and the softmax statistics). With this
@@ -19,6 +20,10 @@ import jax
 ATTENTION_OUT = "attention_out"  # checkpoint_name of the attention output (before the output projection)
 DOTS_AND_ATTENTION = "dots_and_attention_saveable"
 SPECIAL = ("none", "full", DOTS_AND_ATTENTION)
+# the jax.checkpoint_policies that are policies themselves (the others, e.g. save_only_these_names, are factories
+# that would pass a name check and fail at trace time)
+JAX_POLICIES = ("dots_saveable", "dots_with_no_batch_dims_saveable", "checkpoint_dots",
+                "checkpoint_dots_with_no_batch_dims", "everything_saveable", "nothing_saveable")
 
 _save_attention_name = jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT)
 
@@ -42,11 +47,9 @@ def policy(name: str) -> Callable[..., bool] | None:
         return None
     if name == DOTS_AND_ATTENTION:
         return dots_and_attention_saveable
-    found = getattr(jax.checkpoint_policies, name, None)
-    if found is None or name.startswith("_"):
-        raise ValueError(f"unknown remat policy {name!r}: expected one of {SPECIAL} or a jax.checkpoint_policies "
-                         f"name such as 'dots_saveable'")
-    return found
+    if name not in JAX_POLICIES:
+        raise ValueError(f"unknown remat policy {name!r}: expected one of {SPECIAL + JAX_POLICIES}")
+    return getattr(jax.checkpoint_policies, name)
 
 
 def wrap(block: type[nn.Module], name: str, scan_layers: bool) -> type[nn.Module]:

@@ -72,7 +72,7 @@ class ViTConfig(JsonConfig):
     drop_path_rate: float = 0.0  # uniform over blocks, as GPFM/DINOv2 (drop_path_uniform)
     drop_path_mode: str = "auto"  # "auto": batch-subset above 0.1 (DINOv2's rule), per-sample otherwise
     scan_layers: bool = False
-    remat_policy: str = "none"  # "none", "full", "dots_and_attention_saveable" or a jax.checkpoint_policies name
+    remat_policy: str = "none"  # "none", "full", "dots_and_attention_saveable" or one of remat.JAX_POLICIES
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     # "auto": "loop" on CPU, cuDNN flash attention on GPU in bf16/fp16, "xla" otherwise; "loop", "xla", "cudnn"

@@ -6,7 +6,8 @@ fits, what it communicates, and how fast it could run.
               [--config.<field>=<value> ...]
 
 `--config.<field>=<value>` overrides a config field exactly as gpfm-train takes them (e.g. --config.mesh.fsdp=8).
-Targets: v4-8, v5p-8, v5e-8, v6e-8 (pip install -e ".[tpu]"), h100-8, h100-16, h200-1, h200-8 (pip install -e ".[gpu]"), cpu-8.
+Targets: v4-8, v5p-8, v5e-8, v6e-8 (pip install -e ".[tpu]"), h100-8, h100-16, h200-1, h200-8
+(pip install -e ".[gpu]"), cpu-8.
 See docs/plan.md. Exit status: 0 fits, 3 does not fit (or no policy fits with --search), 2 bad arguments,
 1 compile failure.
 """

@@ -193,7 +193,8 @@ def devices(target: Target) -> list:
     if target.platform == "tpu":
         topo = topologies.get_topology_desc(**kwargs)
     else:
-        topo = topologies.get_topology_desc(platform="cuda", topology_name="", target_config=gpu_target_config(target.gpu_config),
+        topo = topologies.get_topology_desc(platform="cuda", topology_name="",
+                                            target_config=gpu_target_config(target.gpu_config),
                                             **kwargs)
     found = list(topo.devices)
     if len(found) != target.chips:

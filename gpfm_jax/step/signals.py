@@ -83,7 +83,7 @@ def finalize(metrics: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """The metrics with the moments of `batch_moments` replaced by the scalars batch_entropy, prototypes_used and
     cls_spread (same definitions as `target_signals` / `feature_spread`). `_cls_mean` is f32[D] (one batch) or
     f32[k, D] (the step's k microbatches, stacked); `_cls_var` the mean of the k within-microbatch variances."""
-    out = {k: v for k, v in metrics.items() if k[len(PREFIX):] not in _MOMENTS}
+    out = {k: v for k, v in metrics.items() if not (k.startswith(PREFIX) and k[len(PREFIX):] in _MOMENTS)}
     mean = metrics[PREFIX + "_mean_target"]
     h_batch = _entropy(mean)
     out[PREFIX + "batch_entropy"] = h_batch / math.log(mean.shape[-1])

@@ -254,6 +254,9 @@ def validate(cfg: TrainConfig, num_devices: int | None = None, process_count: in
              f"config.data.multicrop.mean/std differ from ImageNet's, which the step applies to uint8 crops: set "
              f"config.data.crop_dtype=float32 to normalise with them on the host")
     _require(d.slide_handles >= 1, f"config.data.slide_handles={d.slide_handles} must be >= 1")
+    _require(d.slide_cache_mb > 0, f"config.data.slide_cache_mb={d.slide_cache_mb} must be > 0 (the shared openslide "
+             "tile cache in MiB)")
+    _require(d.tile_workers >= 0, f"config.data.tile_workers={d.tile_workers} must be >= 0 (0: all cores)")
 
     # schedule / run length / checkpoints / logging / runtime
     schedule = c.schedule
@@ -327,9 +330,12 @@ def make_source(c: TrainConfig, workdir: str | Path | None = None):
         return TfdsSource(d.path, split=d.split, data_dir=d.data_dir or None)
     if d.source == "slides":
         cache = d.cache_dir or (str(Path(workdir) / "slide_cache") if workdir else None)
-        return resolve.slide_source(d.path, tile_size=d.tile_size, magnification=d.magnification,
-                                    min_tissue=d.min_tissue, handles=d.slide_handles, cache_mb=d.slide_cache_mb,
-                                    cache_dir=cache, workers=d.tile_workers)
+        try:
+            return resolve.slide_source(d.path, tile_size=d.tile_size, magnification=d.magnification,
+                                        min_tissue=d.min_tissue, handles=d.slide_handles, cache_mb=d.slide_cache_mb,
+                                        cache_dir=cache, workers=d.tile_workers)
+        except ValueError as err:  # an index built with other tiling: gpfm-train's config error, not a traceback
+            raise ConfigError(f"config.data.path: {err}") from None
     raise ConfigError(f"config.data.source={d.source!r}: expected one of {SOURCES}")
 
 

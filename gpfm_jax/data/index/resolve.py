@@ -85,7 +85,15 @@ def slide_source(spec: str | os.PathLike, *, tile_size: int = 224, magnification
     from gpfm_jax.data.sources import SlideTileSource
 
     if is_index(spec):
-        return SlideIndexSource(spec, handles=handles, cache_mb=cache_mb)
+        source = SlideIndexSource(spec, handles=handles, cache_mb=cache_mb)
+        built = source.index.manifest.get("build", {}).get("params", {})
+        asked = {"tile_size": int(tile_size), "magnification": float(magnification), "min_tissue": float(min_tissue)}
+        differ = {k: (built[k], v) for k, v in asked.items() if k in built and built[k] != v}
+        if differ:  # the index's tiles are what they were built as: never train on other tiles than the config says
+            raise ValueError(f"slides index {spec} was built with " + ", ".join(
+                f"{k}={b} (config.data.{k}={a})" for k, (b, a) in differ.items())
+                + "; set the config to the index's values or build another index")
+        return source
     paths = slide_list(spec)
     if cache_dir is None:
         return SlideTileSource(paths, tile_size, magnification, min_tissue=min_tissue, handles=handles,
