@@ -68,6 +68,16 @@ def _assert_states_equal(a: dict, b: dict):
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
+def _report_line(out: str, prefix: str) -> str:
+    """The report line that starts with `prefix`, from a log where stdout and stderr share one pipe: orbax's and
+    asyncio's threads write multi-KiB tracebacks at the same moment, and a pipe write over PIPE_BUF (4 KiB) can be
+    split by the kernel, so foreign bytes may precede the report on its line (it is written whole, in one write)."""
+    for x in out.splitlines():
+        if prefix in x:
+            return x[x.index(prefix):]
+    raise AssertionError(f"no line with {prefix!r} in the output; its end:\n{out[-3000:]}")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Retention
 
@@ -138,7 +148,7 @@ def test_full_disk_during_a_save_stops_cleanly_and_keeps_earlier_checkpoints(tmp
         state4 = _state(workdir, 4)
     out = result.stdout
     assert result.returncode == 3, out[-3000:]
-    line = next(x for x in out.splitlines() if x.startswith("gpfm-train: checkpoint save of step 6"))
+    line = _report_line(out, "gpfm-train: checkpoint save of step 6")
     assert re.search(r"failed: no space left on the device; [\d.]+ (B|KiB|MiB) free of [\d.]+ (KiB|MiB|GiB)", line)
     assert f"to {workdir / 'checkpoints' / '6'}" in line and "earlier checkpoints intact: steps 2, 4" in line
     assert kept == ["2", "4", "encoder.json"]  # no half-written step 6, no temporary folder
@@ -174,7 +184,7 @@ def test_a_blocked_data_read_is_reported_and_the_run_stops(tmp_path, cache_dir):
     wall = time.perf_counter() - t0
     out = result.stdout
     assert result.returncode == 4, out[-3000:]
-    line = next(x for x in out.splitlines() if x.startswith("gpfm-train: stalled:"))
+    line = _report_line(out, "gpfm-train: stalled:")
     assert re.search(r"stalled: process 0 of 1, iteration 5, phase 'data' has run 3\.\d s, past its deadline "
                      r"config\.deadline\.data_s=3; the last committed checkpoint is step 4 in ", line), line
     assert committed_steps(workdir / "checkpoints") == [2, 4]
@@ -192,7 +202,7 @@ def test_a_hung_step_is_reported_and_the_run_stops(tmp_path, cache_dir):
                      timeout=240)
     wall = time.perf_counter() - t0
     assert result.returncode == 4, result.stdout[-3000:]
-    line = next(x for x in result.stdout.splitlines() if x.startswith("gpfm-train: stalled:"))
+    line = _report_line(result.stdout, "gpfm-train: stalled:")
     assert re.search(r"stalled: process 0 of 1, iteration [34], phase 'step' has run 2\.\d s, past its deadline "
                      r"config\.deadline\.step_s=2; the last committed checkpoint is step 2", line), line
     assert committed_steps(workdir / "checkpoints") == [2]
@@ -279,7 +289,7 @@ def test_a_killed_peer_is_reported_and_the_rerun_resumes_bitwise(tmp_path, cache
     elapsed, out, status = _kill_when(procs, 1, writing)
     assert status == 5, _story(out)
     committed = committed_steps(ckpts)
-    line = next(x for x in out.splitlines() if x.startswith("gpfm-train: lost process 1"))
+    line = _report_line(out, "gpfm-train: lost process 1")
     assert f"the last committed checkpoint is step {committed[-1]} in {ckpts}" in line, (line, committed)
     assert "rerun the same command on every host" in line and elapsed < 15, (elapsed, line)
     assert "ended without a clean exit" not in out  # its own report came first
@@ -292,7 +302,7 @@ def test_a_killed_peer_is_reported_and_the_rerun_resumes_bitwise(tmp_path, cache
     elapsed, out, status = _kill_when(procs, 0, lambda: max(read_metrics(workdir), default=-1) >= past)
     assert status != 0, out[-3000:]
     committed = committed_steps(ckpts)
-    line = next(x for x in out.splitlines() if x.startswith("gpfm-train: process 1 of 2 ended without a clean exit"))
+    line = _report_line(out, "gpfm-train: process 1 of 2 ended without a clean exit")
     assert f"the last committed checkpoint is step {committed[-1]} in {ckpts}" in line and elapsed < 15, (elapsed, line)
     figures.append(f"process 0 (coordinator) at iteration >= {past}: process 1 aborted by JAX (status {status}) "
                    f"after {elapsed:.1f} s, committed {committed}")

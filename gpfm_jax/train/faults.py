@@ -110,8 +110,11 @@ class StopFlag:
 
 
 def report(line: str) -> None:
-    """The one line a failure prints, on stderr (every process: the job log of a pod shows each host's)."""
-    print(f"gpfm-train: {line}", file=sys.stderr, flush=True)
+    """The one line a failure prints, on stderr (every process: the job log of a pod shows each host's). One write
+    call, newline included: print() writes the text and the newline separately, and orbax's threads log tracebacks
+    in between when a save fails."""
+    sys.stderr.write(f"gpfm-train: {line}\n")
+    sys.stderr.flush()
 
 
 def hard_exit(code: int) -> None:
