@@ -96,6 +96,12 @@ def _assert_trees_close(got, want, what: str) -> float:
     return worst
 
 
+@pytest.fixture(scope="module")
+def full_batch(setup):
+    """One full-batch gradient pass (k = 1) on the setup's batch: the reference of several tests, compiled once."""
+    return _grads(setup, 1)[0]
+
+
 def _grads(s, k: int, rate_cfg=None):
     cfg = rate_cfg or s["cfg"]
     step_cfg = _step_cfg(cfg, k)
@@ -114,8 +120,8 @@ def test_microbatch_layout_keeps_every_group_whole():
 
 
 @pytest.mark.parametrize("k", [2, 4])
-def test_k_microbatches_equal_the_full_batch(setup, k):
-    (g1, m1, c1), _ = _grads(setup, 1)
+def test_k_microbatches_equal_the_full_batch(setup, full_batch, k):
+    g1, m1, c1 = full_batch
     (gk, mk, ck), step_cfg = _grads(setup, k)
     assert step_cfg.max_masked < _step_cfg(setup["cfg"], 1).max_masked  # a microbatch's own buffer
     worst = {"metrics": 0.0}
@@ -129,7 +135,7 @@ def test_k_microbatches_equal_the_full_batch(setup, k):
     print(f"k={k}: worst relative difference {worst}")
 
 
-def test_one_accumulated_update_equals_the_full_batch_update(setup):
+def test_one_accumulated_update_equals_the_full_batch_update(setup, full_batch):
     s = setup
     mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
     batch = {n: jnp.asarray(v) for n, v in s["batch"].items()}
@@ -151,7 +157,7 @@ def test_one_accumulated_update_equals_the_full_batch_update(setup):
     _assert_trees_close(without_key_bias((s2.params, s2.teacher, s2.centers)),
                         without_key_bias((s1.params, s1.teacher, s1.centers)), "state")
     _assert_trees_close(without_key_bias(s2.opt_state), without_key_bias(s1.opt_state), "optimizer state")
-    (g, _, _), _ = _grads(s, 1)
+    g = full_batch[0]
     for i in range(s["cfg"].model.vit.depth):
         bias = np.asarray(g["backbone"][f"blocks_{i}"]["attn"]["qkv"]["bias"]).reshape(3, -1)
         assert np.abs(bias[1]).max() < 1e-5 * np.abs(bias[[0, 2]]).max(), i  # noise, not a gradient
