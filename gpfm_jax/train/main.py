@@ -13,7 +13,6 @@ Exit status: 0 done or pre-empted (checkpoint saved), 1 non-finite loss, 2 bad c
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from absl import app, flags
@@ -44,13 +43,13 @@ def main(argv) -> int:
         cfg = parse(FLAGS.config)  # the only parse: train() and everything below take the typed config
         result = train(cfg, FLAGS.workdir)
     except ConfigError as err:
-        print(f"gpfm-train: config error: {err}", file=sys.stderr)
+        faults.report(f"config error: {err}")
         return faults.EXIT_CONFIG
     codes = {"nonfinite": faults.EXIT_NONFINITE, "save_failed": faults.EXIT_SAVE_FAILED,
              "stalled": faults.EXIT_STALLED, "peer_lost": faults.EXIT_PEER_LOST,
              "collapsed": faults.EXIT_COLLAPSED}
     if result.status in ("nonfinite", "collapsed"):
-        print(f"gpfm-train: {result.message}", file=sys.stderr)
+        faults.report(result.message)
     if result.status in ("stalled", "peer_lost"):
         # Threads may still be blocked (a data read, a collective waiting for the dead peer) and the interpreter's
         # exit would wait for them and at jax.distributed's shutdown barrier: leave now, everything is written.
