@@ -63,9 +63,16 @@ def bucket_of(path: PathLike) -> str:
 
 
 def _filesystem(path: PathLike):
-    import fsspec  # epath's own backend for gs:// and s3:// when TensorFlow is absent
+    """The fsspec client epath uses for `path` (one cached instance per scheme)."""
+    from etils.epath import backend
 
-    return fsspec.filesystem(scheme(path))
+    return backend.fsspec_backend.fs(os.fspath(path))
+
+
+def refresh(path: PathLike) -> None:
+    """Forgets the client's cached listings (fsspec keeps them): what another process or host wrote since is seen."""
+    if is_url(path):
+        _filesystem(path).invalidate_cache()
 
 
 def check_reachable(path: PathLike, timeout_s: float = 60.0) -> None:
@@ -79,9 +86,11 @@ def check_reachable(path: PathLike, timeout_s: float = 60.0) -> None:
 
     def ask() -> None:
         try:
-            fs = _filesystem(path)
-            fs.invalidate_cache()
+            import fsspec
+
+            fs = fsspec.filesystem(scheme(path), skip_instance_cache=True)  # the endpoint as configured now
             answer["found"] = fs.exists(bucket)
+            refresh(path)
         except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
             answer["error"] = e
 
@@ -105,18 +114,24 @@ def _first_line(error: BaseException) -> str:
     return text[0][:200] if text else ""
 
 
-def free_bytes(path: PathLike) -> int | None:
-    """Free space on the disk that holds `path` (its nearest existing parent); None for a URL (a bucket has no
-    'disk full' to check ahead of a save)."""
+def disk_usage(path: PathLike) -> tuple[shutil._ntuple_diskusage, str]:
+    """(shutil.disk_usage, the folder measured) for the disk that holds local `path` (its nearest existing
+    parent: the target of a save may not exist yet)."""
     if is_url(path):
-        return None
+        raise ValueError(f"{path}: a bucket has no disk usage")
     probe = os.path.abspath(os.fspath(path))
     while not os.path.exists(probe):
         parent = os.path.dirname(probe)
         if parent == probe:
             break
         probe = parent
-    return shutil.disk_usage(probe).free
+    return shutil.disk_usage(probe), probe
+
+
+def free_bytes(path: PathLike) -> int | None:
+    """Free space on the disk that holds `path`; None for a URL (a bucket has no 'disk full' to check ahead of a
+    save)."""
+    return None if is_url(path) else disk_usage(path)[0].free
 
 
 def write_bytes_atomic(path: PathLike, data: bytes) -> None:

@@ -1,6 +1,8 @@
 """Encoder bundles: a folder with `encoder.json` (architecture, outputs, preprocessing, provenance) and `params/`
 (an orbax checkpoint of the encoder params, unscanned layout). Conversion writes them; training can init from them;
 extraction and the teachers read them — no extra flags needed, the JSON says how to build and feed the model.
+A bundle may live in a bucket (gs://): orbax reads and writes the params there, and `encoder.json` is written last,
+so a bundle whose upload was cut short has no meta and is refused as "not an encoder bundle".
 """
 
 from __future__ import annotations
@@ -8,12 +10,14 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+
+from gpfm_jax import storage
 
 from gpfm_jax.convert.layout import unstack_blocks
 from gpfm_jax.convert.torch_io import CheckpointError
@@ -31,25 +35,32 @@ def preprocessing(input_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpo
     return {"input_size": input_size, "interpolation": interpolation, "mean": list(mean), "std": list(std)}
 
 
-def is_bundle(directory: str | Path) -> bool:
-    return (Path(directory) / META_FILE).is_file()
+def is_bundle(directory: storage.PathLike) -> bool:
+    return (storage.resolve(directory) / META_FILE).is_file()
 
 
-def save_bundle(directory: str | Path, params: dict[str, Any], meta: dict[str, Any]) -> Path:
-    """Writes params + meta into `directory` atomically (a temp folder renamed into place)."""
-    directory = Path(directory).absolute()
+def save_bundle(directory: storage.PathLike, params: dict[str, Any], meta: dict[str, Any]) -> epath.Path:
+    """Writes params + meta into `directory` atomically: locally a temp folder renamed into place; in a bucket
+    (no rename) the params first and `encoder.json` last, which is what makes it a bundle."""
+    directory = storage.resolve(directory)
+    storage.check_reachable(directory)  # a missing bucket: one line, not a client's retries
     if directory.exists() and any(directory.iterdir()):
         raise FileExistsError(f"{directory}: already exists and is not empty")
     for field in ("encoder", "preprocessing"):
         if field not in meta:
             raise ValueError(f"bundle meta lacks the field {field!r}")
+    full_meta = {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, **meta}
+    host_params = jax.tree_util.tree_map(np.asarray, unstack_blocks(params))
+    if storage.is_url(directory):
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(directory / PARAMS_DIR, host_params)
+        storage.write_text_atomic(directory / META_FILE, json.dumps(full_meta, indent=2, sort_keys=True) + "\n")
+        return directory
     tmp = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     try:
-        host_params = jax.tree_util.tree_map(np.asarray, unstack_blocks(params))
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(tmp / PARAMS_DIR, host_params)
-        full_meta = {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, **meta}
         (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2, sort_keys=True) + "\n")
         if directory.exists():
             directory.rmdir()
@@ -60,8 +71,12 @@ def save_bundle(directory: str | Path, params: dict[str, Any], meta: dict[str, A
     return directory
 
 
-def load_meta(directory: str | Path) -> dict[str, Any]:
-    directory = Path(directory)
+def load_meta(directory: storage.PathLike) -> dict[str, Any]:
+    directory = storage.resolve(directory)
+    try:
+        storage.check_reachable(directory)
+    except storage.StorageError as err:
+        raise CheckpointError(str(err)) from None
     meta_path = directory / META_FILE
     if not meta_path.is_file():
         raise CheckpointError(f"{directory}: not an encoder bundle (no {META_FILE})")
@@ -76,9 +91,9 @@ def load_meta(directory: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_bundle(directory: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Returns (params as numpy arrays, unscanned layout; meta)."""
-    directory = Path(directory).absolute()
+def load_bundle(directory: storage.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Returns (params as numpy arrays, unscanned layout; meta). `directory` may be a gs:// URL."""
+    directory = storage.resolve(directory)
     meta = load_meta(directory)
     params_dir = directory / PARAMS_DIR
     if not params_dir.is_dir():

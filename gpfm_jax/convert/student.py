@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 
+from gpfm_jax import storage
 from gpfm_jax.convert import vit_keys
 from gpfm_jax.convert.bundle import load_bundle, load_meta, preprocessing, save_bundle
 from gpfm_jax.convert.layout import unstack_blocks
@@ -63,18 +65,32 @@ def convert_from_pytorch(torch_path: str | Path, out_dir: str | Path, arch: str 
     return meta
 
 
-def is_training_checkpoint(directory: Path) -> bool:
+def is_training_checkpoint(directory: epath.Path) -> bool:
     """A gpfm-train checkpoint folder: encoder.json next to numbered orbax step folders."""
-    return any(p.is_dir() and p.name.isdigit() for p in directory.iterdir()) and (directory / "encoder.json").is_file()
+    return any(p.name.isdigit() and p.is_dir() for p in directory.iterdir()) and (directory / "encoder.json").is_file()
 
 
-def load_student_encoder(checkpoint: str | Path, step: int | None = None) -> tuple[dict, ViTConfig]:
+def checkpoint_folder(path: storage.PathLike) -> epath.Path:
+    """`path` itself, or `<path>/checkpoints` when `path` is a gpfm-train workdir (what users type: runs/demo)."""
+    path = storage.resolve(path)
+    inner = path / "checkpoints"
+    if not (path / "encoder.json").is_file() and (inner / "encoder.json").is_file():
+        return inner
+    return path
+
+
+def load_student_encoder(checkpoint: storage.PathLike, step: int | None = None) -> tuple[dict, ViTConfig]:
     """(unscanned params, config) from an encoder bundle, or from a training checkpoint's EMA teacher backbone.
 
     A training checkpoint is a `gpfm-train` workdir checkpoint folder: `encoder.json` (the student architecture) next
-    to orbax step folders `<step>/state` whose tree holds `teacher/backbone` (what the official release ships).
+    to orbax step folders `<step>/state` whose tree holds `teacher/backbone` (what the official release ships); the
+    workdir itself is accepted too. Any of them may be a gs:// URL.
     """
-    checkpoint = Path(checkpoint)
+    try:
+        storage.check_reachable(checkpoint)
+    except storage.StorageError as err:
+        raise CheckpointError(str(err)) from None
+    checkpoint = checkpoint_folder(checkpoint)
     if not checkpoint.is_dir():
         raise CheckpointError(f"{checkpoint}: no such folder")
     if is_training_checkpoint(checkpoint):
@@ -89,11 +105,11 @@ def load_student_encoder(checkpoint: str | Path, step: int | None = None) -> tup
     return unstack_blocks(params), ViTConfig.from_dict(meta["vit"])
 
 
-def _restore_teacher_backbone(directory: Path, step: int | None) -> dict:
+def _restore_teacher_backbone(directory: epath.Path, step: int | None) -> dict:
     import jax
     import orbax.checkpoint as ocp
 
-    with ocp.CheckpointManager(directory.absolute()) as manager:
+    with ocp.CheckpointManager(directory) as manager:  # all_steps(): finished steps only (commit marker on gs://)
         steps = manager.all_steps()
         if not steps:
             raise CheckpointError(f"{directory}: no finished checkpoint steps")

@@ -11,6 +11,11 @@ and at its root `encoder.json`, the student's bundle meta, so `tools/convert_to_
 
 A latest step that cannot be restored (truncated or missing files) is renamed to `<step>.corrupt-<n>`, a warning
 names it, and the previous step is tried.
+
+The folder may be a bucket URL (gs://): every process writes its own array shards there, so a multi-host run needs
+no shared disk. A bucket has no atomic rename: orbax marks a finished step with `commit_success.txt`, and a step
+folder without it (a save cut short) is never restored or counted (`faults.committed_steps`); orbax removes it when
+the manager opens. s3:// is refused here: orbax-checkpoint does not support it yet (docs/storage.md).
 """
 
 from __future__ import annotations
@@ -19,18 +24,18 @@ import dataclasses
 import errno
 import json
 import logging
-import shutil
 import warnings
-from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import serialization
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, EveryNSteps, LatestN
 
+from gpfm_jax import storage
 from gpfm_jax.train.config_schema import CheckpointConfig, ConfigError
 from gpfm_jax.train.faults import committed_steps
 from gpfm_jax.step.train_step import TrainState
@@ -100,16 +105,16 @@ class DataStateHandler(ocp.CheckpointHandler):
     def save(self, directory, args: "DataStateSave" = None):
         stream = args.stream
         for i, state in stream.get_shard_states().items():
-            (Path(directory) / f"shard_{i}-of-{stream.shard_count}.json").write_text(json.dumps(state))
+            (epath.Path(directory) / f"shard_{i}-of-{stream.shard_count}.json").write_text(json.dumps(state))
 
     def restore(self, directory, args: "DataStateRestore" = None):
         stream = args.stream
         states = {}
         for i in stream.shard_indices:
-            path = Path(directory) / f"shard_{i}-of-{stream.shard_count}.json"
+            path = epath.Path(directory) / f"shard_{i}-of-{stream.shard_count}.json"
             if not path.is_file():
                 other = sorted({p.name.rsplit("-of-", 1)[-1][: -len(".json")]
-                                for p in Path(directory).glob("shard_*-of-*.json")})
+                                for p in epath.Path(directory).glob("shard_*-of-*.json")})
                 if other and other != [str(stream.shard_count)]:
                     raise DataShardsMismatch(
                         f"{directory}: the data position was saved for {'/'.join(other)} data shards, this run has "
@@ -180,16 +185,29 @@ class CheckpointSaveError(RuntimeError):
     """A checkpoint save failed (disk full, I/O error) and config.checkpoint.on_save_error is "stop"."""
 
 
-def disk_report(path: Path) -> str:
-    """'<free> free of <total> on the filesystem of <path>' (the nearest existing parent)."""
-    probe = Path(path)
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
+def disk_report(path: epath.Path) -> str:
+    """'<free> free of <total> on the filesystem of <path>' (the nearest existing parent); for a bucket, says so."""
+    if storage.is_url(path):
+        return f"object storage ({storage.scheme(path)}://: no free-space figure)"
     try:
-        usage = shutil.disk_usage(probe)
+        usage, probe = storage.disk_usage(path)
     except OSError as err:
         return f"free space unknown ({err})"
     return f"{_size(usage.free)} free of {_size(usage.total)} on the filesystem of {probe}"
+
+
+def check_directory(directory: storage.PathLike) -> epath.Path:
+    """The checkpoint folder as an epath.Path, or a ConfigError (one line) before anything is written or compiled:
+    s3:// (orbax cannot commit there yet), a missing bucket, no permission, an endpoint that does not answer."""
+    path = storage.resolve(directory)
+    if storage.scheme(path) == "s3":
+        raise ConfigError(f"{path}: checkpoints on s3:// are not supported: orbax-checkpoint refuses s3:// paths "
+                          "(its S3 support is not released); use gs://, a local or shared disk, or a mounted bucket")
+    try:
+        storage.check_reachable(path)
+    except storage.StorageError as err:
+        raise ConfigError(str(err)) from None
+    return path
 
 
 def _size(n: float) -> str:
@@ -205,8 +223,9 @@ class Checkpointer:
     multiple of `config.keep_period`, restores the newest restorable step (a corrupt one is set aside), and handles a
     failed save per `config.on_save_error`."""
 
-    def __init__(self, directory: str | Path, config: CheckpointConfig, announce: Callable[[str], None] = print):
-        self.directory = Path(directory).absolute()
+    def __init__(self, directory: storage.PathLike, config: CheckpointConfig,
+                 announce: Callable[[str], None] = print):
+        self.directory = check_directory(directory)
         self.config = config
         self.announce = announce
         self._in_flight: int | None = None
@@ -277,10 +296,14 @@ class Checkpointer:
             self.manager.close()
         except Exception:  # noqa: BLE001 - the old manager is broken anyway
             pass
-        self.manager = self._open()
-        good = committed_steps(self.directory)
+        try:
+            self.manager = self._open()
+            good = committed_steps(self.directory)
+            intact = "steps " + ", ".join(map(str, good)) if good else "none"
+        except Exception as list_err:  # noqa: BLE001 - the store itself is gone (a bucket's endpoint)
+            intact = f"cannot be listed now ({str(list_err)[:200]}); none is overwritten or restored unfinished"
         message = (f"checkpoint save of step {step} to {self.directory / str(step)} failed: {reason}; {disk}; "
-                   f"earlier checkpoints intact: {'steps ' + ', '.join(map(str, good)) if good else 'none'}")
+                   f"earlier checkpoints intact: {intact}")
         if self.stop_on_error:
             raise CheckpointSaveError(message + "; stopping (config.checkpoint.on_save_error=stop): free space and "
                                       "rerun the same command to resume from the last checkpoint") from err

@@ -185,7 +185,7 @@ def validate(cfg: TrainConfig, num_devices: int | None = None, process_count: in
         if bundle != STANDIN:
             _require(bool(bundle), f"config.teachers.{name} is empty: set it to an encoder bundle made by "
                      "tools/port_teacher.py (or 'standin' for a tiny random teacher)")
-            _require((Path(bundle) / "encoder.json").is_file(),
+            _require(_has_bundle(f"config.teachers.{name}", bundle),
                      f"config.teachers.{name}={bundle!r}: no encoder bundle there (no encoder.json); make one with "
                      f"tools/port_teacher.py, or set it to 'standin'")
         tp = TEACHERS[name].vit.patch_size
@@ -281,8 +281,20 @@ def validate(cfg: TrainConfig, num_devices: int | None = None, process_count: in
              f"config.deadline.peer_s={c.deadline.peer_s:g} must be below config.runtime.heartbeat_timeout_s={hb} "
              "(JAX aborts the process at its heartbeat timeout, before the run can report which peer was lost)")
     if c.init_from:
-        _require((Path(c.init_from) / "encoder.json").is_file(),
+        _require(_has_bundle("config.init_from", c.init_from),
                  f"config.init_from={c.init_from!r}: not an encoder bundle (no encoder.json)")
+
+
+def _has_bundle(field: str, path: str) -> bool:
+    """Whether an encoder bundle (its encoder.json) is at `path`, a folder or a gs:// URL; a bucket that cannot be
+    reached is a ConfigError naming the field."""
+    from gpfm_jax import storage
+
+    try:
+        storage.check_reachable(path)
+    except storage.StorageError as err:
+        raise ConfigError(f"{field}={path!r}: {err}") from None
+    return (storage.resolve(path) / "encoder.json").is_file()
 
 
 def slide_paths(value: str) -> list[str]:

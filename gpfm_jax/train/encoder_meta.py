@@ -5,12 +5,13 @@ student ViT (its EMA teacher backbone is what `tools/convert_to_pytorch.py` and 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
+from gpfm_jax import storage
 from gpfm_jax.convert.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, META_FILE, load_bundle, preprocessing
 from gpfm_jax.convert.layout import to_layout
 from gpfm_jax.models.vit import COMPUTE_FIELDS, ViTConfig
@@ -26,17 +27,14 @@ def encoder_meta(vit: ViTConfig, source: str = "gpfm-train") -> dict[str, Any]:
             "provenance": {"source": source, "params": "state/teacher/backbone (EMA teacher)"}}
 
 
-def write_encoder_meta(directory: str | Path, vit: ViTConfig) -> Path:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / META_FILE
-    tmp = path.with_name(f".{META_FILE}.tmp")
-    tmp.write_text(json.dumps(encoder_meta(vit), indent=2, sort_keys=True) + "\n")
-    tmp.rename(path)
+def write_encoder_meta(directory: storage.PathLike, vit: ViTConfig) -> epath.Path:
+    """`<directory>/encoder.json`, written whole (a local or a bucket folder)."""
+    path = storage.resolve(directory) / META_FILE
+    storage.write_text_atomic(path, json.dumps(encoder_meta(vit), indent=2, sort_keys=True) + "\n")
     return path
 
 
-def load_init_backbone(bundle: str | Path, vit: ViTConfig, abstract_backbone: Any) -> dict[str, Any]:
+def load_init_backbone(bundle: storage.PathLike, vit: ViTConfig, abstract_backbone: Any) -> dict[str, Any]:
     """Backbone params of an encoder bundle, checked against the student architecture and put in its layout."""
     params, meta = load_bundle(bundle)
     if meta.get("encoder") != "vit":

@@ -23,7 +23,6 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 # Exit statuses of gpfm-train (main.py): 0 finished or stopped by a signal after saving.
@@ -43,20 +42,34 @@ class PeerLost(RuntimeError):
     """Another process of the run is gone; the message is the report line."""
 
 
-def committed_steps(directory: str | Path) -> list[int]:
-    """Finished checkpoints, read off the folder names alone (no orbax call, no collective: safe in a failing run).
-    orbax writes a step under a temporary name and renames it when every process is done."""
-    directory = Path(directory)
+COMMIT_MARKER = "commit_success.txt"  # orbax's mark of a finished step on object storage
+
+
+def committed_steps(directory: str | os.PathLike) -> list[int]:
+    """Finished checkpoints, read off the folder alone (no orbax call, no collective: safe in a failing run).
+    On a disk orbax writes a step under a temporary name and renames it when every process is done: a numbered
+    folder is finished. A bucket has no rename: orbax writes into `<step>/` and adds `commit_success.txt` last, so
+    there a numbered folder without the marker is a save that never finished (killed, store gone) and is no
+    checkpoint."""
+    from gpfm_jax import storage
+
+    directory = storage.resolve(directory)
+    if storage.is_url(directory):
+        storage.check_reachable(directory, timeout_s=20)  # a client says "no folder" when the store is gone
+        storage.refresh(directory)  # listings cached by this process are stale: other hosts write there too
     if not directory.is_dir():
         return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+    steps = [p for p in directory.iterdir() if p.name.isdigit() and p.is_dir()]
+    if storage.is_url(directory):
+        steps = [p for p in steps if (p / COMMIT_MARKER).exists()]
+    return sorted(int(p.name) for p in steps)
 
 
 @dataclasses.dataclass
 class RunContext:
     """The process's current iteration and phase ("setup", "restore", "data", "step", "checkpoint", ...)."""
 
-    checkpoint_dir: Path | None = None
+    checkpoint_dir: Any = None  # an epath.Path: a local folder or a bucket URL
     process_index: int = 0
     process_count: int = 1
     iteration: int = 0
@@ -78,7 +91,11 @@ class RunContext:
     def last_checkpoint(self) -> str:
         if self.checkpoint_dir is None:
             return "no checkpoint folder yet"
-        steps = committed_steps(self.checkpoint_dir)
+        try:
+            steps = committed_steps(self.checkpoint_dir)
+        except Exception as err:  # noqa: BLE001 - a report must not fail: say what is known
+            return (f"the checkpoints in {self.checkpoint_dir} cannot be listed now ({str(err)[:200]}); a rerun "
+                    "resumes from the last committed one")
         if not steps:
             return f"no committed checkpoint in {self.checkpoint_dir} (a rerun starts from scratch)"
         return f"the last committed checkpoint is step {steps[-1]} in {self.checkpoint_dir}"
@@ -140,9 +157,12 @@ for line in sys.stdin:
         sys.exit(0)
     if line.startswith("dir "):
         folder = line[4:]
-steps = sorted(int(n) for n in (os.listdir(folder) if folder and os.path.isdir(folder) else []) if n.isdigit())
-last = (f"the last committed checkpoint is step {steps[-1]} in {folder}" if steps else
-        f"no committed checkpoint in {folder or 'the workdir'} (a rerun starts from scratch)")
+if "://" in folder:  # a bucket: no listing from a dying process's watcher
+    last = f"the checkpoints are in {folder} (committed steps hold commit_success.txt)"
+else:
+    steps = sorted(int(n) for n in (os.listdir(folder) if folder and os.path.isdir(folder) else []) if n.isdigit())
+    last = (f"the last committed checkpoint is step {steps[-1]} in {folder}" if steps else
+            f"no committed checkpoint in {folder or 'the workdir'} (a rerun starts from scratch)")
 sys.stderr.write(f"gpfm-train: {sys.argv[1]} ended without a clean exit (killed, or aborted by JAX's coordination "
                  f"service after losing a peer; 'leader task' in JAX's message above means the coordinator, process "
                  f"0); {last}; rerun the same command on every host to resume from it\n")
@@ -170,7 +190,7 @@ class DeathNotice:
         except (OSError, ValueError):  # the watcher is gone
             pass
 
-    def checkpoint_dir(self, path: Path) -> None:
+    def checkpoint_dir(self, path: Any) -> None:
         self._send(f"dir {path}")
 
     def clean(self) -> None:

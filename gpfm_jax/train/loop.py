@@ -17,12 +17,12 @@ import json
 import logging
 import math
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import numpy as np
 
+from gpfm_jax import storage
 from gpfm_jax.step import sharding
 from gpfm_jax.step.optim import make_optimizer
 from gpfm_jax.step.sanity import make_sanity_fn
@@ -31,12 +31,12 @@ from gpfm_jax.step.train_step import init_state, jit_train_step, make_train_step
 from gpfm_jax.train import checkpoint as ckpt
 from gpfm_jax.train import config as config_lib
 from gpfm_jax.train import collapse, config_schema, encoder_meta, faults, runtime
+from gpfm_jax.train.run_dirs import RunDirs, open_run_dirs
 from gpfm_jax.train.data_stream import DataStream, Prefetcher
 from gpfm_jax.train.metrics_writer import MetricsWriter
 from gpfm_jax.train.step_results import HostFlags, StepOutcome, StepReader
 
 log = logging.getLogger("gpfm_jax.train")
-CHECKPOINT_DIR = "checkpoints"
 FIRST_ITERATIONS = 2  # iterations under deadline.first_step_s (the step and the flags reduction compile)
 
 
@@ -58,7 +58,7 @@ class Run:
     """Everything the loop needs, built from the config (`build`)."""
 
     cfg: config_schema.TrainConfig
-    workdir: Path
+    dirs: RunDirs
     mesh: Any
     model: Any
     schedules: Any
@@ -86,19 +86,20 @@ def initial_state(model, tx, root: jax.Array, shardings: Any, init_from: str = "
     return state
 
 
-def write_config(cfg: config_schema.TrainConfig, workdir: Path, resolved: dict[str, Any]) -> None:
+def write_config(cfg: config_schema.TrainConfig, workdir: storage.PathLike, resolved: dict[str, Any]) -> None:
     text = config_schema.to_configdict(cfg).to_json_best_effort(indent=2, sort_keys=True)
-    (workdir / "config.json").write_text(text + "\n")
-    (workdir / "config_resolved.json").write_text(json.dumps(resolved, indent=2, sort_keys=True, default=str) + "\n")
+    root = storage.resolve(workdir)
+    storage.write_text_atomic(root / "config.json", text + "\n")
+    storage.write_text_atomic(root / "config_resolved.json",
+                              json.dumps(resolved, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def build(cfg: config_schema.TrainConfig, workdir: Path, context: faults.RunContext):
+def build(cfg: config_schema.TrainConfig, dirs: RunDirs, context: faults.RunContext):
     """Validates the config, builds model/data/optimizer/step and restores (or initialises) the state.
     Returns (run, state, start_step)."""
     devices = config_lib.mesh_devices(cfg)
     config_lib.validate(cfg, num_devices=len(devices))
     primary = jax.process_index() == 0
-    workdir.mkdir(parents=True, exist_ok=True)  # every process: harmless on a shared filesystem
 
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, devices=devices)
     model, expert_params = config_lib.build_model(cfg)
@@ -120,24 +121,26 @@ def build(cfg: config_schema.TrainConfig, workdir: Path, context: faults.RunCont
         "peak_lr": peak_lr(cfg.schedule, global_batch_size),
         "param_count": int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(abstract_params))),
     }
-    ckpt_dir = workdir / CHECKPOINT_DIR
+    ckpt_dir = dirs.checkpoints
     context.checkpoint_dir = ckpt_dir
     if (notice := faults.death_notice()) is not None:
         notice.checkpoint_dir(ckpt_dir)
     if primary:
-        write_config(cfg, workdir, resolved)
+        write_config(cfg, dirs.workdir, resolved)
         encoder_meta.write_encoder_meta(ckpt_dir, model.vit)
 
     # data: this process feeds shards [p * S/P, (p + 1) * S/P)
     shard_count = config_lib.num_shards(cfg)
     per_process = shard_count // jax.process_count()
     first = jax.process_index() * per_process
-    source = config_lib.make_source(cfg, workdir)
+    source = config_lib.make_source(cfg, dirs.local)
     stream = DataStream(source, config_lib.pipeline_config(cfg), list(range(first, first + per_process)),
                         shard_count)
 
-    writer = MetricsWriter(workdir, primary=primary, total_steps=end_step, batch_size=global_batch_size,
+    writer = MetricsWriter(dirs.local, primary=primary, total_steps=end_step, batch_size=global_batch_size,
                            tb_every=cfg.log.every, tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
+    if dirs.where() and primary:
+        writer.message(f"gpfm-train: {dirs.where()}")
     checkpointer = ckpt.Checkpointer(ckpt_dir, cfg.checkpoint, announce=writer.message)
     context.enter("restore", 0, cfg.deadline.checkpoint_s, "checkpoint_s")
     state, restored_step = checkpointer.restore_latest(ckpt.with_shardings(abstract_state, shardings), stream)
@@ -154,7 +157,7 @@ def build(cfg: config_schema.TrainConfig, workdir: Path, context: faults.RunCont
     sanity_fn = make_sanity_fn(model, schedules, step_cfg.loss.student_temp, mesh) if cfg.log.sanity_every else None
     writer.start(start)
     writer.message(f"gpfm-train: {origin}; iterations {start} -> {end_step}; {len(devices)} devices "
-                   f"{dict(mesh.shape)} on {jax.process_count()} process(es); workdir {workdir}")
+                   f"{dict(mesh.shape)} on {jax.process_count()} process(es); workdir {dirs.workdir}")
     def start_backbone():
         """Where this run's backbone began: the init (same seed, same init_state) or the init_from bundle."""
         if cfg.init_from:
@@ -162,14 +165,16 @@ def build(cfg: config_schema.TrainConfig, workdir: Path, context: faults.RunCont
                                                                   abstract_state.params["backbone"]))
         return jax.device_get(jax.jit(lambda k: init_state(model, tx, k).params["backbone"])(root))
 
-    run = Run(cfg, workdir, mesh, model, schedules, step_fn, sanity_fn, experts, stream, checkpointer, writer,
+    run = Run(cfg, dirs, mesh, model, schedules, step_fn, sanity_fn, experts, stream, checkpointer, writer,
               context, end_step, start_backbone)
     return run, state, start
 
 
-def train(cfg: config_schema.TrainConfig, workdir: str | Path) -> RunResult:
+def train(cfg: config_schema.TrainConfig, workdir: storage.PathLike, scratch: storage.PathLike | None = None
+          ) -> RunResult:
     """The run for a typed config (`config_schema.parse(config_dict)`: gpfm-train parses its --config once, at the
-    command line, and everything below takes the TrainConfig or its parts)."""
+    command line, and everything below takes the TrainConfig or its parts). `workdir` may be a gs:// URL; `scratch`
+    is then the local folder for logs and caches (train/run_dirs.py)."""
     t_start = time.perf_counter()
     if not isinstance(cfg, config_schema.TrainConfig):
         raise TypeError(f"train() takes a TrainConfig (config_schema.parse(config_dict)), got {type(cfg).__name__}")
@@ -179,7 +184,8 @@ def train(cfg: config_schema.TrainConfig, workdir: str | Path) -> RunResult:
     context.enter("setup", 0, d.first_step_s, "first_step_s")
     watchdog = faults.Watchdog(context, d.poll_s, d.grace_s, runtime.heartbeat(), d.peer_s)
     try:
-        run, state, start = build(cfg, Path(workdir).absolute(), context)
+        dirs = open_run_dirs(workdir, scratch, jax.process_index())  # a bad bucket: one line, nothing compiled
+        run, state, start = build(cfg, dirs, context)
         result = RunResult("done", start, start)
         try:
             if start >= run.end_step:
@@ -225,7 +231,7 @@ def run_end_probe(run: Run, state: Any) -> dict[str, float] | None:
     run.context.enter("probe", run.end_step, cfg.deadline.checkpoint_s, "checkpoint_s")
     tiles = probe.probe_tiles(config_lib.slide_paths(cfg.data.path), cfg.data.multicrop.global_size,
                               cfg.data.magnification, cfg.probe.max_tiles, cfg.data.min_tissue,
-                              cfg.data.cache_dir or str(run.workdir / "slide_cache"))
+                              cfg.data.cache_dir or str(run.dirs.slide_cache))
     results = probe.run_probe(cfg.probe, run.model.backbone, jax.device_get(state.teacher["backbone"]),
                               run.start_backbone(), tiles, cfg.data.multicrop)
     run.writer.write_scalars(run.end_step - 1, results, kind="probe")
@@ -235,12 +241,14 @@ def run_end_probe(run: Run, state: Any) -> dict[str, float] | None:
 def _close(run: Run, result: RunResult) -> None:
     """Writers always; the checkpointer waits for an async save in flight unless a peer is gone (it would wait for
     that peer at orbax's barrier; the watchdog's grace period bounds the other cases)."""
+    hung_save = result.status == "stalled" and run.context.phase == "checkpoint"  # waiting again would hang again
     try:
-        if result.status not in ("peer_lost", "save_failed"):
+        if result.status not in ("peer_lost", "save_failed") and not hung_save:
             run.context.enter("checkpoint", result.end_step, run.cfg.deadline.checkpoint_s, "checkpoint_s")
             run.checkpointer.close()
     finally:
         run.writer.close()
+        run.dirs.sync()
 
 
 def _wait(get: Callable[[float], Any], watchdog: faults.Watchdog, poll_s: float) -> Any:
@@ -295,7 +303,9 @@ def _iterate(run: Run, state: Any, start: int, watchdog: faults.Watchdog, result
                 if progress.status is not None:
                     break
                 ctx.enter("checkpoint", step, d.checkpoint_s, "checkpoint_s")
-                run.checkpointer.save(step, state, position, force=progress.stop_requested or step == run.end_step)
+                if run.checkpointer.save(step, state, position,
+                                         force=progress.stop_requested or step == run.end_step):
+                    run.dirs.sync()  # a URL workdir: the logs so far, next to the checkpoint
                 if progress.stop_requested:
                     run.checkpointer.wait()
                     progress.stopped(step, run.checkpointer.directory)
@@ -401,7 +411,7 @@ class _Progress:
             if action == "stop" and self.collapse_verdict is None:
                 self.collapse_verdict, self.stop_requested = verdict, True
 
-    def stopped(self, step: int, directory: Path) -> None:
+    def stopped(self, step: int, directory: Any) -> None:
         """A requested stop has saved iteration `step`: a signal (pre-emption) or a collapse verdict."""
         if self.collapse_verdict is not None:
             v = self.collapse_verdict

@@ -25,7 +25,10 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     "config", str(_DEFAULT_CONFIG), "Training config file (a Python file with get_config()); override fields with "
     "--config.<field>=<value>.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics.jsonl, TensorBoard events, the config.")
+flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics.jsonl, TensorBoard events, the config. A "
+                    "gs:// URL keeps them in a bucket (multi-host runs without a shared disk; docs/storage.md).")
+flags.DEFINE_string("scratch", None, "With a gs:// --workdir: the local folder for metrics.jsonl, TensorBoard and "
+                    "the slide cache before they are copied to the bucket (default: $GPFM_SCRATCH or the temp folder).")
 
 
 def main(argv) -> int:
@@ -41,7 +44,7 @@ def main(argv) -> int:
 
     try:
         cfg = parse(FLAGS.config)  # the only parse: train() and everything below take the typed config
-        result = train(cfg, FLAGS.workdir)
+        result = train(cfg, FLAGS.workdir, FLAGS.scratch)
     except ConfigError as err:
         faults.report(f"config error: {err}")
         return faults.EXIT_CONFIG

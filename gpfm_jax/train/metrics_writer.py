@@ -134,8 +134,10 @@ def _json_float(v: Any) -> float:
 
 def read_metrics(workdir: str | Path) -> dict[int, dict[str, Any]]:
     """Per-iteration rows of a run's JSONL log; a resumed run's re-done iterations replace the earlier rows."""
+    from gpfm_jax import storage
+
     rows: dict[int, dict[str, Any]] = {}
-    path = Path(workdir) / METRICS_FILE
+    path = storage.resolve(workdir) / METRICS_FILE  # a local run folder or a gs:// workdir
     if not path.exists():
         return rows
     for line in path.read_text().splitlines():

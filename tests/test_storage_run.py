@@ -1,0 +1,207 @@
+"""gpfm-train with its workdir in a bucket (the GCS emulator of tests/emulators.py): checkpoints, config and logs
+land there; two processes with no shared folder checkpoint there and resume bitwise after a SIGKILL; a save cut
+short by the store going away is reported on one line and never restored; s3:// checkpoints and missing buckets are
+refused on one line before anything compiles; the checkpoint's consumers (PyTorch export, init_from, encoder
+loading) read it from the bucket."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from emulators import free_port
+from helpers_train import FAST_COMPILE, REPO, run_cli
+from gpfm_jax import storage
+from gpfm_jax.train.faults import COMMIT_MARKER, EXIT_CONFIG, EXIT_SAVE_FAILED, EXIT_STALLED, committed_steps
+from gpfm_jax.train.metrics_writer import read_metrics
+
+
+@pytest.fixture(scope="module")
+def xla_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("xla_cache_storage")
+
+
+def _cli(workdir, *overrides, cache, scratch=None, **kw):
+    extra = ["--scratch", str(scratch)] if scratch else []
+    return run_cli(workdir, f"--config.runtime.compile_cache_dir={cache}", *extra, *overrides, **kw)
+
+
+def _ok(result):
+    assert result.returncode == 0, result.stdout[-4000:]
+    return result.stdout
+
+
+def _raw_state(checkpoints, step: int) -> dict:
+    with ocp.CheckpointManager(storage.resolve(checkpoints)) as manager:
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(fallback_sharding=one)))
+    return jax.tree_util.tree_map(np.array, restored["state"])
+
+
+def _assert_trees_equal(a, b):
+    fa, ta = jax.tree_util.tree_flatten_with_path(a)
+    fb, tb = jax.tree_util.tree_flatten_with_path(b)
+    assert ta == tb
+    for (path, x), (_, y) in zip(fa, fb):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.fixture(scope="module")
+def bucket_run(gcs, xla_cache, tmp_path_factory):
+    """The tiny config to 4 iterations with --workdir gs://runs/one (checkpoints every 2)."""
+    url = gcs.bucket("runs") + "/one"
+    out = _ok(_cli(url, "--config.steps=4", cache=xla_cache, scratch=tmp_path_factory.mktemp("scratch_one")))
+    return url, out
+
+
+def test_a_run_in_a_bucket_keeps_checkpoints_config_and_logs_there(gcs, bucket_run, xla_cache, tmp_path):
+    url, out = bucket_run
+    assert f"checkpoints and config in {url}" in out and "done: iterations 0 -> 4" in out
+    assert committed_steps(f"{url}/checkpoints") == [2, 4]
+    for name in ("config.json", "config_resolved.json", "metrics.jsonl", "checkpoints/encoder.json"):
+        assert storage.resolve(f"{url}/{name}").exists(), name
+    assert sorted(read_metrics(url)) == [0, 1, 2, 3]
+    assert list(storage.resolve(f"{url}/tensorboard").iterdir())
+    # A rerun elsewhere (a fresh scratch folder) to 6 iterations: restores step 4 from the bucket and the one log
+    # goes on (fetched from the bucket first).
+    out = _ok(_cli(url, "--config.steps=6", cache=xla_cache, scratch=tmp_path / "elsewhere"))
+    assert f"restored step 4 from {url}/checkpoints" in out
+    assert sorted(read_metrics(url)) == list(range(6))
+    assert committed_steps(f"{url}/checkpoints") == [2, 4, 6]
+
+
+def test_an_unfinished_step_in_the_bucket_is_never_restored(gcs, bucket_run, xla_cache, tmp_path):
+    """A numbered step folder without orbax's commit marker (a save cut short on gs://) is not a checkpoint: not
+    counted, not restored; the run resumes from the last committed step."""
+    url, _ = bucket_run
+    copy = gcs.bucket("runs") + "/unfinished"
+    storage.copy_tree(url, copy)
+    *_, previous, last = committed_steps(f"{url}/checkpoints")  # [2, 4] (or [2, 4, 6] after the test above)
+    unfinished = storage.resolve(f"{copy}/checkpoints/{last}")
+    (unfinished / COMMIT_MARKER).unlink()
+    assert unfinished.is_dir() and committed_steps(f"{copy}/checkpoints")[-1] == previous
+    out = _ok(_cli(copy, f"--config.steps={last}", cache=xla_cache, scratch=tmp_path / "s"))
+    assert f"restored step {previous} from {copy}/checkpoints" in out
+    assert committed_steps(f"{copy}/checkpoints")[-2:] == [previous, last]
+    _assert_trees_equal(_raw_state(f"{copy}/checkpoints", last), _raw_state(f"{url}/checkpoints", last))
+
+
+def test_bad_bucket_urls_are_one_line_before_anything_compiles(gcs, xla_cache, tmp_path):
+    missing = _cli("gs://no-such-bucket/run", cache=xla_cache, scratch=tmp_path / "a", timeout=120)
+    assert missing.returncode == EXIT_CONFIG, missing.stdout[-3000:]
+    assert re.search(r"^gpfm-train: config error: gs://no-such-bucket/run/checkpoints: bucket 'no-such-bucket' "
+                     r"does not exist", missing.stdout, re.M), missing.stdout[-3000:]
+    assert "Traceback" not in missing.stdout and "initialised" not in missing.stdout
+
+
+def test_s3_checkpoints_are_refused_on_one_line_and_nothing_is_written(s3, xla_cache, tmp_path):
+    bucket = s3.bucket("s3runs")
+    result = _cli(f"{bucket}/run", cache=xla_cache, scratch=tmp_path / "a", timeout=120)
+    assert result.returncode == EXIT_CONFIG, result.stdout[-3000:]
+    assert "checkpoints on s3:// are not supported: orbax-checkpoint refuses s3://" in result.stdout
+    assert "Traceback" not in result.stdout
+    import s3fs
+
+    assert s3fs.S3FileSystem(skip_instance_cache=True).find("s3runs") == []  # no half-written folder
+
+
+def _two_processes(url: str, steps: int, cache, scratch_root, sleep: float = 0.0):
+    """Two processes (4 CPU devices each, gloo), each with its own local scratch folder (GPFM_SCRATCH) and no other
+    folder in common: the checkpoints are in the bucket."""
+    port = free_port()
+    procs = []
+    for i in (0, 1):
+        env = dict(os.environ, XLA_FLAGS=FAST_COMPILE, TF_CPP_MIN_LOG_LEVEL="2",
+                   GPFM_SCRATCH=str(scratch_root / f"host{i}"))
+        procs.append(subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "helpers_train.py"), url, str(steps), "mesh.fsdp=4",
+             "checkpoint.every=1", f"runtime.step_sleep_s={sleep}", "deadline.peer_s=10",
+             "runtime.cpu_devices=4", "runtime.cpu_collectives=gloo", f"runtime.coordinator_address=127.0.0.1:{port}",
+             "runtime.num_processes=2", f"runtime.process_id={i}", f"runtime.compile_cache_dir={cache}"],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def _finish(procs, timeout=400):
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return outs
+
+
+def test_two_hosts_without_a_shared_disk_resume_bitwise_after_a_sigkill(gcs, xla_cache, tmp_path):
+    """Two processes, each with only its own scratch folder, checkpoints in the bucket: an uninterrupted run to 4
+    iterations; a second run whose process 1 is SIGKILLed once step 2 is committed, then both restarted: the
+    resumed run's step 4 equals the uninterrupted one bitwise."""
+    bucket = gcs.bucket("pods")
+    procs = _two_processes(f"{bucket}/reference", 4, xla_cache, tmp_path / "ref")
+    outs = _finish(procs)
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert committed_steps(f"{bucket}/reference/checkpoints")[-1] == 4
+
+    url = f"{bucket}/killed"
+    procs = _two_processes(url, 4, xla_cache, tmp_path / "run", sleep=1.0)
+    marker = gcs.path(f"{url}/checkpoints/2/{COMMIT_MARKER}")
+    deadline = time.time() + 300
+    while not marker.exists():
+        assert all(p.poll() is None for p in procs), _finish(procs, 5)
+        assert time.time() < deadline, "step 2 never committed"
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGKILL)
+    outs = _finish(procs, 120)
+    assert procs[1].returncode == -signal.SIGKILL and procs[0].returncode != 0, outs[0][-3000:]
+    assert 4 not in committed_steps(f"{url}/checkpoints")
+
+    procs = _two_processes(url, 4, xla_cache, tmp_path / "rerun")
+    outs = _finish(procs)
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert re.search(r"restored step [23] from", outs[0]), outs[0][-3000:]
+    data = sorted(p.name for p in storage.resolve(f"{url}/checkpoints/4/data").iterdir())
+    assert data == ["shard_0-of-2.json", "shard_1-of-2.json"]  # each host wrote its own data position there
+    _assert_trees_equal(_raw_state(f"{url}/checkpoints", 4), _raw_state(f"{bucket}/reference/checkpoints", 4))
+
+
+def test_the_store_going_away_mid_save_is_one_line_and_the_rerun_resumes(gcs, xla_cache, tmp_path):
+    """The emulator is stopped while step 4 is being written (its first object is in the bucket, the commit marker
+    is not): gpfm-train says on one line which step and URL failed, exits non-zero, step 2 stays committed, and
+    after the store is back the rerun resumes from step 2 and never restores the unfinished step 4."""
+    url = gcs.bucket("flaky") + "/run"
+    proc = _cli(url, "--config.steps=6", "--config.runtime.step_sleep_s=0.5", "--config.deadline.checkpoint_s=30",
+                cache=xla_cache, scratch=tmp_path / "s", wait=False)
+    step4 = gcs.path(f"{url}/checkpoints/4")
+    deadline = time.time() + 300
+    try:
+        while not step4.exists():
+            assert proc.poll() is None, proc.stdout.read()[-4000:]
+            assert time.time() < deadline, "step 4 never started"
+            time.sleep(0.01)
+        gcs.stop()
+        out = proc.communicate(timeout=240)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        gcs.start()
+    assert proc.returncode in (EXIT_SAVE_FAILED, EXIT_STALLED), out[-4000:]
+    reports = [line for line in out.splitlines() if line.startswith("gpfm-train: ") and
+               ("checkpoint save of step 4" in line or "phase 'checkpoint'" in line)]
+    assert len(reports) == 1, out[-4000:]
+    assert f"{url}/checkpoints" in reports[0] and ("step 4" in reports[0] or "iteration 4" in reports[0])
+    assert "Traceback" not in out.split(reports[0])[1]
+    assert committed_steps(f"{url}/checkpoints")[:1] == [2] and 4 not in committed_steps(f"{url}/checkpoints")
+    out = _ok(_cli(url, "--config.steps=6", cache=xla_cache, scratch=tmp_path / "s"))
+    assert f"restored step 2 from {url}/checkpoints" in out
+    assert committed_steps(f"{url}/checkpoints")[-1] == 6
