@@ -242,6 +242,7 @@ class Checkpointer:
         self.manager = self._open()
 
     def _open(self) -> ocp.CheckpointManager:
+        storage.refresh(self.directory)  # a bucket: what the other hosts wrote since this process last listed
         return ocp.CheckpointManager(self.directory, options=self.options,
                                      item_handlers={STATE: ocp.StandardCheckpointHandler(), DATA: DataStateHandler()})
 

@@ -320,8 +320,12 @@ def _iterate(run: Run, state: Any, start: int, watchdog: faults.Watchdog, result
         result.status = "stalled" if isinstance(err, faults.Stalled) else "peer_lost"
         result.message, result.end_step = str(err), progress.last_good
     except ckpt.CheckpointSaveError as err:
-        result.status, result.message, result.end_step = "save_failed", str(err), progress.last_good
-        faults.report(result.message)
+        if watchdog.expired is not None:  # the save outlived its deadline first: that report stands, once
+            result.status, result.message = "stalled", str(watchdog.expired)
+        else:
+            result.status, result.message = "save_failed", str(err)
+            faults.report(result.message)
+        result.end_step = progress.last_good
     except Exception as err:  # noqa: BLE001 - a collective failing because a peer died: say which, if known
         lost = _peer_loss_behind(err, watchdog, d)
         if lost is None:
