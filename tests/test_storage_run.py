@@ -18,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from conftest import require
 from emulators import free_port
 from helpers_train import FAST_COMPILE, REPO, run_cli
 from gpfm_jax import storage
@@ -207,3 +208,51 @@ def test_the_store_going_away_mid_save_is_one_line_and_the_rerun_resumes(gcs, xl
     out = _ok(_cli(url, "--config.steps=6", cache=xla_cache, scratch=tmp_path / "s"))
     assert f"restored step 2 from {url}/checkpoints" in out
     assert committed_steps(f"{url}/checkpoints")[-1] == 6
+
+
+def test_the_checkpoint_consumers_read_from_the_bucket(gcs, bucket_run, tmp_path):
+    """PyTorch export from the bucket's checkpoint folder (and from the workdir URL itself) equals the export of a
+    local copy; a bundle saved to gs:// loads back exactly (encoders.load_encoder: gpfm-extract, gpfm-bench, the
+    teachers) and is accepted as config.init_from / a teacher bundle; a bundle cut short (no encoder.json) is not."""
+    torch = require("torch")
+    from tools.convert_to_pytorch import main as to_pytorch
+    from gpfm_jax.convert.bundle import load_bundle, save_bundle
+    from gpfm_jax.encoders import load_encoder
+    from gpfm_jax.train import config as config_lib
+    from gpfm_jax.train import encoder_meta
+    from helpers_train import tiny
+
+    url, _ = bucket_run
+    local = tmp_path / "local"
+    storage.copy_tree(url, local)
+    outs = {}
+    for name, source in (("bucket", f"{url}/checkpoints"), ("workdir", url), ("local", str(local / "checkpoints"))):
+        out = tmp_path / f"{name}.pth"
+        assert to_pytorch(["--checkpoint", source, "--step", "4", "--format", "timm", "--out", str(out)]) == 0
+        outs[name] = torch.load(out, weights_only=True)
+    for name in ("bucket", "workdir"):
+        assert outs[name].keys() == outs["local"].keys()
+        for key, value in outs["local"].items():
+            assert torch.equal(outs[name][key], value), (name, key)
+
+    backbone = _raw_state(f"{url}/checkpoints", 4)["teacher"]["backbone"]
+    cfg = tiny(one_device=True)
+    model, _ = config_lib.build_model(cfg)
+    meta = {k: v for k, v in encoder_meta.encoder_meta(model.vit).items() if k not in ("format", "version")}
+    bundle = gcs.bucket("bundles") + "/student"
+    save_bundle(bundle, backbone, meta)
+    params, _ = load_bundle(bundle)
+    _assert_trees_equal(params, backbone)
+    _, loaded, _ = load_encoder(bundle)
+    _assert_trees_equal(loaded, backbone)
+    assert config_lib._has_bundle("config.init_from", bundle)
+    abstract = jax.eval_shape(model.init_student, jax.random.key(0))["backbone"]
+    _assert_trees_equal(encoder_meta.load_init_backbone(bundle, model.vit, abstract), backbone)
+    storage.resolve(f"{bundle}/encoder.json").unlink()  # as if the upload had stopped before its last object
+    assert not config_lib._has_bundle("config.init_from", bundle)
+    from gpfm_jax.convert.torch_io import CheckpointError
+
+    with pytest.raises(CheckpointError, match="not an encoder bundle"):
+        load_bundle(bundle)
+    with pytest.raises(Exception, match="config.teachers.uni=.*no-such-bucket.*does not exist"):
+        config_lib._has_bundle("config.teachers.uni", "gs://no-such-bucket/uni")
