@@ -139,6 +139,9 @@ def pack(index_dir: str | os.PathLike, out: storage.PathLike, *, shard_mb: float
     t0 = time.time()
     start = sum(s["records"] for s in done)
     limit = int(shard_mb * 1e6)
+    if not storage.is_url(out):  # a killed pack's half-written shard (a URL output's is in the system's temp folder)
+        for stale in out_path.glob(".gpfm-pack-*"):
+            shutil.rmtree(os.fspath(stale), ignore_errors=True)
     scratch = tempfile.mkdtemp(prefix=".gpfm-pack-", dir=None if storage.is_url(out) else os.fspath(out_path))
     from array_record.python.array_record_module import ArrayRecordWriter
 
