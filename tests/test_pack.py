@@ -2,6 +2,9 @@
 bitwise-equal batches to reading the files (local and from the GCS emulator), resume after a SIGKILL to the same
 result, are checked by `verify`; the reader opens nothing it does not read and bounds its open shards."""
 
+import contextlib
+import dataclasses
+import io
 import json
 import os
 import pickle
@@ -16,6 +19,7 @@ import pytest
 
 from gpfm_jax import storage
 from gpfm_jax.data import MaskingConfig, MultiCropConfig, PipelineConfig, make_iterator
+from gpfm_jax.data.index import cli
 from gpfm_jax.data.index import (PackedSource, SlideIndexSource, TileIndexSource, build_from_folder,
                                  build_from_slides, pack, packed, resolve)
 from gpfm_jax.data.testing import SLIDE, cut_tiles, write_bad_files
@@ -25,9 +29,12 @@ SMALL = PipelineConfig(global_batch_size=4, seed=5, multicrop=MultiCropConfig(gl
                        num_local_crops=2), masking=MaskingConfig(grid=(2, 2)))
 
 
-def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gpfm_jax.data.index", *args], capture_output=True, text=True,
-                          cwd=REPO, timeout=timeout)
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    """gpfm-index in this process (the killed pack below is a real subprocess)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(list(args))
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def _batches(source, n: int = 4) -> list[dict]:
@@ -220,3 +227,19 @@ def test_bad_arguments_are_one_line(index, tmp_path, gcs):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no-such-bucket-here" in r.stderr
     with pytest.raises(ValueError, match="no packed index there"):
         resolve.tile_source(gcs.bucket("empty") + "/nothing")
+
+
+def test_gpfm_train_reads_a_packed_folder_as_its_index(local_pack, gcs, index):
+    """data.source=index with data.path = a packed folder, local or gs://: validated and opened as PackedSource."""
+    from gpfm_jax.train import config as config_lib
+    from gpfm_jax.train.config_schema import TrainConfig
+
+    base = TrainConfig()
+    url = gcs.bucket("train-data") + "/tiles"
+    pack.pack(index, url, shard_records=10)
+    for path in (str(local_pack), url):
+        c = dataclasses.replace(base, teachers={t: "standin" for t in ("uni", "phikon", "conch")},
+                                data=dataclasses.replace(base.data, source="index", path=path))
+        config_lib.validate(c, num_devices=1)
+        src = config_lib.make_source(c)
+        assert isinstance(src, PackedSource) and len(src) == 29 and src.folder == path

@@ -277,6 +277,9 @@ PNG_1PX = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010802000
                         "91320d0003ba01c3b58cca860000000049454e44ae426082")
 
 
+PACK_RATE_TILES = 20_000  # real 512x512 JPEGs packed to measure the packing rate
+
+
 def make_packed(out: Path, n: int, per_shard: int = 16384) -> dict:
     """A packed folder of n identical one-pixel PNG records (the layout of gpfm-index pack; no hashes, no index
     copy: only the reader is measured)."""
@@ -302,8 +305,8 @@ def make_packed(out: Path, n: int, per_shard: int = 16384) -> dict:
             "write_s": round(time.perf_counter() - t0, 1)}
 
 
-def child_packed_open(folder: str, index_storage: str = "auto") -> dict:
-    """Open time, the first read, random reads/s (bytes only) and this process's RSS after 20k reads."""
+def child_packed_open(folder: str, index_storage: str = "auto", reads: str = "20000") -> dict:
+    """Open time, the first read, random reads/s (bytes only) and this process's RSS after `reads` reads."""
     from gpfm_jax.data.index import PackedSource
 
     rss0 = _status(os.getpid())["VmRSS"]
@@ -313,7 +316,7 @@ def child_packed_open(folder: str, index_storage: str = "auto") -> dict:
     t0 = time.perf_counter()
     src.read_bytes(len(src) - 1)
     first_s = time.perf_counter() - t0
-    idx = np.random.default_rng(0).integers(0, len(src), 20000)
+    idx = np.random.default_rng(0).integers(0, len(src), int(reads))
     t0, c0 = time.perf_counter(), time.process_time()
     for i in idx:
         src.read_bytes(int(i))
@@ -350,9 +353,24 @@ def child_read_rates(files_index: str, local: str, url: str) -> dict:
 
 
 def bench_packed(sizes: list[int], tmp: Path, small_index: Path) -> dict:
-    from gpfm_jax.data.index import pack
+    from gpfm_jax import storage
+    from gpfm_jax.data.index import TileIndexSource, pack
 
     out: dict = {}
+    real_index = tmp / "pack_rate" / "index"
+    _child("_build", str(make_json(tmp / "pack_rate", PACK_RATE_TILES, tmp / "real_tiles")), str(real_index))
+    files = TileIndexSource(real_index)
+    tile_bytes = sum(os.path.getsize(files.path(i)) for i in range(len(files)))
+    t0 = time.perf_counter()
+    rate_pack = Path(pack.pack(real_index, tmp / "pack_rate" / "packed", workers=8))
+    wall = time.perf_counter() - t0
+    m = json.loads((rate_pack / "manifest.json").read_text())
+    mb = sum(s["bytes"] for s in m["shards"]) / 1e6
+    out["pack_rate"] = {"tiles": PACK_RATE_TILES, "s": round(wall, 1), "tiles_per_s": round(PACK_RATE_TILES / wall),
+                        "mb_per_s": round(mb / wall, 1), "shards": len(m["shards"]), "mb": round(mb, 1),
+                        "overhead_bytes_per_record": round((mb * 1e6 - tile_bytes) / PACK_RATE_TILES, 1)}
+    print(f"[packed] pack rate: {out['pack_rate']}", flush=True)
+    shutil.rmtree(tmp / "pack_rate", ignore_errors=True)
     packed_1k = Path(pack.pack(small_index, tmp / "packed_1k_real"))
     url = ""
     try:
@@ -361,6 +379,14 @@ def bench_packed(sizes: list[int], tmp: Path, small_index: Path) -> dict:
 
         gcs = GCS(tmp / "gcs").start()
         url = pack.pack(small_index, gcs.bucket("bench") + "/packed_1k")
+        synth = tmp / "synth_4_shards"
+        make_packed(synth, 4 * 16384)
+        storage.copy_tree(synth, f"{gcs.bucket('bench')}/synth")
+        for mode in ("in_memory", "offloaded"):  # full 16,384-record shards: the per-read footer cost
+            out[f"gcs_emulator_4x16384_tiny_{mode}"] = _child("_packed_open", "gs://bench/synth", mode, "300")
+            out[f"local_4x16384_tiny_{mode}"] = _child("_packed_open", str(synth), mode, "3000")
+        print("[packed] 4 x 16384 tiny records: " + ", ".join(f"{k}: {v['reads_per_s']}/s" for k, v in out.items()
+                                                               if k.endswith(("in_memory", "offloaded"))), flush=True)
     except Exception as e:  # noqa: BLE001 - the emulator is optional here; say so in the results
         out["gcs_emulator"] = f"not measured: {type(e).__name__}: {e}"
         gcs = None
@@ -409,8 +435,8 @@ def main() -> None:
         _child("_build", str(make_json(small, 1000, real)), str(small / "index"))
         for s in filter(None, args.sizes.split(",")):
             results[s] = bench_size(_parse_size(s), tmp, real, small / "index")
-        if args.packed:
-            results["packed"] = bench_packed([_parse_size(x) for x in args.packed.split(",") if x],
+        if args.packed:  # "--packed real": only the real-tile figures
+            results["packed"] = bench_packed([_parse_size(x) for x in args.packed.split(",") if x not in ("", "real")],
                                              tmp, small / "index")
         if args.slides:
             results["slides"] = bench_slides(args.slides, args.handles, tmp)
