@@ -104,6 +104,11 @@ def test_packed_in_gcs_bucket_reads_the_same_batches_and_verify_names_a_damaged_
     source = resolve.tile_source(url)
     assert isinstance(source, PackedSource) and source.folder == url
     _assert_same_batches(_batches(source, 2), _batches(TileIndexSource(index), 2))
+    it = make_iterator(source, dataclasses.replace(SMALL, worker_count=1))  # a spawned grain worker reads gs://
+    try:
+        _assert_same_batches([next(it) for _ in range(2)], _batches(TileIndexSource(index), 2))
+    finally:
+        it.close() if hasattr(it, "close") else None
     clone = pickle.loads(pickle.dumps(source))  # what a grain worker receives
     assert clone.num_open() == 0 and clone.read_bytes(28) == source.read_bytes(28)
 
