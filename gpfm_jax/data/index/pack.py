@@ -158,10 +158,14 @@ def pack(index_dir: str | os.PathLike, out: storage.PathLike, *, shard_mb: float
                 writer.close()
                 writer = None
                 name = SHARD_NAME.format(len(done))
-                storage.upload_file(local, out_path / name)
-                done.append({"file": name, "records": records, "bytes": os.path.getsize(local),
-                             "sha256": _file_sha256(local), "empty_records": empty})
-                os.unlink(local)
+                entry = {"file": name, "records": records, "bytes": os.path.getsize(local),
+                         "sha256": _file_sha256(local), "empty_records": empty}
+                if storage.is_url(out):
+                    storage.upload_file(local, out_path / name)
+                    os.unlink(local)
+                else:  # the scratch folder is inside the output folder: a rename
+                    os.replace(local, os.fspath(out_path / name))
+                done.append(entry)
                 storage.write_text_atomic(progress_file, json.dumps({"key": key, "shards": done}) + "\n")
                 report(f"shard {len(done) - 1}: {i + 1:,} of {index.num_tiles:,} tiles ({time.time() - t0:.0f} s)")
     finally:
