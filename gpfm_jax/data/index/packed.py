@@ -13,7 +13,8 @@ Why per-shard readers and not one `grain.sources.ArrayRecordDataSource`: at the 
 array_record's default in-memory index keeps ~8 bytes per record of every shard it has opened (~1.5 GB per grain
 worker once a shuffled epoch has touched them all). With `index_storage_option:offloaded` a reader keeps ~5.5 KB,
 but grain's source keeps every reader it ever opened (one file descriptor each) and reads one record through
-`read([i])`, which goes through array_record's thread pool. Here readers are opened lazily from the manifest's
+`read([i])`, whose cost grows with the records per shard (0.048 ms at 16k records, 0.37 ms at 60k; seek + read:
+0.003-0.03 ms). Here readers are opened lazily from the manifest's
 record counts (nothing is opened to learn a length), at most `max_open` stay open (LRU), and a record is read with
 `seek(i); read()`. Offloaded readers cost a footer read per record that grows with the records per shard (measured:
 0.04 ms at 4k records, 2.1 ms at 60k, local page cache): `gpfm-index pack --shard-records` keeps shards short. Small
