@@ -248,3 +248,16 @@ def test_gpfm_train_reads_a_packed_folder_as_its_index(local_pack, gcs, index):
         config_lib.validate(c, num_devices=1)
         src = config_lib.make_source(c)
         assert isinstance(src, PackedSource) and len(src) == 29 and src.folder == path
+
+
+def test_open_shards_stay_under_the_file_descriptor_limit():
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+        assert packed.default_max_open() == 256
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(20000, hard), hard))
+        assert packed.default_max_open() == min(1024, min(20000, hard) // 4)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -80,6 +80,15 @@ def check_readable(folder: storage.PathLike) -> None:
             f"folder to a local disk (e.g. `aws s3 sync {folder} DIR`) and set data.path=DIR")
 
 
+def default_max_open() -> int:
+    """1,024 open shards, or a quarter of this process's file-descriptor limit where that is lower (a common soft
+    limit is 1,024, shared with everything else a grain worker opens)."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return 1024 if soft == resource.RLIM_INFINITY else max(16, min(1024, soft // 4))
+
+
 def _reader(path: str, options: str):
     from array_record.python.array_record_module import ArrayRecordReader
 
@@ -91,12 +100,12 @@ class PackedSource:
     """The tiles of a packed folder: {"image": uint8 [H, W, 3], "path": "<folder>/<shard>#<position>"}, decoded by
     the same `decode_image` as the file sources, so the pipeline's batches are bit-identical to reading the files.
 
-    index_storage: "in_memory" | "offloaded" | "auto" (in memory up to IN_MEMORY_MAX_RECORDS records). Pickles as
-    its folder and manifest: a grain worker opens its own readers.
+    index_storage: "in_memory" | "offloaded" | "auto" (in memory up to IN_MEMORY_MAX_RECORDS records); max_open: the
+    readers kept open (default_max_open). Pickles as its folder and manifest: a grain worker opens its own readers.
     """
 
     def __init__(self, folder: storage.PathLike, manifest: dict[str, Any] | None = None, *,
-                 index_storage: str = "auto", max_open: int = 1024):
+                 index_storage: str = "auto", max_open: int | None = None):
         check_readable(folder)
         self.folder = str(storage.resolve(folder))
         self.manifest = manifest if manifest is not None else read_manifest(self.folder)
@@ -110,7 +119,7 @@ class PackedSource:
         self.index_storage = index_storage
         self._options = ("index_storage_option:offloaded,footer_prefetch_bytes:0" if index_storage == "offloaded"
                          else "")
-        self.max_open = int(max_open)
+        self.max_open = int(max_open) if max_open is not None else default_max_open()
         self._reset()
 
     def _reset(self) -> None:
