@@ -182,6 +182,10 @@ def test_a_killed_pack_resumes_at_the_first_unfinished_shard(index, local_pack, 
     assert got_m == want_m
     r = _cli("pack", str(index), "--out", str(out), "--shard-records", "5")
     assert r.returncode == 2 and "already holds a packed index" in r.stderr
+    r = _cli("pack", str(index), "--out", str(out), "--shard-records", "10", "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.glob("shard-*")) == [f"shard-{k:05d}.array_record" for k in range(3)]
+    _assert_same_batches(_batches(PackedSource(out), 2), _batches(PackedSource(local_pack), 2))
 
 
 def test_reader_opens_only_the_shards_it_reads_and_bounds_them(local_pack):

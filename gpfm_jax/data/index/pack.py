@@ -170,6 +170,10 @@ def pack(index_dir: str | os.PathLike, out: storage.PathLike, *, shard_mb: float
                 report(f"shard {len(done) - 1}: {i + 1:,} of {index.num_tiles:,} tiles ({time.time() - t0:.0f} s)")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    names = {s["file"] for s in done}
+    for old in out_path.glob("shard-*.array_record"):  # an overwritten pack's extra shards
+        if old.name not in names:
+            old.unlink()
     index_copy = out_path / "index"
     if index_copy.exists():
         storage.resolve(index_copy).rmtree() if storage.is_url(out) else shutil.rmtree(os.fspath(index_copy))
