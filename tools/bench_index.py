@@ -16,6 +16,14 @@ slide (what one handle per slide meant before); tiles/s per core, peak open file
     python tools/bench_index.py --sizes 1M,20M [--tmp DIR] [--keep]
     python tools/bench_index.py --sizes 190M --tmp /big/tmp
     python tools/bench_index.py --slides 1000 --handles 64
+
+Packed (--packed 20M,190M): a synthetic packed folder of N one-pixel PNG records (69 bytes: the reader's memory,
+not the image size, is what is measured) in shards of 16,384 records, then in fresh processes: open time, random
+reads/s, and the RSS of the trainer and of 2 grain workers after a few batches, next to a 1k-record pack. Always (with
+--packed): records/s (read + decode, one thread) from the 1k real 512x512 JPEGs as files, as local shards and as
+shards in the GCS emulator (tests/emulators.py; needs the test extra), and bytes-only reads/s.
+
+    python tools/bench_index.py --packed 20M,190M --tmp /big/tmp
 """
 
 from __future__ import annotations
@@ -157,7 +165,12 @@ def child_pipeline(index: str, kind: str) -> dict:
     from gpfm_jax.data.index import TileIndexSource
     from gpfm_jax.data.sources import IndexSource
 
-    src = TileIndexSource(index) if kind == "index" else IndexSource(index, max_bytes=None)
+    if kind == "packed":
+        from gpfm_jax.data.index import PackedSource
+
+        src = PackedSource(index)
+    else:
+        src = TileIndexSource(index) if kind == "index" else IndexSource(index, max_bytes=None)
     cfg = PipelineConfig(global_batch_size=8, worker_count=2, worker_buffer_size=1, read_threads=1,
                          multicrop=MultiCropConfig(global_size=112, local_size=56, num_local_crops=4),
                          masking=MaskingConfig(grid=(8, 8)))
@@ -259,11 +272,155 @@ def child_slides(index: str, handles: str, cache_mb: str) -> dict:
             "peak_rss_mb": _peak_rss_mb()}
 
 
+# PIL's Image.new("RGB", (1, 1), (200, 100, 150)) as PNG
+PNG_1PX = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010802000000907753de0000000c49444154789c6338"
+                        "91320d0003ba01c3b58cca860000000049454e44ae426082")
+
+
+PACK_RATE_TILES = 20_000  # real 512x512 JPEGs packed to measure the packing rate
+
+
+def make_packed(out: Path, n: int, per_shard: int = 16384) -> dict:
+    """A packed folder of n identical one-pixel PNG records (the layout of gpfm-index pack; no hashes, no index
+    copy: only the reader is measured)."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    from gpfm_jax.data.index import pack, packed
+
+    out.mkdir(parents=True, exist_ok=True)
+    shards, t0 = [], time.perf_counter()
+    for k, start in enumerate(range(0, n, per_shard)):
+        name, count = pack.SHARD_NAME.format(k), min(per_shard, n - start)
+        if not (out / name).exists():
+            w = ArrayRecordWriter(str(out / f"{name}.tmp"), pack.WRITER_OPTIONS)
+            for _ in range(count):
+                w.write(PNG_1PX)
+            w.close()
+            os.replace(out / f"{name}.tmp", out / name)
+        shards.append({"file": name, "records": count, "bytes": (out / name).stat().st_size, "sha256": ""})
+    (out / packed.MANIFEST).write_text(json.dumps({
+        "format": packed.FORMAT, "version": packed.VERSION, "num_records": n, "encoding": "png", "empty_records": 0,
+        "source": {"kind": "synthetic"}, "build": {}, "shards": shards}))
+    return {"records": n, "shards": len(shards), "gb": round(sum(s["bytes"] for s in shards) / 1e9, 2),
+            "write_s": round(time.perf_counter() - t0, 1)}
+
+
+def child_packed_open(folder: str, index_storage: str = "auto", reads: str = "20000") -> dict:
+    """Open time, the first read, random reads/s (bytes only) and this process's RSS after `reads` reads."""
+    from gpfm_jax.data.index import PackedSource
+
+    rss0 = _status(os.getpid())["VmRSS"]
+    t0 = time.perf_counter()
+    src = PackedSource(folder, index_storage=index_storage)
+    open_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    src.read_bytes(len(src) - 1)
+    first_s = time.perf_counter() - t0
+    idx = np.random.default_rng(0).integers(0, len(src), int(reads))
+    t0, c0 = time.perf_counter(), time.process_time()
+    for i in idx:
+        src.read_bytes(int(i))
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"open_ms": round(open_s * 1e3, 2), "first_read_ms": round(first_s * 1e3, 2),
+            "reads_per_s": round(len(idx) / wall), "reads_per_cpu_s": round(len(idx) / cpu),
+            "index_storage": src.index_storage, "open_readers": src.num_open(), "rss_before_mb": rss0,
+            "rss_after_mb": _status(os.getpid())["VmRSS"]}
+
+
+def child_read_rates(files_index: str, local: str, url: str) -> dict:
+    """records/s (read + decode) and bytes-only reads/s, one thread, the same random tiles from each."""
+    from gpfm_jax.data.index import PackedSource, TileIndexSource
+
+    files = TileIndexSource(files_index)
+    sources = {"files": files, "local_shards": PackedSource(local)}
+    if url:
+        sources["gcs_emulator_shards"] = PackedSource(url)
+    idx = [int(i) for i in np.random.default_rng(1).integers(0, len(files), 300)]
+    out = {}
+    for name, src in sources.items():
+        read = (lambda i: open(files.path(i), "rb").read()) if name == "files" else src.read_bytes
+        for i in idx[:20]:
+            src[i]  # warm-up: readers opened, caches filled
+        t0 = time.perf_counter()
+        for i in idx:
+            read(i)
+        t1 = time.perf_counter()
+        for i in idx:
+            src[i]
+        t2 = time.perf_counter()
+        out[name] = {"bytes_reads_per_s": round(len(idx) / (t1 - t0)), "records_per_s": round(len(idx) / (t2 - t1), 1)}
+    return out
+
+
+def bench_packed(sizes: list[int], tmp: Path, small_index: Path) -> dict:
+    from gpfm_jax import storage
+    from gpfm_jax.data.index import TileIndexSource, pack
+
+    out: dict = {}
+    real_index = tmp / "pack_rate" / "index"
+    _child("_build", str(make_json(tmp / "pack_rate", PACK_RATE_TILES, tmp / "real_tiles")), str(real_index))
+    files = TileIndexSource(real_index)
+    tile_bytes = sum(os.path.getsize(files.path(i)) for i in range(len(files)))
+    t0 = time.perf_counter()
+    rate_pack = Path(pack.pack(real_index, tmp / "pack_rate" / "packed", workers=8))
+    wall = time.perf_counter() - t0
+    m = json.loads((rate_pack / "manifest.json").read_text())
+    mb = sum(s["bytes"] for s in m["shards"]) / 1e6
+    out["pack_rate"] = {"tiles": PACK_RATE_TILES, "s": round(wall, 1), "tiles_per_s": round(PACK_RATE_TILES / wall),
+                        "mb_per_s": round(mb / wall, 1), "shards": len(m["shards"]), "mb": round(mb, 1),
+                        "overhead_bytes_per_record": round((mb * 1e6 - tile_bytes) / PACK_RATE_TILES, 1)}
+    print(f"[packed] pack rate: {out['pack_rate']}", flush=True)
+    shutil.rmtree(tmp / "pack_rate", ignore_errors=True)
+    packed_1k = Path(pack.pack(small_index, tmp / "packed_1k_real"))
+    url = ""
+    try:
+        sys.path.insert(0, str(REPO / "tests"))
+        from emulators import GCS
+
+        gcs = GCS(tmp / "gcs").start()
+        url = pack.pack(small_index, gcs.bucket("bench") + "/packed_1k")
+        synth = tmp / "synth_4_shards"
+        make_packed(synth, 4 * 16384)
+        storage.copy_tree(synth, f"{gcs.bucket('bench')}/synth")
+        for mode in ("in_memory", "offloaded"):  # full 16,384-record shards: the per-read footer cost
+            out[f"gcs_emulator_4x16384_tiny_{mode}"] = _child("_packed_open", "gs://bench/synth", mode, "300")
+            out[f"local_4x16384_tiny_{mode}"] = _child("_packed_open", str(synth), mode, "3000")
+        print("[packed] 4 x 16384 tiny records: " + ", ".join(f"{k}: {v['reads_per_s']}/s" for k, v in out.items()
+                                                               if k.endswith(("in_memory", "offloaded"))), flush=True)
+    except Exception as e:  # noqa: BLE001 - the emulator is optional here; say so in the results
+        out["gcs_emulator"] = f"not measured: {type(e).__name__}: {e}"
+        gcs = None
+    try:
+        out["read_rates_1k_real_tiles"] = _child("_rates", str(small_index), str(packed_1k), url)
+        print(f"[packed] read rates: {out['read_rates_1k_real_tiles']}", flush=True)
+    finally:
+        if gcs is not None:
+            gcs.stop()
+    synth_1k = tmp / "packed_1k_synthetic"
+    make_packed(synth_1k, 1000)
+    out["pipeline_1k"] = _child("_pipeline", str(synth_1k), "packed")
+    print(f"[packed 1k] pipeline: {out['pipeline_1k']}", flush=True)
+    for n in sizes:
+        label = f"{n / 1e6:g}M"
+        row = {"made": make_packed(tmp / f"packed_{label}", n)}
+        print(f"[packed {label}] written: {row['made']}", flush=True)
+        row["open"] = _child("_packed_open", str(tmp / f"packed_{label}"))
+        print(f"[packed {label}] open: {row['open']}", flush=True)
+        if n <= 20_000_000:  # what the default in-memory index would cost
+            row["open_in_memory_index"] = _child("_packed_open", str(tmp / f"packed_{label}"), "in_memory")
+            print(f"[packed {label}] open, in-memory index: {row['open_in_memory_index']}", flush=True)
+        row["pipeline"] = _child("_pipeline", str(tmp / f"packed_{label}"), "packed")
+        print(f"[packed {label}] pipeline: {row['pipeline']} vs 1k: {out['pipeline_1k']}", flush=True)
+        out[label] = row
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="", help="comma-separated tile counts, e.g. 1M,20M,190M")
     ap.add_argument("--slides", type=int, default=0, help="slide copies for the handle-LRU read benchmark")
     ap.add_argument("--handles", type=int, default=64)
+    ap.add_argument("--packed", default="", help="comma-separated record counts for the packed benchmark")
     ap.add_argument("--tmp", type=Path, help="scratch folder (default: a temporary one; 190M needs ~12 GB)")
     ap.add_argument("--keep", action="store_true", help="keep the generated JSON and indexes")
     ap.add_argument("--json-out", type=Path, help="also write the results here")
@@ -278,6 +435,9 @@ def main() -> None:
         _child("_build", str(make_json(small, 1000, real)), str(small / "index"))
         for s in filter(None, args.sizes.split(",")):
             results[s] = bench_size(_parse_size(s), tmp, real, small / "index")
+        if args.packed:  # "--packed real": only the real-tile figures
+            results["packed"] = bench_packed([_parse_size(x) for x in args.packed.split(",") if x not in ("", "real")],
+                                             tmp, small / "index")
         if args.slides:
             results["slides"] = bench_slides(args.slides, args.handles, tmp)
     finally:
@@ -292,7 +452,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1].startswith("_"):
-        fn = {"_build": child_build, "_open": child_open, "_pipeline": child_pipeline, "_slides": child_slides}
+        fn = {"_build": child_build, "_open": child_open, "_pipeline": child_pipeline, "_slides": child_slides,
+              "_packed_open": child_packed_open, "_rates": child_read_rates}
         print(json.dumps(fn[sys.argv[1]](*sys.argv[2:])))
     else:
         main()

@@ -13,7 +13,7 @@ _EXPORTS = {
                                "make_iterator", "set_state"),
     "gpfm_jax.data.sources": ("BadImageError", "FolderSource", "IndexSource", "RobustSource", "SlideTileSource",
                               "TfdsSource", "decode_image"),
-    "gpfm_jax.data.index": ("SlideIndexSource", "TileIndex", "TileIndexSource"),
+    "gpfm_jax.data.index": ("PackedSource", "SlideIndexSource", "TileIndex", "TileIndexSource"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = list(_WHERE)

@@ -3,8 +3,9 @@
     gpfm-index build --json INDEX.json [--root DIR] --out DIR        the official {slide_dir: [file, ...]} index
     gpfm-index build --folder DIR --out DIR                          every image file under DIR
     gpfm-index build --slides LIST|GLOB --out DIR [--tile-size 224 --magnification 20 --min-tissue 0.5 --workers N]
-    gpfm-index info DIR
-    gpfm-index verify DIR [--sample N] [--no-hashes]
+    gpfm-index pack INDEX --out DIR|gs://BUCKET/DIR [--shard-mb 256 --shard-records 16384 --workers 8]
+    gpfm-index info DIR                                              (a packed folder too)
+    gpfm-index verify DIR [--sample N] [--no-hashes]                 (a packed folder: counts and hashes per shard)
 
 Exit status: 0 ok, 1 verify found problems, 2 bad arguments or input (the message names the file).
 """
@@ -19,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from gpfm_jax.data.index import packed
 from gpfm_jax.data.index.store import IndexFormatError, TileIndex
+from gpfm_jax.storage import StorageError
 
 
 def _say(msg: str) -> None:
@@ -52,6 +55,27 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pack(args: argparse.Namespace) -> int:
+    from gpfm_jax.data.index import pack
+
+    t0 = time.time()
+    out = pack.pack(args.index, args.out, shard_mb=args.shard_mb, shard_records=args.shard_records,
+                    workers=args.workers, root=args.root, overwrite=args.overwrite, report=_say)
+    m = packed.read_manifest(out)
+    _say(f"wrote {out}: {m['num_records']:,} records in {len(m['shards'])} shards, "
+         f"{_human(sum(s['bytes'] for s in m['shards']))}, {time.time() - t0:.1f} s")
+    return 0
+
+
+def describe_packed(folder: str) -> dict:
+    m = packed.read_manifest(folder)
+    sizes = [s["bytes"] for s in m["shards"]]
+    return {"folder": folder, "kind": "packed", "records": m["num_records"], "slides": m.get("num_slides"),
+            "shards": len(sizes), "bytes": sum(sizes), "shard_bytes_max": max(sizes, default=0),
+            "records_per_shard_max": max((s["records"] for s in m["shards"]), default=0),
+            "encoding": m["encoding"], "empty_records": m["empty_records"], "source": m["source"], "build": m["build"]}
+
+
 def describe(index: TileIndex) -> dict:
     """What `info` prints: counts, sizes, provenance."""
     m = index.manifest
@@ -68,6 +92,19 @@ def describe(index: TileIndex) -> dict:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    if packed.is_packed(args.dir):
+        d = describe_packed(args.dir)
+        if args.json:
+            print(json.dumps(d, indent=1))
+            return 0
+        print(f"{d['folder']}: packed, {d['records']:,} records in {d['shards']} shards, {_human(d['bytes'])} "
+              f"(largest shard {_human(d['shard_bytes_max'])}, at most {d['records_per_shard_max']:,} records)")
+        print(f"  encoding: {d['encoding']}; empty records (unreadable tiles): {d['empty_records']}")
+        print(f"  from the {d['source']['kind']} index {d['source']['index']} (copy: {d['folder']}/index; "
+              f"record i = its tile i)")
+        b = d["build"]
+        print(f"  packed {b.get('created')} on {b.get('host')} in {b.get('seconds')} s")
+        return 0
     d = describe(TileIndex(args.dir))
     if args.json:
         print(json.dumps(d, indent=1))
@@ -88,6 +125,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from gpfm_jax.data.index.sources import SlideIndexSource, TileIndexSource
     from gpfm_jax.data.sources import BadImageError
 
+    if packed.is_packed(args.dir):
+        bad = packed.verify(args.dir, hashes=not args.no_hashes)
+        for line in bad:
+            print(line)
+        m = packed.read_manifest(args.dir)
+        _say(f"{len(m['shards'])} shards, {m['num_records']:,} records: "
+             + ("ok" if not bad else f"{len(bad)} problems"))
+        return 1 if bad else 0
     index = TileIndex(args.dir)
     problems = 0
     if not args.no_hashes:
@@ -127,6 +172,17 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=int, default=0, help="--slides: tiling processes (0 = all cores)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
     b.set_defaults(fn=cmd_build)
+    p = sub.add_parser("pack", help="pack an index's tiles into ArrayRecord shards (local folder or gs://)")
+    p.add_argument("index", help="a built index folder (gpfm-index build)")
+    p.add_argument("--out", required=True, help="the folder or gs:// URL to write the shards to")
+    p.add_argument("--shard-mb", type=float, default=256.0, help="close a shard at this many MB (default 256)")
+    p.add_argument("--shard-records", type=int, default=16384,
+                   help="close a shard at this many records (default 16384: keeps the offloaded reader's per-read "
+                        "footer cost small, see docs/storage_packing.md)")
+    p.add_argument("--workers", type=int, default=8, help="threads reading tiles (default 8)")
+    p.add_argument("--root", help="files index: read tiles under this root instead of the recorded one")
+    p.add_argument("--overwrite", action="store_true", help="replace a packed index at --out")
+    p.set_defaults(fn=cmd_pack)
     i = sub.add_parser("info", help="counts, sizes and provenance of an index")
     i.add_argument("dir")
     i.add_argument("--json", action="store_true", help="print as JSON")
@@ -147,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         parser().error("--root goes with --json")
     try:
         return args.fn(args)
-    except (FileNotFoundError, FileExistsError, IndexFormatError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, IndexFormatError, ValueError, StorageError) as e:
         _say(f"error: {e}")
         return 2
 

@@ -16,15 +16,27 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
+from gpfm_jax.data.index import packed
 from gpfm_jax.data.index.build_slides import LIST_EXTENSIONS, build_from_slides, read_slide_list
 from gpfm_jax.data.index.sources import SlideIndexSource, TileIndexSource
 from gpfm_jax.data.index.store import TileIndex, is_index
 
 
 def tile_source(path: str | os.PathLike, root: str | os.PathLike | None = None):
-    """A built "files" index folder -> TileIndexSource; a JSON file -> IndexSource (small sets only)."""
+    """A packed folder (local or gs://) -> PackedSource; a built "files" index folder -> TileIndexSource; a JSON file
+    -> IndexSource (small sets only)."""
+    from gpfm_jax import storage
     from gpfm_jax.data.sources import IndexSource
 
+    if storage.is_url(path):
+        packed.check_readable(path)
+        storage.check_reachable(path)
+        if not packed.is_packed(path):
+            raise ValueError(f"{path}: no packed index there (no manifest.json of format {packed.FORMAT!r}); only "
+                             "packed tiles are read from a bucket: `gpfm-index pack INDEX --out URL`")
+        return packed.PackedSource(path)
+    if packed.is_packed(path):
+        return packed.PackedSource(path)
     p = Path(path)
     if p.is_dir():
         if not is_index(p):
