@@ -33,9 +33,9 @@ PathLike = Union[str, os.PathLike, epath.Path]
 _CHUNK = 16 << 20
 
 
-class StorageError(Exception):
+class StorageError(ValueError):
     """A path that cannot be used: missing bucket, no permission, unreachable endpoint, unsupported scheme. Its
-    message is one line naming the path."""
+    message is one line naming the path. A ValueError: the commands already turn bad values into one line."""
 
 
 def is_url(path: PathLike) -> bool:

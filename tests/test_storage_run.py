@@ -235,7 +235,17 @@ def test_the_checkpoint_consumers_read_from_the_bucket(gcs, bucket_run, tmp_path
         for key, value in outs["local"].items():
             assert torch.equal(outs[name][key], value), (name, key)
 
+    from tools.convert_from_pytorch import main as from_pytorch
+
+    assert from_pytorch(["--torch", str(tmp_path / "local.pth"), "--num-heads", "2",
+                         "--out", gcs.bucket("bundles") + "/from_pth"]) == 0
+    back, _ = load_bundle("gs://bundles/from_pth")
+    assert from_pytorch(["--torch", str(tmp_path / "local.pth"), "--num-heads", "2",
+                         "--out", "gs://no-such-bucket/x"]) == 1
     backbone = _raw_state(f"{url}/checkpoints", 4)["teacher"]["backbone"]
+    # a timm file has no mask token (created as zeros): everything else is the checkpoint's backbone
+    _assert_trees_equal({k: v for k, v in back.items() if k != "mask_token"},
+                        {k: v for k, v in backbone.items() if k != "mask_token"})
     cfg = tiny(one_device=True)
     model, _ = config_lib.build_model(cfg)
     meta = {k: v for k, v in encoder_meta.encoder_meta(model.vit).items() if k not in ("format", "version")}

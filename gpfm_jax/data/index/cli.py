@@ -178,7 +178,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-mb", type=float, default=256.0, help="close a shard at this many MB (default 256)")
     p.add_argument("--shard-records", type=int, default=16384,
                    help="close a shard at this many records (default 16384: keeps the offloaded reader's per-read "
-                        "footer cost small, see docs/storage_packing.md)")
+                        "footer cost small, see docs/storage.md)")
     p.add_argument("--workers", type=int, default=8, help="threads reading tiles (default 8)")
     p.add_argument("--root", help="files index: read tiles under this root instead of the recorded one")
     p.add_argument("--overwrite", action="store_true", help="replace a packed index at --out")
