@@ -98,6 +98,8 @@ class HashCache:
         self.dirty = False
 
     def get(self, path: str | os.PathLike, what: str, compute) -> str:
+        if "://" in str(path):  # a bucket: no cheap (size, mtime) signature of every file; hash each run
+            return compute(path)
         path = Path(path).absolute()
         key = f"{what}:{path}"
         sig = _signature(path)

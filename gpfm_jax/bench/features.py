@@ -94,7 +94,9 @@ def resolve_encoder(spec: EncoderSpec, store: Store, events: Events) -> Encoder:
         return Encoder(spec, key, None, {"synthetic": spec.synthetic, "seed": spec.seed})
     from gpfm_jax.convert.bundle import load_meta, preprocessing
 
-    path = _convert(spec, store, events) if spec.weights else Path(spec.bundle)
+    from gpfm_jax import storage
+
+    path = _convert(spec, store, events) if spec.weights else storage.resolve(spec.bundle)  # a folder or gs://
     if not path.is_dir():
         raise FileNotFoundError(f"encoders.{spec.name}.bundle: {path}: no such folder")
     meta = load_meta(path)  # CheckpointError (a ValueError) names the file

@@ -179,6 +179,8 @@ class _Fields:
         v = self.get(key, str)
         if v is None:
             return None
+        if "://" in v:  # a bucket URL (gs://): taken as it is
+            return v
         p = Path(os.path.expanduser(v))
         return str(p if p.is_absolute() else (base / p))
 
