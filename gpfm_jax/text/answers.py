@@ -23,6 +23,14 @@ def normalize_answer(answer) -> str:
     return text.replace("x ray", "xray").replace("x-ray", "xray").replace(" - ", "-")
 
 
+def clean_question(question: str, max_words: int = 30) -> str:
+    """MUMC's `pre_question`: the answer punctuation deleted, a few PathVQA spellings unified, at most
+    `max_words` words (MUMC allows 30 in training and 50 at test time)."""
+    q = _PUNCT.sub("", str(question).lower()).replace(" \t", " ").replace("is/are", "is").replace("near/in", "in")
+    q = q.replace(">", "more than ").replace("-yes/no", "").replace("x ray", "xray").replace("x-ray", "xray")
+    return " ".join(q.rstrip(" ").split(" ")[:max_words])
+
+
 def is_closed(answer_type: str) -> bool:
     return str(answer_type).strip().lower() in CLOSED_TYPES
 

@@ -49,26 +49,20 @@ def loss_fn(logits, tokens) -> jax.Array:
     return jnp.sum(jnp.where(m, nll, 0.0)) / jnp.maximum(m.sum(), 1)
 
 
-class TextTrainer:
-    """Parameters + optimizer state of one model, and its jitted programs."""
+class _Programs:
+    """The jitted steps of one (model, optimizer) setting, shared by every trainer with those settings in the
+    process (a real task and its shuffled control, successive bench cells), so a shape compiles once."""
 
-    def __init__(self, model_cfg: TextModelConfig, cfg: TrainConfig, feature_dim: int):
-        self.model_cfg, self.cfg = model_cfg, cfg
+    def __init__(self, model_cfg: TextModelConfig, cfg: TrainConfig):
         self.model = TextModel(model_cfg)
+        self.cfg = cfg
         self.tx = optax.inject_hyperparams(
             lambda learning_rate: optax.chain(optax.clip(cfg.clip_value), optax.add_decayed_weights(cfg.weight_decay),
                                               optax.amsgrad(learning_rate)))(learning_rate=cfg.learning_rate)
-        key = jax.random.key(cfg.seed)
-        self.params = init_params(model_cfg, feature_dim, key)
-        self.opt_state = self.tx.init(self.params)
-        self.key = jax.random.fold_in(key, 1)
         self.compiles: collections.Counter = collections.Counter()
-        self._train = jax.jit(self._train_step, donate_argnums=(0, 1))
-        self._generate = jax.jit(self._generate_step, static_argnames=("length", "beam"))
-        self._rank = jax.jit(self._rank_step)
-
-    def learning_rate(self, epoch: int) -> float:
-        return self.cfg.learning_rate * self.cfg.lr_decay**epoch
+        self.train = jax.jit(self._train_step, donate_argnums=(0, 1))
+        self.generate = jax.jit(self._generate_step, static_argnames=("length", "beam"))
+        self.rank = jax.jit(self._rank_step)
 
     def _train_step(self, params, opt_state, x, mask, prefix, tokens, question, key, lr):
         self.compiles[f"train {x.shape[0]}x{x.shape[1]}"] += 1  # trace time only
@@ -82,12 +76,6 @@ class TextTrainer:
         opt_state.hyperparams["learning_rate"] = lr
         updates, opt_state = self.tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
-
-    def train_batch(self, x, mask, prefix, tokens, question, epoch: int) -> float:
-        self.key, sub = jax.random.split(self.key)
-        self.params, self.opt_state, loss = self._train(self.params, self.opt_state, x, mask, prefix, tokens,
-                                                        question, sub, np.float32(self.learning_rate(epoch)))
-        return loss
 
     def _memory(self, params, x, mask, question, repeat: int):
         mem, mem_mask = self.model.apply({"params": params}, x, mask, question, method="encode")
@@ -103,11 +91,6 @@ class TextTrainer:
         return decode.beam_search(fn, start, x.shape[0], length, beam, self.cfg.block_trigrams,
                                   self.cfg.length_penalty)[0]
 
-    def generate(self, x, mask, prefix, question, start: int, length: int, params=None) -> np.ndarray:
-        """int [B, length]: decoded sequences (position 0 = start)."""
-        params = self.params if params is None else params
-        return np.asarray(self._generate(params, x, mask, prefix, question, start, length=length, beam=self.cfg.beam))
-
     def _rank_step(self, params, x, mask, prefix, question, answers):
         self.compiles[f"rank {x.shape[0]}x{x.shape[1]}"] += 1
         a = answers.shape[0]
@@ -116,7 +99,44 @@ class TextTrainer:
         fn = functools.partial(self.model.apply, {"params": params}, mem, mem_mask, pre, method="decode")
         return decode.rank_answers(fn, answers, x.shape[0])
 
+
+@functools.lru_cache(maxsize=16)
+def programs(model_cfg: TextModelConfig, cfg: TrainConfig) -> _Programs:
+    return _Programs(model_cfg, cfg)
+
+
+class TextTrainer:
+    """Parameters + optimizer state of one model, driven through the shared jitted programs."""
+
+    def __init__(self, model_cfg: TextModelConfig, cfg: TrainConfig, feature_dim: int):
+        self.model_cfg, self.cfg = model_cfg, cfg
+        self.programs = programs(model_cfg, cfg)
+        self.model = self.programs.model
+        key = jax.random.key(cfg.seed)
+        self.params = init_params(model_cfg, feature_dim, key)
+        self.opt_state = self.programs.tx.init(self.params)
+        self.key = jax.random.fold_in(key, 1)
+
+    @property
+    def compiles(self) -> collections.Counter:
+        return self.programs.compiles
+
+    def learning_rate(self, epoch: int) -> float:
+        return self.cfg.learning_rate * self.cfg.lr_decay**epoch
+
+    def train_batch(self, x, mask, prefix, tokens, question, epoch: int):
+        self.key, sub = jax.random.split(self.key)
+        self.params, self.opt_state, loss = self.programs.train(
+            self.params, self.opt_state, x, mask, prefix, tokens, question, sub, np.float32(self.learning_rate(epoch)))
+        return loss
+
+    def generate(self, x, mask, prefix, question, start: int, length: int, params=None) -> np.ndarray:
+        """int [B, length]: decoded sequences (position 0 = start)."""
+        params = self.params if params is None else params
+        return np.asarray(self.programs.generate(params, x, mask, prefix, question, start, length=length,
+                                                 beam=self.cfg.beam))
+
     def rank(self, x, mask, prefix, question, answers, params=None) -> tuple[np.ndarray, np.ndarray]:
         params = self.params if params is None else params
-        best, ll = self._rank(params, x, mask, prefix, question, answers)
+        best, ll = self.programs.rank(params, x, mask, prefix, question, answers)
         return np.asarray(best), np.asarray(ll)
