@@ -98,3 +98,17 @@ def test_bad_input_is_named(tmp_path, capsys):
     assert cli.main(["vqa", "--format", "pathvqa", "--features", "none.h5", "--train", str(q), "--val", str(q),
                      "--test", str(q), *SMALL]) == 2
     assert "q.json: entry 0 (qid 1) has no 'answer_type' field" in capsys.readouterr().err
+
+
+def test_tile_vqa_ranks_the_answer_list(tmp_path):
+    """PathVQA through MUMC's format: the answer list ranked by likelihood learns closed and open questions."""
+    p = synthetic.make_tile_vqa_task(tmp_path, num_images=200, signal=4.0)
+    out = tmp_path / "tile_vqa.json"
+    assert cli.main(["vqa", "--format", "pathvqa", "--features", p["features"], "--train", p["train"], "--val",
+                     p["val"], "--test", p["test"], "--answer-list", p["answer_list"], "--out", str(out),
+                     *SMALL, *VQA]) == 0
+    r = json.loads(out.read_text())
+    assert r["metrics"]["closed_accuracy"] >= 0.95 and r["metrics"]["open_accuracy"] >= 0.85
+    assert r["num_candidates"] == 6 and len(r["predictions"]) == r["num_questions"]["test"]
+    assert all(pr["prediction"] in ("yes", "no", "ductal", "lobular", "mucinous", "normal")
+               for pr in r["predictions"])

@@ -101,3 +101,39 @@ def make_vqa_task(root, **kw) -> dict[str, str]:
         p.write_text(json.dumps(qs))
         paths[s] = str(p)
     return paths
+
+
+def make_tile_vqa_task(root, num_images: int = 300, dim: int = 16, signal: float = 3.0, seed: int = 0,
+                       shuffle: bool = False) -> dict[str, str]:
+    """A tile-feature file (gpfm-extract's `features` + `paths`), MUMC-format PathVQA JSON per split and an answer
+    list: a yes/no (closed) question per image and a "what type" (open) question per tumour image."""
+    rng = np.random.default_rng(seed)
+    directions = np.linalg.qr(rng.normal(size=(dim, dim)))[0].T[:10].astype(np.float32)
+    cases = _cases(num_images, rng)
+    feats = np.stack([slide_features(c, directions, 1, signal, rng)[0] for c in cases])
+    if shuffle:
+        feats = feats[np.random.default_rng(seed + 2).permutation(num_images)]
+    root = epath.Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    names = [f"img_{i:04d}.jpg" for i in range(num_images)]
+    with h5py.File(str(root / "tiles.h5"), "w") as h5:
+        h5["features"] = feats
+        h5["paths"] = np.array([f"images/{n}" for n in names], dtype=h5py.string_dtype())
+    paths = {"features": str(root / "tiles.h5")}
+    qid = 0
+    for s, sl in _split_of(num_images).items():
+        qs = []
+        for i in range(num_images)[sl]:
+            c = cases[i]
+            qs.append({"qid": qid, "image_name": names[i], "question": "Is there tumor in the image?",
+                       "answer": "yes" if c["tumor"] else "no", "answer_type": "CLOSED"})
+            qid += 1
+            if c["tumor"]:
+                qs.append({"qid": qid, "image_name": names[i], "question": "What type of carcinoma is it?",
+                           "answer": TYPES[c["type"]], "answer_type": "OPEN"})
+                qid += 1
+        (root / f"pathvqa_{s}.json").write_text(json.dumps(qs))
+        paths[s] = str(root / f"pathvqa_{s}.json")
+    (root / "answer_list.json").write_text(json.dumps(["yes", "no", *TYPES, "normal"]))
+    paths["answer_list"] = str(root / "answer_list.json")
+    return paths
