@@ -85,11 +85,16 @@ def read_histgen(path) -> dict[str, list[Report]]:
     return out
 
 
-def read_wsivqa(path) -> list[Question]:
-    """Questions of one WSI-VQA split file."""
+def _load_list(path) -> list:
     data = _load(path)
     if not isinstance(data, list):
         raise ValueError(f"{path}: needs a JSON list of questions, got {type(data).__name__}")
+    return data
+
+
+def read_wsivqa(path) -> list[Question]:
+    """Questions of one WSI-VQA split file."""
+    data = _load_list(path)
     out = []
     for i, e in enumerate(data):
         where = f"entry {i}"
@@ -103,9 +108,7 @@ def read_wsivqa(path) -> list[Question]:
 
 def read_pathvqa(path) -> list[Question]:
     """Questions of one MUMC-format PathVQA split file; every question needs an answer type (closed / open)."""
-    data = _load(path)
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: needs a JSON list of questions, got {type(data).__name__}")
+    data = _load_list(path)
     out = []
     for i, e in enumerate(data):
         where = f"entry {i}" + (f" (qid {e['qid']})" if isinstance(e, dict) and "qid" in e else "")
