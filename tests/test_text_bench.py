@@ -1,5 +1,6 @@
-"""gpfm-bench's text task types: report and slide_vqa cells on a synthetic `reports` dataset keep every test
-sample's generated text, the report recomputes the corpus metrics from it, and graded synthetic encoders are
+"""gpfm-bench's text task types: report and slide_vqa cells on a synthetic `reports` dataset and a (tile) vqa cell
+on a synthetic `tiles` dataset keep every test
+sample's generated text (tile vqa: the chosen answer), the report recomputes the corpus metrics from it, and graded synthetic encoders are
 ranked in order of their signal."""
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ seed = 3
 synthetic = "reports"
 n = 200
 patients = 200
+[datasets.tiles]
+synthetic = "tiles"
+n = 300
+classes = 3
+patients = 30
 [tasks.rep-report]
 type = "report"
 dataset = "rep"
@@ -53,6 +59,11 @@ type = "slide_vqa"
 dataset = "rep"
 max_length = 6
 max_question = 8
+""" + TINY.format(epochs=12) + """[tasks.tile-vqa]
+type = "vqa"
+dataset = "tiles"
+max_length = 4
+max_question = 8
 """ + TINY.format(epochs=12)
 
 
@@ -61,13 +72,13 @@ def run_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("text_bench")
     (tmp / "suite.toml").write_text(SUITE)
     stats = run_suite(tmp / "suite.toml", tmp / "out", progress=False)
-    assert stats.evaluated == 6
+    assert stats.evaluated == 9
     return tmp / "out"
 
 
 def test_graded_encoders_ranked_in_order(run_dir):
     rep = build_report(run_dir, replicates=200)
-    for task in ("rep-report", "rep-vqa"):
+    for task in ("rep-report", "rep-vqa", "tile-vqa"):
         m = rep["tasks"][task]["metrics"][rep["tasks"][task]["metric"]]
         assert m["s0"]["value"] < m["s2"]["value"] < m["s4"]["value"], (task, m)
     assert rep["tasks"]["rep-report"]["text_metrics"]["s4"]["bleu_4"] > rep["tasks"]["rep-report"]["text_metrics"][
@@ -78,7 +89,7 @@ def test_graded_encoders_ranked_in_order(run_dir):
 def test_cells_keep_texts_and_the_report_recomputes_metrics(run_dir):
     run = json.loads((run_dir / "run.json").read_text())
     cache = run_dir / "cache" / "cells"
-    for task in ("rep-report", "rep-vqa"):
+    for task in ("rep-report", "rep-vqa", "tile-vqa"):
         cell = json.loads((cache / f"{run['cells'][task]['s4']}.json").read_text())
         texts = cell["texts"]
         assert len(texts["prediction"]) == len(cell["rows"]["id"]) == len(cell["values"]["rouge_l"])
@@ -92,7 +103,7 @@ def test_cells_keep_texts_and_the_report_recomputes_metrics(run_dir):
 
 
 def test_text_tasks_need_a_reports_dataset(tmp_path):
-    bad = SUITE.replace('synthetic = "reports"', 'synthetic = "slides"')
+    bad = SUITE.replace('synthetic = "reports"', 'synthetic = "slides"').split("[tasks.tile-vqa]")[0]
     (tmp_path / "s.toml").write_text(bad)
     with pytest.raises(SuiteError, match="tasks.rep-report.dataset: .*text tasks run on synthetic"):
         load_suite(tmp_path / "s.toml")

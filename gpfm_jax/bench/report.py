@@ -24,7 +24,7 @@ from gpfm_jax.bench.run import RUN_FILE
 from gpfm_jax.bench.stats import Nemenyi, nemenyi
 from gpfm_jax.evaluation.results import write_json_atomic
 
-TYPE_ORDER = ("knn", "linear", "fewshot", "retrieval", "mil", "survival", "report", "slide_vqa")
+TYPE_ORDER = ("knn", "linear", "fewshot", "retrieval", "mil", "survival", "report", "slide_vqa", "vqa")
 
 
 class ReportError(ValueError):
@@ -87,7 +87,7 @@ def task_predictions(task: str, info: dict, encoders: list[str], cells: dict[str
         if info["type"] == "survival":
             scores = np.stack([np.asarray(cells[e]["risk"], np.float64)[p] for e, p in zip(encoders, perms)])
             kw = {"time": np.asarray(ref["time"], np.float64), "event": np.asarray(ref["event"], bool)}
-        elif info["type"] in ("retrieval", "report", "slide_vqa"):  # per-row values
+        elif info["type"] in ("retrieval", "report", "slide_vqa", "vqa"):  # per-row values
             scores = np.stack([np.asarray(cells[e]["values"][metric], np.float64)[p] for e, p in zip(encoders, perms)])
         else:
             scores = np.stack([np.asarray(cells[e]["scores"], np.float64)[p] for e, p in zip(encoders, perms)])

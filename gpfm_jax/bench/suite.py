@@ -19,7 +19,7 @@ error names the file and the field (`suite.toml: tasks.crc-knn.k: expected an in
 
     [tasks.crc-knn]
     type = "knn"                               # knn | linear | fewshot | retrieval | mil | survival | report
-                                               #   | slide_vqa (text tasks: synthetic "reports" datasets only)
+                                               #   | slide_vqa | vqa (text tasks: synthetic datasets only)
     dataset = "crc"
     metrics = ["balanced_accuracy", "auc"]     # the first ranks the encoders
 
@@ -40,9 +40,10 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-TASK_TYPES = ("knn", "linear", "fewshot", "retrieval", "mil", "survival", "report", "slide_vqa")
-TEXT_TASKS = ("report", "slide_vqa")
-TEXT_METRICS = {"report": ("rouge_l",), "slide_vqa": ("answer_accuracy", "rouge_l")}  # per-row values
+TASK_TYPES = ("knn", "linear", "fewshot", "retrieval", "mil", "survival", "report", "slide_vqa", "vqa")
+TEXT_TASKS = ("report", "slide_vqa", "vqa")
+TEXT_METRICS = {"report": ("rouge_l",), "slide_vqa": ("answer_accuracy", "rouge_l"),  # per-row values
+                "vqa": ("answer_accuracy",)}
 TILE_TASKS = ("knn", "linear", "fewshot", "retrieval")
 CLASS_METRICS = ("balanced_accuracy", "auc", "accuracy", "macro_f1")
 RETRIEVAL_METRICS = ("acc@1", "acc@3", "acc@5", "hit@1", "hit@3", "hit@5", "map@5")
@@ -69,10 +70,11 @@ TASK_PARAMS["report"] = {"epochs": 40, "lr": 1e-4, "lr_decay": 0.8, "weight_deca
 TASK_PARAMS["slide_vqa"] = {**{k: v for k, v in TASK_PARAMS["report"].items() if k not in ("region_size",
                                                                                         "memory_slots")},
                             "max_length": 60, "max_question": 30, "min_count": 1}
+TASK_PARAMS["vqa"] = {**TASK_PARAMS["slide_vqa"], "max_length": 8}  # tile VQA: answers ranked from a list
 DEFAULT_METRICS = {"knn": ("balanced_accuracy", "auc"), "linear": ("balanced_accuracy", "auc"),
                    "fewshot": ("balanced_accuracy", "auc"), "retrieval": ("acc@1", "map@5"),
                    "mil": ("auc", "balanced_accuracy"), "survival": ("c_index",), "report": ("rouge_l",),
-                   "slide_vqa": ("answer_accuracy",)}
+                   "slide_vqa": ("answer_accuracy",), "vqa": ("answer_accuracy",)}
 SYNTHETIC_DEFAULTS: dict[str, dict[str, Any]] = {
     "tiles": {"n": 600, "classes": 3, "patients": 60, "dim": 32, "seed": 0},
     "slides": {"n": 80, "patients": 80, "dim": 32, "min_tiles": 16, "max_tiles": 48, "seed": 0},
@@ -277,15 +279,17 @@ def _task(file: Path, name: str, table: dict, datasets: dict[str, DatasetSpec]) 
         kind = (float,) if isinstance(default, float) else type(default)
         params[k] = f.get(k, kind, default)
     f.done()
-    need = "tiles" if ttype in TILE_TASKS else "slides"
+    need = "tiles" if ttype in TILE_TASKS or ttype == "vqa" else "slides"
     if ds.level != need:
         raise f.error("dataset", f"a {ttype} task needs a {need} dataset; {dataset!r} has {ds.level}")
     synth_kind = ds.synthetic["kind"] if ds.synthetic else None
     if ttype == "survival" and synth_kind in ("slides", "reports") or ttype == "mil" and synth_kind == "survival":
         raise f.error("dataset", f"synthetic {synth_kind} data cannot feed a {ttype} task")
-    if (ttype in TEXT_TASKS) != (synth_kind == "reports"):
+    text_kind = "tiles" if ttype == "vqa" else "reports"
+    if ttype in TEXT_TASKS and synth_kind != text_kind or ttype not in TEXT_TASKS and synth_kind == "reports":
         raise f.error("dataset", f"a {ttype} task cannot run on {dataset!r}: text tasks run on synthetic "
-                                 f"\"reports\" datasets here (real reports / questions: gpfm-eval report / vqa)")
+                                 f"datasets here (report / slide_vqa: \"reports\", vqa: \"tiles\"; real reports "
+                                 f"and questions: gpfm-eval report / vqa)")
     if ttype == "mil" and params["model"] not in ("abmil", "transmil", "mean"):
         raise f.error("model", f"one of abmil / transmil / mean, got {params['model']!r}")
     if ttype == "survival" and params["loss"] not in ("nll_surv", "cox"):

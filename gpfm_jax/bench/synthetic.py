@@ -160,3 +160,32 @@ def text_annotations(params: dict[str, Any], folder) -> dict[str, str]:
             [q for i in r for q in text_synthetic.questions(t.ids[i], cases[i])]))
         out[s] = str(folder / f"WsiVQA_{s}.json")
     return out
+
+
+def tile_questions(params: dict[str, Any], folder) -> dict[str, str]:
+    """For a `tiles` dataset: PathVQA-format questions per tile ("is this tile class0?" closed, "which class is this
+    tile?" open), split 7:1:2 by patient, and the answer list; returns {train, val, test, answer_list}."""
+    import json
+    from pathlib import Path
+
+    t = truth(params)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    p = int(params["patients"])
+    cut = [int(round(0.7 * p)), int(round(0.8 * p))]
+    split_of = lambda q: "train" if q < cut[0] else ("val" if q < cut[1] else "test")  # noqa: E731
+    qs: dict[str, list] = {"train": [], "val": [], "test": []}
+    for i, (tile, label) in enumerate(zip(t.ids, t.labels)):
+        s = split_of(i % p)
+        name = tile.rsplit("/", 1)[-1]
+        qs[s].append({"qid": 2 * i, "image_name": name, "question": "is this tile class0?",
+                      "answer": "yes" if label == "class0" else "no", "answer_type": "CLOSED"})
+        qs[s].append({"qid": 2 * i + 1, "image_name": name, "question": "which class is this tile?",
+                      "answer": label, "answer_type": "OPEN"})
+    out = {}
+    for s, v in qs.items():
+        (folder / f"pathvqa_{s}.json").write_text(json.dumps(v))
+        out[s] = str(folder / f"pathvqa_{s}.json")
+    (folder / "answers.json").write_text(json.dumps(["yes", "no", *sorted(set(t.labels))]))
+    out["answer_list"] = str(folder / "answers.json")
+    return out
