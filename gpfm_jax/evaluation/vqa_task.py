@@ -82,7 +82,8 @@ def _store(cfg: VQARun, qs):
         names = sorted(files)
         keys = [q.image for split in qs.values() for q in split]
         found, _ = data.match_slides(keys, files, prefix=True)
-        index = {k: names.index(v) for k, v in found.items()}
+        position = {n: i for i, n in enumerate(names)}
+        index = {k: position[v] for k, v in found.items()}
         store = bags.BagStore([files[n] for n in names])
         dims = {store[i].shape[1] for i in set(index.values())} or {0}
         return store, index, max(dims)
