@@ -70,3 +70,21 @@ def test_readers_and_named_errors(tmp_path, caplog):
         data.read_pathvqa(v)
     with pytest.raises(FileNotFoundError, match="annotation file not found"):
         data.read_pathvqa(tmp_path / "nope.json")
+
+
+def test_survival_cindex_of_generated_times():
+    from gpfm_jax.evaluation.vqa_task import survival_cindex
+
+    qs = [data.Question("c1", "Could you predict survival time?", "100"),
+          data.Question("c2", "what is survival time according to the slide?", "300"),
+          data.Question("c3", "From the slide, can you infer the survival time?", "200"),
+          data.Question("c4", "what is the grade?", "2"),
+          data.Question("c5", "please predict survival time?", "50")]
+    # predicted times 90 / 310 / 150 / - / unparsable: the three numeric pairs are all concordant
+    c, used = survival_cindex(qs, [["90"], ["310"], ["150"], ["2"], ["long"]])
+    assert (c, used) == (1.0, 3)
+    c, _ = survival_cindex(qs, [["310"], ["90"], ["150"], ["2"], ["x"]])  # every pair reversed
+    assert c == 0.0
+    c, _ = survival_cindex(qs, [["310"], ["150"], ["90"], ["2"], ["x"]])  # only 200 d < 300 d kept in order
+    assert c == pytest.approx(1 / 3)
+    assert survival_cindex(qs[:1], [["5"]]) == (None, 1)

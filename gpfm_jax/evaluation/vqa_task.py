@@ -4,8 +4,9 @@
   split (a question's case id is matched to the first slide file whose name starts with it). The W2T model reads
   the question as a decoder prefix and writes the answer by beam search; answers are scored with BLEU-1..4 /
   ROUGE-L / CIDEr-D, and multiple-choice questions by accuracy after matching the generated answer to the closest
-  choice (highest ROUGE-L; ties: the first). Epochs are selected on the validation multiple-choice accuracy (BLEU-4
-  where the validation split has no choices). W2T's c-index on survival questions is not computed.
+  choice (highest ROUGE-L; ties: the first), and survival-time questions by Harrell's C of the generated numbers
+  (`survival_cindex`). Epochs are selected on the validation multiple-choice accuracy (BLEU-4 where the validation
+  split has no choices).
 - `--format pathvqa` (tile VQA, PathVQA as MUMC runs it): tile-feature files of gpfm-extract (image = the stored
   path's file name), MUMC's question / answer JSON and answer list; each test question's answer is the list's most
   likely answer under the model; accuracy after MUMC's normalisation, overall / closed / open; epochs selected on
@@ -107,6 +108,25 @@ def _kept(questions, index, name: str):
     return kept
 
 
+def survival_cindex(questions, generated: list[list[str]]) -> tuple[float | None, int]:
+    """(Harrell's C, pairs used) over the survival-time questions whose true and generated answers are both
+    numbers, every time an event (as W2T scores it); risk = minus the predicted time, so a longer predicted survival
+    is a lower risk (W2T hands the predicted time to scikit-survival as the risk itself, which reverses the
+    index). None with fewer than two such questions."""
+    from gpfm_jax.evaluation.survival import concordance_index
+
+    t, pred = [], []
+    for q, g in zip(questions, generated):
+        answer, guess = clean_vqa_text(q.answer).strip(), "".join(g)
+        if "survival time" in clean_vqa_text(q.question) and answer.isdecimal() and guess.isdecimal():
+            t.append(float(answer))
+            pred.append(float(guess))
+    if len(t) < 2:
+        return None, len(t)
+    c = concordance_index(np.asarray(t), -np.asarray(pred), np.ones(len(t), bool))
+    return (None if np.isnan(c) else float(c)), len(t)
+
+
 def closest_choice(generated: list[str], choices: tuple[str, ...]) -> str:
     scores = [text_metrics.rouge_l_sentence(generated, [clean_vqa_text(c).split()]) for c in choices]
     return choices[int(np.argmax(scores))]
@@ -184,6 +204,8 @@ def _slide(cfg, trainer, store, sizes, vocab, splits, qs) -> dict:
     if acc:
         result["metrics"].update(acc["metrics"])
         result["ci"].update(acc["ci"])
+    cindex, used = survival_cindex(test_q, gen)
+    result["survival_c_index"] = {"value": cindex, "questions": used}
     hit = dict(zip(rows, correct))
     result.update({"selected_epoch": selected, "selection": "validation multiple-choice accuracy",
                    "history": history,
