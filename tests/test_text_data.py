@@ -88,3 +88,17 @@ def test_survival_cindex_of_generated_times():
     c, _ = survival_cindex(qs, [["310"], ["150"], ["90"], ["2"], ["x"]])  # only 200 d < 300 d kept in order
     assert c == pytest.approx(1 / 3)
     assert survival_cindex(qs[:1], [["5"]]) == (None, 1)
+
+
+def test_text_package_sits_below_evaluation_and_bench():
+    """gpfm_jax.text imports no layer above it (evaluation, bench, train, plan): the commands import it, never back."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "gpfm_jax" / "text"
+    above = ("gpfm_jax.evaluation", "gpfm_jax.bench", "gpfm_jax.train", "gpfm_jax.plan", "gpfm_jax.extract")
+    for path in root.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            assert not [n for n in names if n.startswith(above)], (path.name, names)
