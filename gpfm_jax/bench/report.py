@@ -24,7 +24,7 @@ from gpfm_jax.bench.run import RUN_FILE
 from gpfm_jax.bench.stats import Nemenyi, nemenyi
 from gpfm_jax.evaluation.results import write_json_atomic
 
-TYPE_ORDER = ("knn", "linear", "fewshot", "retrieval", "mil", "survival")
+TYPE_ORDER = ("knn", "linear", "fewshot", "retrieval", "mil", "survival", "report", "slide_vqa", "vqa")
 
 
 class ReportError(ValueError):
@@ -87,7 +87,7 @@ def task_predictions(task: str, info: dict, encoders: list[str], cells: dict[str
         if info["type"] == "survival":
             scores = np.stack([np.asarray(cells[e]["risk"], np.float64)[p] for e, p in zip(encoders, perms)])
             kw = {"time": np.asarray(ref["time"], np.float64), "event": np.asarray(ref["event"], bool)}
-        elif info["type"] == "retrieval":
+        elif info["type"] in ("retrieval", "report", "slide_vqa", "vqa"):  # per-row values
             scores = np.stack([np.asarray(cells[e]["values"][metric], np.float64)[p] for e, p in zip(encoders, perms)])
         else:
             scores = np.stack([np.asarray(cells[e]["scores"], np.float64)[p] for e, p in zip(encoders, perms)])
@@ -123,11 +123,21 @@ def build_report(run_dir: str | os.PathLike, replicates: int = 1000, seed: int =
                                       for j, e in enumerate(encoders)}
     for k, t in enumerate(tasks):
         per_task[t]["ranks"] = dict(zip(encoders, map(float, ranking.task_ranks[k])))
+        if "texts" in cells[t][encoders[0]]:
+            per_task[t]["text_metrics"] = {e: _text_metrics(cells[t][e]["texts"]) for e in encoders}
     return {"suite": run["name"], "run": str(Path(run_dir).absolute()), "replicates": replicates, "seed": seed,
             "level": level, "encoders": encoders, "tasks": per_task, "ranking": ranking.to_json(),
             "nemenyi": cd.to_json(encoders),
             "timing": {"bootstrap_seconds": round(seconds, 3), "replicates_per_step": boot.batch},
             "_ranking": ranking, "_nemenyi": cd}
+
+
+def _text_metrics(texts: dict[str, list[str]]) -> dict[str, float]:
+    """Corpus BLEU-1..4 / ROUGE-L / CIDEr-D recomputed from a text cell's generated and reference texts."""
+    from gpfm_jax.text import metrics as text_metrics
+
+    stats = text_metrics.text_stats([h.split() for h in texts["prediction"]], [[r.split()] for r in texts["reference"]])
+    return {k: float(v) for k, v in text_metrics.caption_metrics(stats).items()}
 
 
 def _num(v) -> float | None:
@@ -166,6 +176,15 @@ def markdown(rep: dict[str, Any]) -> str:
     lines.append("| **tasks won** | | | " + " | ".join(
         f"{r[e]['tasks_won']:g} [{r[e]['tasks_won_ci95'][0]:g}, {r[e]['tasks_won_ci95'][1]:g}]" for e in order)
                  + " |")
+    text = [(n, t) for n, t in tasks if "text_metrics" in t]
+    if text:
+        lines += ["", "## Text tasks: corpus metrics recomputed from the generated texts", "",
+                  "| task | encoder | BLEU-1 | BLEU-4 | ROUGE-L | CIDEr-D |", "|---|---|---|---|---|---|"]
+        for name, t in text:
+            for e in order:
+                m = t["text_metrics"][e]
+                lines.append(f"| {name} | {e} | {m['bleu_1']:.3f} | {m['bleu_4']:.3f} | {m['rouge_l']:.3f} | "
+                             f"{m['cider_d']:.3f} |")
     lines += ["", "## Pairwise win probability", "",
               "P(row has a lower average rank than column) over the bootstrap replicates (ties count 1/2).", "",
               "| | " + " | ".join(order) + " |", "|---|" + "---|" * len(order)]

@@ -27,7 +27,7 @@ from gpfm_jax.bench import features as feats
 from gpfm_jax.bench import tasks as task_runner
 from gpfm_jax.bench.cache import Store, digest, read_json
 from gpfm_jax.bench.datasets import slide_set, tile_set
-from gpfm_jax.bench.suite import TILE_TASKS, Suite, TaskSpec, load_suite
+from gpfm_jax.bench.suite import TEXT_TASKS, TILE_TASKS, Suite, TaskSpec, load_suite
 from gpfm_jax.evaluation.results import write_json_atomic
 
 log = logging.getLogger("gpfm_jax.bench")
@@ -89,7 +89,7 @@ class _Datasets:
 def _feature_identity(enc: feats.Encoder, task: TaskSpec, suite: Suite, dsets: _Datasets) -> Any:
     ds = suite.datasets[task.dataset]
     items = dsets[task.dataset]
-    if task.type in TILE_TASKS:
+    if task.type in TILE_TASKS or task.type == "vqa":
         return digest({"encoder": enc.key, "tiles": items.content})
     folder, stems = feats.slide_feature_keys(enc, ds, items)
     return digest([folder, sorted(stems.items())])
@@ -114,10 +114,14 @@ def _compute_cell(enc: feats.Encoder, task: TaskSpec, suite: Suite, dsets: _Data
                   events: EventLog, progress: bool) -> dict[str, Any]:
     ds = suite.datasets[task.dataset]
     items = dsets[task.dataset]
-    if task.type in TILE_TASKS:
+    if task.type in TILE_TASKS or task.type == "vqa":
         path = feats.tile_features(enc, ds, items, store, events, progress)
+        if task.type == "vqa":
+            return task_runner.run_text_task(task, suite.seed, path, items, ds.synthetic)
         return task_runner.run_tile_task(task, suite.seed, path, items)
     view = feats.slide_features(enc, ds, items, store, events, progress)
+    if task.type in TEXT_TASKS:
+        return task_runner.run_text_task(task, suite.seed, view, items, ds.synthetic)
     return task_runner.run_slide_task(task, suite.seed, view, items)
 
 

@@ -18,12 +18,13 @@ error names the file and the field (`suite.toml: tasks.crc-knn.k: expected an in
     labels = "data/brca.csv"                   #   [,case_id][,split]
 
     [tasks.crc-knn]
-    type = "knn"                               # knn | linear | fewshot | retrieval | mil | survival
+    type = "knn"                               # knn | linear | fewshot | retrieval | mil | survival | report
+                                               #   | slide_vqa | vqa (text tasks: synthetic datasets only)
     dataset = "crc"
     metrics = ["balanced_accuracy", "auc"]     # the first ranks the encoders
 
 Synthetic encoders (`synthetic = SIGNAL`, `seed`) and synthetic datasets (`synthetic = "tiles" | "slides" |
-"survival"`) make a suite whose true ranking is known (see `synthetic.py`); they only combine with each other.
+"survival" | "reports"`) make a suite whose true ranking is known (see `synthetic.py`); they only combine with each other.
 """
 
 from __future__ import annotations
@@ -39,12 +40,15 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-TASK_TYPES = ("knn", "linear", "fewshot", "retrieval", "mil", "survival")
+TASK_TYPES = ("knn", "linear", "fewshot", "retrieval", "mil", "survival", "report", "slide_vqa", "vqa")
+TEXT_TASKS = ("report", "slide_vqa", "vqa")
+TEXT_METRICS = {"report": ("rouge_l",), "slide_vqa": ("answer_accuracy", "rouge_l"),  # per-row values
+                "vqa": ("answer_accuracy",)}
 TILE_TASKS = ("knn", "linear", "fewshot", "retrieval")
 CLASS_METRICS = ("balanced_accuracy", "auc", "accuracy", "macro_f1")
 RETRIEVAL_METRICS = ("acc@1", "acc@3", "acc@5", "hit@1", "hit@3", "hit@5", "map@5")
 CONVERTERS = ("vit", "uni", "phikon", "conch")
-SYNTHETIC_KINDS = ("tiles", "slides", "survival")
+SYNTHETIC_KINDS = ("tiles", "slides", "survival", "reports")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 # Per task type: protocol knobs and their defaults (what a cell records as its protocol).
@@ -58,14 +62,25 @@ TASK_PARAMS: dict[str, dict[str, Any]] = {
             "attention_dim": 256, "dropout": 0.25, "max_instances": 0, "bucket_factor": 1.25},
 }
 TASK_PARAMS["survival"] = {**TASK_PARAMS["mil"], "loss": "nll_surv", "bins": 4, "batch_size": 0}
+# text tasks: HistGen's / W2T's protocol by default (docs/text_tasks.md); the example suite runs tiny models
+TASK_PARAMS["report"] = {"epochs": 40, "lr": 1e-4, "lr_decay": 0.8, "weight_decay": 5e-5, "clip_value": 0.1,
+                         "batch_size": 1, "beam": 3, "width": 512, "heads": 8, "layers": 3, "encoder_layers": 3,
+                         "dropout": 0.1, "region_size": 96, "memory_slots": 2048, "max_length": 100,
+                         "min_count": 10}
+TASK_PARAMS["slide_vqa"] = {**{k: v for k, v in TASK_PARAMS["report"].items() if k not in ("region_size",
+                                                                                        "memory_slots")},
+                            "max_length": 60, "max_question": 30, "min_count": 1}
+TASK_PARAMS["vqa"] = {**TASK_PARAMS["slide_vqa"], "max_length": 8}  # tile VQA: answers ranked from a list
 DEFAULT_METRICS = {"knn": ("balanced_accuracy", "auc"), "linear": ("balanced_accuracy", "auc"),
                    "fewshot": ("balanced_accuracy", "auc"), "retrieval": ("acc@1", "map@5"),
-                   "mil": ("auc", "balanced_accuracy"), "survival": ("c_index",)}
+                   "mil": ("auc", "balanced_accuracy"), "survival": ("c_index",), "report": ("rouge_l",),
+                   "slide_vqa": ("answer_accuracy",), "vqa": ("answer_accuracy",)}
 SYNTHETIC_DEFAULTS: dict[str, dict[str, Any]] = {
     "tiles": {"n": 600, "classes": 3, "patients": 60, "dim": 32, "seed": 0},
     "slides": {"n": 80, "patients": 80, "dim": 32, "min_tiles": 16, "max_tiles": 48, "seed": 0},
     "survival": {"n": 100, "patients": 100, "dim": 32, "min_tiles": 16, "max_tiles": 48, "censoring": 0.3,
                  "seed": 0},
+    "reports": {"n": 200, "patients": 200, "dim": 16, "min_tiles": 8, "max_tiles": 24, "seed": 0},
 }
 
 
@@ -254,7 +269,7 @@ def _task(file: Path, name: str, table: dict, datasets: dict[str, DatasetSpec]) 
         raise f.error("dataset", f"{dataset!r} is not a dataset of this suite ({sorted(datasets)})")
     ds = datasets[dataset]
     allowed = CLASS_METRICS if ttype in ("knn", "linear", "fewshot", "mil") else (
-        ("c_index",) if ttype == "survival" else RETRIEVAL_METRICS)
+        ("c_index",) if ttype == "survival" else TEXT_METRICS.get(ttype, RETRIEVAL_METRICS))
     metrics = f.get("metrics", list, list(DEFAULT_METRICS[ttype]))
     if not metrics or any(m not in allowed for m in metrics):
         raise f.error("metrics", f"a non-empty list from {list(allowed)}, got {metrics}")
@@ -266,12 +281,17 @@ def _task(file: Path, name: str, table: dict, datasets: dict[str, DatasetSpec]) 
         kind = (float,) if isinstance(default, float) else type(default)
         params[k] = f.get(k, kind, default)
     f.done()
-    need = "tiles" if ttype in TILE_TASKS else "slides"
+    need = "tiles" if ttype in TILE_TASKS or ttype == "vqa" else "slides"
     if ds.level != need:
         raise f.error("dataset", f"a {ttype} task needs a {need} dataset; {dataset!r} has {ds.level}")
     synth_kind = ds.synthetic["kind"] if ds.synthetic else None
-    if ttype == "survival" and synth_kind == "slides" or ttype == "mil" and synth_kind == "survival":
+    if ttype == "survival" and synth_kind in ("slides", "reports") or ttype == "mil" and synth_kind == "survival":
         raise f.error("dataset", f"synthetic {synth_kind} data cannot feed a {ttype} task")
+    text_kind = "tiles" if ttype == "vqa" else "reports"
+    if ttype in TEXT_TASKS and synth_kind != text_kind or ttype not in TEXT_TASKS and synth_kind == "reports":
+        raise f.error("dataset", f"a {ttype} task cannot run on {dataset!r}: text tasks run on synthetic "
+                                 f"datasets here (report / slide_vqa: \"reports\", vqa: \"tiles\"; real reports "
+                                 f"and questions: gpfm-eval report / vqa)")
     if ttype == "mil" and params["model"] not in ("abmil", "transmil", "mean"):
         raise f.error("model", f"one of abmil / transmil / mean, got {params['model']!r}")
     if ttype == "survival" and params["loss"] not in ("nll_surv", "cox"):

@@ -168,3 +168,61 @@ def run_slide_task(task: TaskSpec, seed: int, view: Path, slides: SlideSet) -> d
     classes = res["classes"]
     rows["y"] = [classes.index(r["label"]) for r in preds]
     return {"classes": classes, "rows": rows, "scores": [r["proba"] for r in preds], "extra": extra}
+
+
+def run_text_task(task: TaskSpec, seed: int, view: Path, items: SlideSet | TileSet,
+                  params: dict[str, Any]) -> dict[str, Any]:
+    """A report / slide_vqa cell on a synthetic `reports` dataset, or a (tile) vqa cell on a synthetic `tiles`
+    dataset (`params`): gpfm-eval's report / vqa runners (their validation-only epoch selection), keeping per test
+    sample the generated (or chosen) and reference text and the per-row values the report ranks on (sentence
+    ROUGE-L; answer correctness)."""
+    import tempfile
+
+    from gpfm_jax.bench import synthetic
+    from gpfm_jax.evaluation.report_task import ReportRun, run_report
+    from gpfm_jax.evaluation.vqa_task import VQARun, run_vqa
+    from gpfm_jax.text import metrics as text_metrics
+    from gpfm_jax.text.models import TextModelConfig
+    from gpfm_jax.text.train import TrainConfig
+
+    p = task.params
+    model = TextModelConfig(width=p["width"], heads=p["heads"], layers=p["layers"], encoder_layers=p["encoder_layers"],
+                            dropout=p["dropout"], region_size=p.get("region_size", 0),
+                            memory_slots=p.get("memory_slots", 0))
+    train = TrainConfig(learning_rate=p["lr"], lr_decay=p["lr_decay"], weight_decay=p["weight_decay"],
+                        clip_value=p["clip_value"], epochs=p["epochs"], batch_size=p["batch_size"], beam=p["beam"],
+                        seed=seed)
+    if task.type == "vqa":
+        patient = {t.rsplit("/", 1)[-1]: pt for t, pt in zip(items.ids, items.patients)}
+    else:
+        patient = _patients(items)
+    with tempfile.TemporaryDirectory() as tmp:
+        ann = (synthetic.tile_questions if task.type == "vqa" else synthetic.text_annotations)(params, tmp)
+        if task.type == "vqa":
+            res = run_vqa(VQARun("pathvqa", [str(view)], ann["train"], ann["val"], ann["test"], ann["answer_list"],
+                                 model, train, min_count=p["min_count"], max_length=p["max_length"],
+                                 max_question=p["max_question"], bootstrap=0))
+        elif task.type == "report":
+            res = run_report(ReportRun(str(view), ann["annotations"], model, train, min_count=p["min_count"],
+                                       max_length=p["max_length"], bootstrap=0, smallest_bucket=64,
+                                       with_meteor=False))
+        else:
+            res = run_vqa(VQARun("wsivqa", [str(view)], ann["train"], ann["val"], ann["test"], None, model, train,
+                                 min_count=p["min_count"], max_length=p["max_length"],
+                                 max_question=p["max_question"], bootstrap=0, smallest_bucket=64))
+    preds = res["predictions"]
+    if task.type == "vqa":
+        for pr in preds:
+            pr["reference"] = pr["answer"]
+        owner = [pr["image"] for pr in preds]
+    else:
+        owner = [pr["id"].split(":")[0] for pr in preds]
+    values = {"rouge_l": [text_metrics.rouge_l_sentence(pr["prediction"].split(), [pr["reference"].split()])
+                          for pr in preds]}
+    if task.type != "report":
+        values["answer_accuracy"] = [float(pr["correct"] or 0.0) for pr in preds]
+    rows = {"id": [str(pr["id"]) for pr in preds], "unit": [patient[s] for s in owner], "group": [0] * len(preds)}
+    return {"rows": rows, "values": values,
+            "texts": {"prediction": [pr["prediction"] for pr in preds], "reference": [pr["reference"] for pr in preds]},
+            "extra": {"metrics": res["metrics"], "selected_epoch": res["selected_epoch"],
+                      "history": res["history"], "compiles": res["compiles"]}}

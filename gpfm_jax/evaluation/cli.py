@@ -6,6 +6,8 @@
     gpfm-eval mil       --features DIR --labels SLIDES.csv --task classification|survival --model abmil|transmil|mean
                         [--folds K] [--save-attention DIR] --out results.json
     gpfm-eval heatmap   --slide S.svs --attention ATT/S.h5 [--features FEAT/S.h5] --out S.png
+    gpfm-eval report    --features DIR --annotations HISTGEN.json --out results.json      (docs/text_tasks.md)
+    gpfm-eval vqa       --format wsivqa|pathvqa --features ... --train T --val V --test X --out results.json
 
 Tile-level commands (knn, linear, retrieval) take tile-feature files (`features`, `paths`); labels come from a CSV
 (path,label) or from the folder name of each stored path. Slide-level commands (mil, heatmap) take the per-slide
@@ -22,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from gpfm_jax.evaluation import data, metrics
+from gpfm_jax.evaluation import data, metrics, text_cli
 from gpfm_jax.evaluation.results import write_json_atomic
 from gpfm_jax.evaluation.mil_models import MODELS
 
@@ -58,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     _retrieval_parser(sub)
     _mil_parser(sub)
     _heatmap_parser(sub)
+    text_cli.add_parsers(sub)
     return parser
 
 
@@ -162,6 +165,8 @@ def run(args) -> dict[str, Any]:
         return _run_heatmap(args)
     if args.command == "retrieval":
         return _run_retrieval(args)
+    if args.command in ("report", "vqa"):
+        return text_cli.run(args)
     classes, sets = _splits(args)
     (xt, yt), (xs, ys) = sets["train"], sets["test"]
     sizes = {k: int(len(v[1])) for k, v in sets.items()}
