@@ -138,3 +138,25 @@ def test_a_few_steps_lower_the_total_loss_on_real_tiles(setup):
     assert totals[-1] < totals[0] - 1.0, totals  # ~9.8 -> ~6.0 with this seed
     for term in ("distill/uni/cls", "distill/phikon/cls", "distill/conch/cls", "distill/uni/patch"):
         assert history[-1][f"loss/{term}"] < 0.8 * history[0][f"loss/{term}"], term
+
+
+def test_a_loss_weight_of_zero_switches_the_term_off(setup):
+    """loss.koleo_weight = 0: no KoLeo term (not computed, not in the metrics) and the total is the default step's
+    total less its 0.1 x KoLeo: the other terms are the same numbers (same state, batch and keys)."""
+    import dataclasses
+
+    from gpfm_jax.losses import LossConfig
+
+    s = setup
+    base_cfg = StepConfig(batch_groups=2, drop_path_groups=1)
+    off_cfg = dataclasses.replace(base_cfg, loss=dataclasses.replace(base_cfg.loss, koleo_weight=0.0))
+    off = jit_train_step(make_train_step(s["model"], s["sched"], s["tx"], off_cfg), s["mesh"], s["state"],
+                         s["experts"])
+    _, m_on = _run(s["single"], s["mesh"], s["state"], s["experts"], s["batch"])
+    _, m_off = _run(off, s["mesh"], s["state"], s["experts"], s["batch"])
+    assert "loss/koleo" in m_on and "loss/koleo" not in m_off
+    assert LossConfig().koleo_weight == 0.1
+    np.testing.assert_allclose(float(m_off["loss/total"]),
+                               float(m_on["loss/total"]) - 0.1 * float(m_on["loss/koleo"]), rtol=1e-6)
+    for key in ("loss/dino", "loss/ibot"):
+        np.testing.assert_allclose(float(m_off[key]), float(m_on[key]), rtol=1e-6)

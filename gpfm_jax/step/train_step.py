@@ -185,10 +185,12 @@ def make_objective(model: GPFMModel, schedules: Schedules, cfg: StepConfig) -> C
                 _views_first(head(s_local["cls"]), b, n_l), student_temp=loss_cfg.student_temp)
             s_tokens, token_weights, _ = select.tokens(s_global["patch"])
             ibot = losses.ibot_loss(head(s_tokens), ibot_probs, token_weights, b * n_g, loss_cfg.student_temp)
-            koleo = losses.koleo_global_views(_views_first(s_global["cls"], b, n_g), groups,
-                                              loss_cfg.koleo_eps, loss_cfg.koleo_pairwise_eps)
+            terms = {"dino": dino, "ibot": ibot}
+            if "koleo" in weights:  # a weight of 0 switches a term off (loss_weights keeps only positive ones)
+                terms["koleo"] = losses.koleo_global_views(_views_first(s_global["cls"], b, n_g), groups,
+                                                           loss_cfg.koleo_eps, loss_cfg.koleo_pairwise_eps)
+            terms = {name: value for name, value in terms.items() if name in weights}
             distill = lambda x: distill_heads.apply({"params": params["distill_heads"]}, x)  # noqa: E731
-            terms = {"dino": dino, "ibot": ibot, "koleo": koleo}
             terms |= losses.distill_terms(distill(s_global["cls"]), cls_targets, distill(s_global["patch"]),
                                           patch_targets, loss_cfg)
             return losses.weighted_total(terms, weights)
