@@ -149,3 +149,21 @@ def test_slide_source_builds_a_list_once_into_the_cache(tmp_path, monkeypatch):
     assert resolve.slide_list(str(tmp_path / "s" / "*.svs")) == paths
     with pytest.raises(FileNotFoundError, match="nothing_here"):
         resolve.slide_list(str(tmp_path / "nothing_here" / "*.svs"))
+
+
+def test_an_index_built_from_a_relative_glob_verifies_from_another_folder(tmp_path, monkeypatch, capsys):
+    """Slide paths are stored absolute (a relative glob from one folder used to fail `verify` from any other), and
+    `info` prints the build settings once, in brackets."""
+    from gpfm_jax.data.index.cli import main as index_main
+
+    _copies(tmp_path / "s", 1)
+    monkeypatch.chdir(tmp_path)
+    assert index_main(["build", "--slides", "s/*.svs", "--out", "idx", "--workers", "1"]) == 0
+    assert resolve.slide_list(tmp_path / "idx") == [str(tmp_path / "s" / "slide_000.svs")]
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    assert index_main(["verify", str(tmp_path / "idx"), "--sample", "3"]) == 0
+    assert index_main(["info", str(tmp_path / "idx")]) == 0
+    built = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("built ")]
+    assert len(built) == 1 and " s (" in built[0] and "from from" not in built[0], built

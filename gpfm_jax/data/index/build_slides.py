@@ -187,6 +187,8 @@ def build_from_slides(slides: str | os.PathLike | Sequence[str], out: str | os.P
     report = report or (lambda msg: print(f"gpfm-index: {msg}", file=sys.stderr, flush=True))
     spec = str(slides) if isinstance(slides, (str, os.PathLike)) else None
     paths = read_slide_list(slides) if spec is not None else [str(p) for p in slides]
+    # Stored absolute: an index built from a relative glob in one folder is read (verify, training) from others.
+    paths = [p if "://" in p else os.path.abspath(p) for p in paths]
     if not paths:
         raise ValueError("no slides given")
     out = Path(out)

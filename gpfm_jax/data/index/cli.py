@@ -116,8 +116,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         if key in d:
             print(f"  {key}: {d[key]}")
     b = d["build"]
-    print(f"  built {b.get('created')} on {b.get('host')} in {b.get('seconds')} s from "
-          + ", ".join(f"{k}={v}" for k, v in b.items() if k not in ("created", "host", "seconds")))
+    settings = ", ".join(f"{k}={v}" for k, v in b.items() if k not in ("created", "host", "seconds"))
+    print(f"  built {b.get('created')} on {b.get('host')} in {b.get('seconds')} s ({settings})")
     return 0
 
 
