@@ -264,13 +264,20 @@ SMALLER = ["--config.mesh.fsdp=8", "--config.model.vit.drop_path_rate=0.4", "--c
 def cpu_plan(tmp_path_factory):
     """gpfm-plan on 8 fake CPU devices: the demo config (2 blocks, 2 local crops) with the official stochastic depth
     (0.4: batch subsets) and FSDP over all 8 devices, 2 images per device."""
+    import contextlib
+    import io
+
     out = tmp_path_factory.mktemp("plan") / "plan.json"
-    rc = main(["--config", str(DEMO), "--target", "cpu-8", "--per-device-batch", "2", "--json", str(out), *SMALLER])
-    return rc, json.loads(out.read_text())
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rc = main(["--config", str(DEMO), "--target", "cpu-8", "--per-device-batch", "2", "--json", str(out),
+                   *SMALLER])
+    print(printed.getvalue())
+    return rc, json.loads(out.read_text()), printed.getvalue()
 
 
 def test_cpu_plan_fits_and_reports_memory_flops_and_collectives(cpu_plan):
-    rc, plan = cpu_plan
+    rc, plan, _ = cpu_plan
     assert rc == 0 and plan["memory"]["fits"]
     assert plan["mesh"] == {"data": 1, "fsdp": 8} and plan["per_device_batch"] == 2
     m = plan["memory"]
@@ -279,10 +286,16 @@ def test_cpu_plan_fits_and_reports_memory_flops_and_collectives(cpu_plan):
     assert plan["roofline"]["img_per_s_per_chip"] > 0 and plan["collectives"]["top"]
 
 
+def test_cpu_plan_figures_are_labelled_nominal(cpu_plan):
+    *_, printed = cpu_plan
+    nominal = [line for line in printed.splitlines() if line.strip().startswith("NOMINAL: cpu-8 is 8 fake CPU")]
+    assert len(nominal) == 1 and "say nothing about a real machine" in nominal[0]
+
+
 def test_per_shard_drop_path_keeps_collectives_within_3x_the_parameter_bytes(cpu_plan):
     """The issue's target: weight gathers (forward, backward) and gradient reduce-scatters only. With the old global
     subset the activations of every block were all-reduced and all-gathered (hundreds of x the parameters)."""
-    _, plan = cpu_plan
+    _, plan, _ = cpu_plan
     params = sum(plan["param_bytes"].values())
     total = sum(plan["collectives"]["bytes_by_kind"].values())
     assert total <= 3 * params, (total, params)

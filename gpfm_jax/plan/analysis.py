@@ -145,6 +145,10 @@ def format_report(r: PlanResult, target: Target) -> str:
              f"{r.per_device_batch} images/device"
              + (f" in {r.microbatches} microbatches of {r.per_device_batch // r.microbatches}" if r.microbatches > 1
                 else "") + f", remat {r.remat}, {r.compute_dtype}, attention {r.attention_impl}"]
+    if target.platform == "cpu":  # fake host devices: the program is real, the memory / speed figures are not
+        lines.append(f"  NOMINAL: {target.name} is {target.chips} fake CPU devices for testing the planner; its "
+                     "HBM limit, peak FLOP/s and link speed are made-up figures, so 'fits' and the roofline below "
+                     "say nothing about a real machine (use a TPU or GPU target)")
     params = ", ".join(f"{k} {_gib(v)}" for k, v in r.param_bytes.items())
     lines.append(f"  parameters (stored, global): {params}")
     if r.error:
