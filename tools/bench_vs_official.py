@@ -4,30 +4,27 @@
     python tools/bench_vs_official.py                                   # CPU: a tiny config, both in fp32
     python tools/bench_vs_official.py --size vitl --batches 64,48,32 --json OUT/vs_official.json   # one GPU
 
-The official step is the fidelity oracle's (tests/dinov2_oracle.py, tests/fidelity_bridge.py, imported, not
-copied): `dinov2==0.0.1.dev2`'s SSLMetaArch, losses, param groups, AdamW, schedulers and loop body, GPFM's
-distillation heads and losses added on top, xFormers replaced by a stand-in whose attention is torch's
-`scaled_dot_product_attention` on a GPU. gpfm_jax's step gets the same weights (through the project's converters),
-the same collated batch and masks, the same random expert teachers (gpfm_jax's; their targets feed the official
-distillation loss, as in the oracle test, so both sides pay for the same teacher forwards).
+The official step is the fidelity oracle's (tests/dinov2_oracle.py, tests/fidelity_bridge.py, imported): dinov2
+0.0.1.dev2's SSLMetaArch, losses, optimiser, schedulers and loop body, GPFM's distillation heads and losses on top,
+xFormers replaced by a stand-in (torch's `scaled_dot_product_attention` on a GPU). gpfm_jax's production step gets
+the same weights (the project's converters), collated batch, masks and random expert teachers (gpfm_jax's, whose
+targets feed the official distillation loss as in the oracle test: both sides pay for the same teacher forwards).
 
-1. Equality first: one step of each in fp32 (TF32 off, JAX matmuls at "highest") on --check-batch images, stochastic
-   depth off: every loss term and the weighted total within 1e-5 relative (tests/test_fidelity_step.py's bound).
-   Otherwise one line says which loss differs, the exit code is 2, and nothing is timed.
-2. Each in its best documented precision: the official code under torch.autocast (GPFM: float16 with a GradScaler,
-   --official-dtype), gpfm_jax in bf16 compute with fp32 params (cuDNN flash attention, scanned blocks, the
-   config's remat and concatenated crops); the recipe's stochastic depth (0.4, batch subset) on both. Off a GPU both
-   run in fp32. On a GPU the batch is the first of --batches that both fit (one step each, in one process).
-3. --warmup steps each, then --rounds rounds of --iters steps of each, interleaved: img/s (median round), peak
-   memory (torch.cuda.max_memory_allocated; JAX memory_stats' peak_bytes_in_use, this process's high-water mark;
-   on the CPU only the process's max RSS, shared by both), MFU where the device's bf16 peak is known, and the ratio.
+1. Equality first: one fp32 step of each (TF32 off, JAX matmuls "highest") on --check-batch images, stochastic depth
+   off: every loss term and the weighted total within 1e-5 relative (tests/test_fidelity_step.py's bound). Else one
+   line names the loss that differs, exit code 2, nothing timed.
+2. Each in its best documented precision: the official code under torch.autocast (GPFM: float16 + GradScaler),
+   gpfm_jax in bf16 compute with fp32 params (cuDNN attention, scanned blocks, the config's remat, concatenated
+   crops); the recipe's stochastic depth 0.4 on both. Off a GPU both in fp32. GPU batch: the first of --batches both
+   fit. 3. --warmup steps each, then --rounds rounds of --iters steps of each, interleaved: img/s (median round),
+   peak memory (torch.cuda.max_memory_allocated; JAX's peak_bytes_in_use, a process high-water mark; on the CPU the
+   process's max RSS, shared), MFU where the bf16 peak is known (the same model FLOPs for both), the ratio.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import os
 import resource
@@ -35,7 +32,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
@@ -46,14 +42,14 @@ for _path in (REPO / "tests", REPO):  # the test oracle modules (tools may impor
         sys.path.insert(0, str(_path))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import dinov2_oracle as O  # noqa: E402
 import fidelity_bridge as FB  # noqa: E402
+from tools import official_step as S  # noqa: E402
 
 LOSS_RTOL = 1e-5  # tests/test_fidelity_step.py: one step's loss terms within 1e-5 relative
-SIZES = {  # dims of the student, heads and crops; the GPU size is GPFM's (shared recipe: configs/gpfm_vitl14.py)
+SIZES = {  # student, heads, crops; vitl: GPFM's recipe (configs/gpfm_vitl14.py)
     "tiny": dict(arch=dict(embed_dim=64, depth=2, num_heads=4), img=112, local=56, n_local=2, out_dim=256,
                  hidden=64, bottleneck=32, distill_bottleneck=32, drop_path=0.0, batches="4", check_batch=4),
     "vitl": dict(arch=dict(embed_dim=1024, depth=24, num_heads=16), img=224, local=98, n_local=8, out_dim=65536,
@@ -77,122 +73,6 @@ def _test_helpers() -> None:
 
     os.environ.clear()
     os.environ.update(saved)
-
-
-class OfficialTrainer(O.OracleTrainer):
-    """The oracle's trainer on `device` under `autocast` (None: fp32), with train.py's GradScaler steps for fp16.
-    Batches are moved to the device beforehand (the oracle turns `.cuda()` into a no-op)."""
-
-    autocast: Any = None
-    scaler: Any = None
-
-    def _forward_backward(self, data, temp):
-        with self.autocast() if self.autocast else contextlib.nullcontext():
-            return super()._forward_backward(data, temp)
-
-    def update(self, iteration: int) -> None:
-        import torch
-
-        if self.scaler is None:
-            return super().update(iteration)
-        self.scaler.unscale_(self.optimizer)  # train.py's fp16 branch
-        for v in self.model.student.values():
-            torch.nn.utils.clip_grad_norm_(v.parameters(), self.cfg.optim.clip_grad)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.update_teacher(self.momentum[iteration])
-
-
-def build_experts(size: str, dtype: str, seed: int = 0):
-    """The same random expert teachers for both sides: tiny stand-ins, or UNI / Phikon / CONCH at their real
-    architectures (compute and params in `dtype`, as gpfm-train builds them)."""
-    if size == "tiny":
-        return FB.standin_experts(seed=seed)
-    from gpfm_jax.models import attention
-    from gpfm_jax.models.teachers import TEACHERS, build_teacher
-
-    impl = attention.resolve_impl(attention.AUTO, jax.default_backend(), dtype)
-    experts, params = {}, {}
-    for i, name in enumerate(FB.DISTILL_CLS):
-        experts[name] = build_teacher(TEACHERS[name], dtype=dtype, param_dtype=dtype, scan_layers=False,
-                                      attention_impl=impl)
-        params[name] = jax.device_put(experts[name].init_params(seed + i))
-    return experts, params
-
-
-def official(args, mods, s: dict, device: str, experts):
-    """OfficialTrainer at `s` (GPFM's settings, the recipe's stochastic depth) with GPFM's distillation heads, and
-    gpfm_jax's twin of it (the same weights). fp32 matmuls (no TF32) until the check is done."""
-    import torch
-
-    cfg = O.gpfm_cfg(mods, batch_per_gpu=int(args.batches.split(",")[0]), warmup_epochs=0, img=s["img"],
-                     local=s["local"], n_local=s["n_local"], out_dim=s["out_dim"], hidden=s["hidden"],
-                     bottleneck=s["bottleneck"], drop_path=s["drop_path"], **s["arch"])
-    trainer = OfficialTrainer(mods, cfg, seed=1)
-    trainer.randomize_backbone(seed=1)
-    heads = FB.torch_distill_heads(mods, s["arch"]["embed_dim"], experts, bottleneck=s["distill_bottleneck"])
-    trainer.add_param_groups(heads)
-    targets_ref: dict = {}
-    trainer.extra_loss = FB.torch_distill_loss(heads, targets_ref)
-    twin = FB.jax_twin(trainer, experts=experts, distill_heads=heads)  # converted before the move to the device
-    trainer.model.to(device), heads.to(device)
-    if device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 for the check
-    return trainer, heads, targets_ref, twin
-
-
-def jax_state(twin, trainer, s: dict):
-    """A fresh TrainState from the twin's weights in the production layout (scanned blocks)."""
-    from gpfm_jax import losses
-    from gpfm_jax.convert.layout import stack_blocks
-    from gpfm_jax.step.optim import make_optimizer
-    from gpfm_jax.step.train_step import TrainState
-
-    stack = lambda tree: {**tree, "backbone": stack_blocks(tree["backbone"])}  # noqa: E731
-    params, teacher = stack(twin.state.params), stack(twin.state.teacher)
-    tx = make_optimizer(params, twin.schedules, FB.optim_config(trainer.cfg))
-    k = s["out_dim"]
-    return tx, TrainState(jnp.zeros((), jnp.int32), params, teacher, tx.init(params),
-                          {"dino": losses.init_center(k), "ibot": losses.init_center(k)}, jax.random.key(0))
-
-
-def jax_step(twin, tx, state, experts, expert_params, *, dtype: str, drop_path: float, remat: str,
-             max_masked: int):
-    """gpfm_jax's production step (scanned blocks, concatenated crops, `jit_train_step` on a one-device mesh: the
-    shardings, donation and XLA options gpfm-train compiles with) with the twin's settings."""
-    from gpfm_jax.step.sharding import make_mesh
-    from gpfm_jax.step.train_step import jit_train_step, make_train_step
-
-    vit = dataclasses.replace(twin.model.vit, dtype=dtype, drop_path_rate=drop_path, attention_impl="auto",
-                              scan_layers=True, remat_policy=remat)
-    model = dataclasses.replace(twin.model, vit=vit, experts=experts)
-    step_cfg = dataclasses.replace(twin.step_cfg, concat_crops=True, max_masked=max_masked)
-    mesh = make_mesh(1, 1, devices=jax.local_devices()[:1])
-    return jit_train_step(make_train_step(model, twin.schedules, tx, step_cfg), mesh, state, expert_params)
-
-
-def batch_for(mods, trainer, b: int, device: str, seed: int = 3):
-    """(official collated batch on the device, gpfm_jax's batch): real H&E crops, the oracle's collate and masks."""
-    import torch
-
-    crops = FB.real_crop_batches(1, b, trainer.cfg, seed=seed)[0]
-    data = O.collate(mods, crops, trainer.cfg, seed=5)
-    jbatch = FB.jax_batch(data, b)
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in data.items()}, jbatch
-
-
-def targets_fn(experts, grid):
-    """Jitted expert targets in the oracle's view-major crop order (FB.expert_targets, on the device)."""
-    from gpfm_jax.models.teachers import teacher_targets
-
-    @jax.jit
-    def fn(params, g):
-        b, v = g.shape[:2]
-        out = teacher_targets(experts, params, g.reshape((b * v,) + g.shape[2:]), student_grid=grid)
-        vm = lambda x: jnp.swapaxes(x.reshape((b, v) + x.shape[1:]), 0, 1).reshape(x.shape)  # noqa: E731
-        return jax.tree_util.tree_map(vm, out)
-
-    return fn
 
 
 def compare(ours: dict, ref_terms: dict, cfg) -> tuple[str, float]:
@@ -228,16 +108,16 @@ def check_equal(args, mods, ctx: dict, perturb: str | None) -> dict:
             trainer.model.student.backbone.blocks[0].mlp.fc1.weight.mul_(1.1)
     if perturb == "koleo-weight":  # the official objective weighs KoLeo twice as much as gpfm_jax's
         trainer.cfg.dino.koleo_loss_weight *= 2
-    data, batch = batch_for(mods, trainer, args.check_batch, ctx["device"])
-    tx, state = jax_state(twin, trainer, ctx["s"])
+    data, batch = S.batch_for(mods, trainer, args.check_batch, ctx["device"])
+    tx, state = S.jax_state(twin, trainer, ctx["s"])
     remat, max_masked = ctx["remat"] if not on_gpu else "none", int(data["upperbound"])
     key = (args.size, args.check_batch, on_gpu, remat, max_masked)  # what the program depends on
     if key not in _CHECK_PROGRAMS:  # one compile per process (the tests run the check several times)
-        step = jax_step(twin, tx, state, ctx["experts32"], ctx["params32"], dtype="float32", drop_path=0.0,
+        step = S.jax_step(twin, tx, state, ctx["experts32"], ctx["params32"], dtype="float32", drop_path=0.0,
                         remat=remat, max_masked=max_masked)
         with jax.default_matmul_precision("highest") if on_gpu else contextlib.nullcontext():
             _CHECK_PROGRAMS[key] = (step, *compile_step(step, state, batch, ctx["params32"]),
-                                    targets_fn(ctx["experts32"], ctx["grid"]))
+                                    S.targets_fn(ctx["experts32"], ctx["grid"]))
     step, compiled, traced, compile_s, tfn = _CHECK_PROGRAMS[key]
     ctx["targets_ref"]["current"] = jax.tree_util.tree_map(np.array, tfn(ctx["params32"], batch["global_crops"]))
     blocks = trainer.model.student.backbone.blocks
@@ -281,24 +161,11 @@ def time_both(args, mods, ctx: dict, b: int) -> dict:
 
     on_gpu, trainer = ctx["on_gpu"], ctx["trainer"]
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
-    data, batch = batch_for(mods, trainer, b, ctx["device"])
+    data, batch = S.batch_for(mods, trainer, b, ctx["device"])
     experts, params = ctx["experts"], ctx["params"]
-    if ctx.get("checked") and b == args.check_batch:
-        step, tx, state, compiled, traced, compile_s, tfn = ctx.pop("checked")
-    else:
-        tx, state = jax_state(ctx["twin"], trainer, ctx["s"])
-        step = jax_step(ctx["twin"], tx, state, experts, params, dtype=ctx["dtype"], drop_path=ctx["s"]["drop_path"],
-                        remat=ctx["remat"], max_masked=int(data["upperbound"]))
-        compiled, traced, compile_s = compile_step(step, state, batch, params)
-        tfn = targets_fn(experts, ctx["grid"])
-    if ctx["remat"] != "none":  # model FLOPs: the same step without recomputation (traced only)
-        with jax.set_mesh(step.mesh):
-            traced = jax_step(ctx["twin"], tx, state, experts, params, dtype=ctx["dtype"], remat="none",
-                              drop_path=ctx["s"]["drop_path"], max_masked=int(data["upperbound"])
-                              ).jitted.trace(state, batch, params)
-    model_flops = roofline.jaxpr_flops(traced.jaxpr)
-    mem = compiled.memory_analysis()
-    held = {"state": state, "it": 0}
+    checked = ctx.pop("checked", None) if b == args.check_batch else None
+    tfn = checked[-1] if checked else S.targets_fn(experts, ctx["grid"])
+    held = {"it": 0}
 
     def official_iter():
         t = jax.block_until_ready(tfn(params, batch["global_crops"]))
@@ -306,15 +173,30 @@ def time_both(args, mods, ctx: dict, b: int) -> dict:
         trainer.step(data, held["it"])  # schedules hold their final value past the end
         held["it"] += 1
 
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(args.warmup):  # first: a batch too large for torch fails before the JAX compile
+        official_iter()
+    sync()
+    if checked:
+        step, tx, held["state"], compiled, traced, compile_s, _ = checked
+    else:
+        tx, held["state"] = S.jax_state(ctx["twin"], trainer, ctx["s"])
+        step = S.jax_step(ctx["twin"], tx, held["state"], experts, params, dtype=ctx["dtype"],
+                        drop_path=ctx["s"]["drop_path"], remat=ctx["remat"], max_masked=int(data["upperbound"]))
+        compiled, traced, compile_s = compile_step(step, held["state"], batch, params)
+    if ctx["remat"] != "none":  # model FLOPs: the same step without recomputation (traced only)
+        with jax.set_mesh(step.mesh):
+            traced = S.jax_step(ctx["twin"], tx, held["state"], experts, params, dtype=ctx["dtype"], remat="none",
+                              drop_path=ctx["s"]["drop_path"], max_masked=int(data["upperbound"])
+                              ).jitted.trace(held["state"], batch, params)
+    model_flops = roofline.jaxpr_flops(traced.jaxpr)
+    mem = compiled.memory_analysis()
+
     def ours_iter():
         held["state"], metrics = compiled(held["state"], batch, params)
         return metrics
 
-    if on_gpu:
-        torch.cuda.reset_peak_memory_stats()
-    for _ in range(args.warmup):
-        official_iter()
-    sync()
     for _ in range(args.warmup):
         jax.block_until_ready(ours_iter())
     rounds = {"official": [], "gpfm_jax": []}
@@ -367,11 +249,11 @@ def _run(args, mods, dev, on_gpu: bool) -> dict:
 
     _test_helpers()
     s = SIZES[args.size]
-    experts32, params32 = build_experts(args.size, "float32")
+    experts32, params32 = S.build_experts(args.size, "float32")
     device = "cuda" if on_gpu else "cpu"
     batches = [int(x) for x in (args.batches or s["batches"]).split(",")]
     args.batches = ",".join(map(str, batches))
-    trainer, heads, targets_ref, twin = official(args, mods, s, device, experts32)
+    trainer, heads, targets_ref, twin = S.official(args, mods, s, device, experts32)
     ctx = dict(trainer=trainer, twin=twin, on_gpu=on_gpu, device=device, s=s, experts32=experts32,
                params32=params32, targets_ref=targets_ref, grid=(s["img"] // 14,) * 2, batches=batches,
                remat=args.remat or ("dots_saveable" if on_gpu else "none"),
@@ -386,7 +268,7 @@ def _run(args, mods, dev, on_gpu: bool) -> dict:
     result["check"] = check_equal(args, mods, ctx, args.perturb)
     if on_gpu:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # dinov2/train/train.py
-        ctx["experts"], ctx["params"] = build_experts(args.size, "bfloat16")
+        ctx["experts"], ctx["params"] = S.build_experts(args.size, "bfloat16", params=params32)
         if official_dtype != "float32":
             dtype = getattr(torch, official_dtype)
             trainer.autocast = lambda: torch.autocast("cuda", dtype=dtype)
