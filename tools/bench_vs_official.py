@@ -266,6 +266,8 @@ def _run(args, mods, dev, on_gpu: bool) -> dict:
               "gpfm_jax": f"{ctx['dtype']} compute, fp32 params, attention auto, remat {ctx['remat']}, "
               "concatenated crops, scanned blocks"}
     result["check"] = check_equal(args, mods, ctx, args.perturb)
+    if args.json:  # kept if the timing is cut short
+        _write(Path(args.json), {**result, "timing": None})
     if on_gpu:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # dinov2/train/train.py
         ctx["experts"], ctx["params"] = S.build_experts(args.size, "bfloat16", params=params32)
