@@ -17,7 +17,7 @@ def test_device_check_tiny_writes_every_section(tmp_path):
                  "--train-dir", str(tmp_path / "scratch"), "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     s = report["sections"]
-    assert list(s) == ["env", "vs_official", "step", "levers", "profile", "train", "attention", "extraction",
+    assert list(s) == ["env", "vs_official", "step", "levers", "train", "profile", "attention", "extraction",
                        "features"] and all(v["ok"] for v in s.values()), s
     assert all(v["budget_s"] == BUDGET_S[k] > 0 for k, v in s.items())
     step = s["step"]
