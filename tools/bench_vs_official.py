@@ -111,10 +111,10 @@ def check_equal(args, mods, ctx: dict, perturb: str | None) -> dict:
     data, batch = S.batch_for(mods, trainer, args.check_batch, ctx["device"])
     tx, state = S.jax_state(twin, trainer, ctx["s"])
     remat, max_masked = ctx["remat"] if not on_gpu else "none", int(data["upperbound"])
-    key = (args.size, args.check_batch, on_gpu, remat, max_masked)  # what the program depends on
+    key = (args.size, args.check_batch, ctx["batches"][0], on_gpu, remat, max_masked)  # what the program holds
     if key not in _CHECK_PROGRAMS:  # one compile per process (the tests run the check several times)
         step = S.jax_step(twin, tx, state, ctx["experts32"], ctx["params32"], dtype="float32", drop_path=0.0,
-                        remat=remat, max_masked=max_masked)
+                          remat=remat, max_masked=max_masked)
         with jax.default_matmul_precision("highest") if on_gpu else contextlib.nullcontext():
             _CHECK_PROGRAMS[key] = (step, *compile_step(step, state, batch, ctx["params32"]),
                                     S.targets_fn(ctx["experts32"], ctx["grid"]))
@@ -185,13 +185,13 @@ def time_both(args, mods, ctx: dict, b: int) -> dict:
     else:
         tx, held["state"] = S.jax_state(ctx["twin"], trainer, ctx["s"])
         step = S.jax_step(ctx["twin"], tx, held["state"], experts, params, dtype=ctx["dtype"],
-                        drop_path=ctx["s"]["drop_path"], remat=ctx["remat"], max_masked=int(data["upperbound"]))
+                          drop_path=ctx["s"]["drop_path"], remat=ctx["remat"], max_masked=int(data["upperbound"]))
         compiled, traced, compile_s = compile_step(step, held["state"], batch, params)
     if ctx["remat"] != "none":  # model FLOPs: the same step without recomputation (traced only)
         with jax.set_mesh(step.mesh):
             traced = S.jax_step(ctx["twin"], tx, held["state"], experts, params, dtype=ctx["dtype"], remat="none",
-                              drop_path=ctx["s"]["drop_path"], max_masked=int(data["upperbound"])
-                              ).jitted.trace(held["state"], batch, params)
+                                drop_path=ctx["s"]["drop_path"], max_masked=int(data["upperbound"])
+                                ).jitted.trace(held["state"], batch, params)
     model_flops = roofline.jaxpr_flops(traced.jaxpr)
     mem = compiled.memory_analysis()
 
