@@ -31,7 +31,9 @@ import numpy as np
 # xFormers stand-in
 
 
-def install_xformers_standin() -> None:
+def install_xformers_standin(sdpa: bool = False) -> None:
+    """`sdpa`: the attention inside each block through torch's `scaled_dot_product_attention` (its fused kernels on a
+    GPU: tools/bench_vs_official.py); otherwise the plain softmax formula. Installed once per process."""
     import torch
 
     if "xformers.ops" in sys.modules:
@@ -67,6 +69,8 @@ def install_xformers_standin() -> None:
     def attention(q, k, v):  # [B, N, H, d] -> [B, N, H, d], exact softmax attention
         scale = q.shape[-1] ** -0.5
         qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
+        if sdpa:
+            return torch.nn.functional.scaled_dot_product_attention(qh, kh, vh).transpose(1, 2)
         return (((qh * scale) @ kh.transpose(-2, -1)).softmax(-1) @ vh).transpose(1, 2)
 
     def memory_efficient_attention(q, k, v, attn_bias=None, op=None):

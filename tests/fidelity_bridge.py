@@ -56,6 +56,12 @@ def schedule_config(cfg) -> ScheduleConfig:
         freeze_last_layer_steps=cfg.optim.freeze_last_layer_epochs * epoch)
 
 
+def optim_config(cfg) -> OptimConfig:
+    """The oracle's AdamW settings as gpfm_jax's OptimConfig."""
+    return OptimConfig(b1=cfg.optim.adamw_beta1, b2=cfg.optim.adamw_beta2, layer_decay=cfg.optim.layerwise_decay,
+                       patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult, clip_grad_norm=cfg.optim.clip_grad)
+
+
 @dataclasses.dataclass
 class JaxTwin:
     model: GPFMModel
@@ -94,9 +100,7 @@ def jax_twin(trainer, *, experts=None, expert_params=None, distill_heads=None, l
     step_cfg = StepConfig(n_global=2, n_local=cfg.crops.local_crops_number, loss=loss_cfg, **(step_overrides or {}))
     global_batch = cfg.train.batch_size_per_gpu
     schedules = make_schedules(schedule_config(cfg), global_batch)
-    tx = make_optimizer(s_params, schedules, OptimConfig(
-        b1=cfg.optim.adamw_beta1, b2=cfg.optim.adamw_beta2, layer_decay=cfg.optim.layerwise_decay,
-        patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult, clip_grad_norm=cfg.optim.clip_grad))
+    tx = make_optimizer(s_params, schedules, optim_config(cfg))
     k = heads.head_n_prototypes
     state = TrainState(jnp.zeros((), jnp.int32), s_params, t_params, tx.init(s_params),
                        {"dino": losses.init_center(k), "ibot": losses.init_center(k)}, jax.random.key(0))
@@ -267,7 +271,8 @@ def torch_distill_loss(heads, targets_ref: dict):
     def loss(global_out):
         terms = {}
         for name, head in heads.items():
-            tg = {k: torch.from_numpy(v) for k, v in targets_ref["current"][name].items()}
+            device = global_out["x_norm_clstoken"].device  # numpy targets, or tensors already there (on a GPU)
+            tg = {k: torch.as_tensor(v, device=device) for k, v in targets_ref["current"][name].items()}
             cls_pred = head(global_out["x_norm_clstoken"])
             cos = F.cosine_similarity(cls_pred, tg["cls"], dim=-1).mean()
             terms[f"distill/{name}/cls"] = DISTILL_CLS[name] * (1 - cos)

@@ -1,20 +1,25 @@
-"""tools/device_check.py at toy sizes on the CPU: every section runs and its figures are the right ones."""
+"""tools/device_check.py at toy sizes on the CPU: every section of the device command runs and its figures are the
+right ones; the deadline skips what no longer fits; the levers change one config field each."""
 
 from __future__ import annotations
 
 import json
 
-from tools.device_check import main
+from tools.device_check import BUDGET_S, main
 
 
 def test_device_check_tiny_writes_every_section(tmp_path):
+    """The device command (--all, issue 27) at toy sizes, plus the encoder sections: one process, the step compiled
+    once (step, profile and the levers' inputs), two levers (one remat policy, one crop layout) to keep it short."""
     out = tmp_path / "check.json"
-    sections = "env,step,attention,extraction,features"
-    assert main(["--tiny", "--devices", "1", "--iters", "3", "--warmup", "1", "--sections", sections, "--profile",
-                 "--out", str(out)]) == 0
+    assert main(["--tiny", "--devices", "1", "--iters", "3", "--warmup", "1", "--all", "--sections",
+                 "attention,extraction,features", "--levers", "remat_dots_attn,no_concat_crops",
+                 "--train-dir", str(tmp_path / "scratch"), "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     s = report["sections"]
-    assert list(s) == [*sections.split(","), "profile"] and all(v["ok"] for v in s.values()), s
+    assert list(s) == ["env", "vs_official", "step", "levers", "train", "profile", "attention", "extraction",
+                       "features"] and all(v["ok"] for v in s.values()), s
+    assert all(v["budget_s"] == BUDGET_S[k] > 0 for k, v in s.items())
     step = s["step"]
     assert step["img_per_s_per_device"] == step["per_device_batch"] / step["step_s"] > 0
     assert step["mfu"] > 0 and step["loss"] == step["loss"]  # finite loss
@@ -28,8 +33,57 @@ def test_device_check_tiny_writes_every_section(tmp_path):
     assert f["jax_fp32_vs_timm_fp32"]["max_abs_diff_over_norm"] < 1e-5  # converted weights: the same encoder
     assert f["bf16_vs_fp32"]["min_cosine"] > 0.999
     _check_profile(s["profile"], tmp_path)
+    _check_train(s["train"], tmp_path)
+    _check_levers(s["levers"], step)
+    v = s["vs_official"]  # tools/bench_vs_official.py at its tiny size; its JSON beside the report
+    assert v["check"]["equal"] and v["check"]["worst_relative"] <= 1e-5
+    assert v["timing"]["ratio"] == v["timing"]["img_per_s"]["gpfm_jax"] / v["timing"]["img_per_s"]["official"] > 0
+    assert json.loads((tmp_path / v["json"]).read_text())["timing"] == v["timing"]
 
 
+def _check_levers(lev, step):
+    """Each lever's step really runs with its one change, timed like the step section, beside the config's row."""
+    assert lev["baseline"]["img_per_s_per_device"] == step["img_per_s_per_device"]
+    var = lev["variants"]
+    assert list(var) == ["remat_dots_attn", "no_concat_crops"]
+    a, c = var["remat_dots_attn"], var["no_concat_crops"]
+    assert (a["remat"], a["concat_crops"]) == ("dots_and_attention_saveable", True)
+    assert (c["remat"], c["concat_crops"]) == (step["remat"], False)
+    for r in (a, c):
+        assert r["img_per_s_per_device"] == r["per_device_batch"] / r["step_s"] > 0 and r["loss"] == r["loss"]
+        assert r["speedup_vs_config"] == r["img_per_s_per_device"] / step["img_per_s_per_device"]
+        assert r["model_flops_per_step"] == step["model_flops_per_step"] and r["program_peak_bytes"] > 0
+
+
+def test_lever_variants_change_one_field_of_the_official_config():
+    """No compile: each lever's config is the official one with exactly the named field changed (so a lever row
+    compares like with like), and --tiny's remat_none is the demo config itself (not run twice)."""
+    import dataclasses
+
+    from tools.device_common import step_config
+    from tools.device_levers import VARIANTS
+
+    base = step_config(False, 1)
+    assert (base.compute.remat_policy, base.compute.concat_crops, base.model.vit.attention_impl) == (
+        "dots_saveable", True, "auto")
+    for name, changes in VARIANTS.items():
+        cfg = step_config(False, 1, changes)
+        (path, value), = changes.items()
+        node_b, node_c = base, cfg
+        for part in path.split(".")[:-1]:
+            node_b, node_c = getattr(node_b, part), getattr(node_c, part)
+        leaf = path.split(".")[-1]
+        assert getattr(node_c, leaf) == value != getattr(node_b, leaf), name
+        assert dataclasses.replace(node_c, **{leaf: getattr(node_b, leaf)}) == node_b, name
+    assert step_config(True, 1, VARIANTS["remat_none"]) == step_config(True, 1)
+
+
+def test_deadline_skips_sections_whose_budget_exceeds_the_time_left(tmp_path):
+    out = tmp_path / "check.json"
+    assert main(["--tiny", "--devices", "1", "--sections", "env,step", "--deadline-s", "60", "--out", str(out)]) == 0
+    s = json.loads(out.read_text())["sections"]
+    assert s["env"]["ok"] and s["env"]["budget_s"] == 10  # env fits, the step's 75 s do not: skipped, not failed
+    assert s["step"]["ok"] is None and s["step"]["skipped"].startswith("its budget (75 s) exceeds the")
 def _check_profile(p, out_dir):
     """The per-op table beside the JSON: consistent figures, and its ops are the step's real XLA ops, found in the
     trace (read here independently) and in the compiled HLO (opcode and category known)."""
@@ -108,16 +162,9 @@ def test_op_table_on_a_gpu_like_trace():
     assert _exclusive([(0, 10, "while"), (1, 3, "a"), (4, 8, "b"), (5, 6, "c")]) == {0: 4, 1: 2, 2: 3, 3: 1}
 
 
-def test_device_check_tiny_train_runs_gpfm_train_end_to_end(tmp_path):
+def _check_train(t, out_dir):
     """--train --tiny: gpfm-train (demo config shrunk) on the bundled slide with a grain worker; the figures are the
     run's own breakdown (recomputed here from the copied metrics.jsonl) and consistent."""
-    out = tmp_path / "check.json"
-    assert main(["--tiny", "--devices", "1", "--train", "--train-dir", str(tmp_path / "scratch"),
-                 "--out", str(out)]) == 0
-    s = json.loads(out.read_text())["sections"]
-    assert list(s) == ["env", "train"]
-    t = s["train"]
-    assert t["ok"], t
     assert t["iterations"] == 10 and t["steady_iterations"] == 8 and t["grain_workers"] == 1  # the config's count
     assert t["global_batch"] == 2 and "--config.steps=10" in t["command"] and "data.source=slides" in t["command"]
     assert 0 < t["end_to_end_img_per_s"] <= t["step_only_img_per_s"]
@@ -125,7 +172,7 @@ def test_device_check_tiny_train_runs_gpfm_train_end_to_end(tmp_path):
     assert 0 <= t["device_idle_share"] <= 1 and 0 <= t["loop_data_wait_share"] <= 1
     assert 0 < t["host_cores_whole_run"] <= t["host_cores_available"] + 0.5
     assert t["host_cores_steady"] is not None and t["host_cores_steady"] > 0
-    rows = [json.loads(line) for line in (tmp_path / t["metrics"]).read_text().splitlines()]
+    rows = [json.loads(line) for line in (out_dir / t["metrics"]).read_text().splitlines()]
     steady = [r for r in rows if "perf/step_s" in r][2:]
     assert len(steady) == 8
     period = sum(r["perf/iteration_s"] for r in steady)

@@ -1,50 +1,44 @@
 #!/usr/bin/env python
-"""A prepared check for a GPU machine (issue 11), one command, one JSON, about 3-6 minutes on one H100/H200.
+"""A prepared check for a GPU machine (issues 11, 19, 27): one command, one JSON, within one 10-minute call.
 
-    pip install -e ".[gpu,test]"     # jax[cuda13] (+ torch 2.14.1 / timm, which share the CUDA 13 libraries)
-    python tools/device_check.py --out $OUT/device_check.json
+    python tools/device_check.py --all --deadline-s 540 --out $OUT/device_check.json   # docs/performance.md
 
-Needs: the repo (configs/, tests/data/ images), jax with a CUDA plugin, torch + timm for the comparison; no network,
-no weights (everything is randomly initialised). The JSON is rewritten atomically after every section, so a failure
-or a timeout keeps what was measured before; a failing section records its error and the next one runs.
+Needs: the repo (configs/, tests/data/), jax with a CUDA plugin; torch + timm (encoder sections) and the official
+DINOv2 code with its small needs (vs_official) and grain (train), carried as wheels on the device machines (see
+docs/performance.md); no network, no weights (everything randomly initialised). The JSON is rewritten atomically
+after every section, so a failure or a time-out keeps what was measured before; a failing section records its error
+and the next one runs. Each section's time budget is printed before it starts (BUDGET_S); with --deadline-s a
+section whose budget exceeds the time left is skipped (recorded as skipped, not failed).
 
-Sections, in order:
-  env         jax / torch versions, devices, device kind and its published dense bf16 peak.
-  step        the official step (configs/gpfm_vitl14.py: ViT-L/14 student + UNI / Phikon / CONCH at their real sizes,
-              bf16, the config's remat policy) at the planned per-device batch (--per-device-batch, default the
-              config's recipe: 96) on every local GPU, random weights and data on device: compile time, then
-              --iters timed iterations after --warmup: s/iteration, images/s per GPU, MFU against the dense bf16
-              peak (model FLOPs, no recomputation), peak memory. Beside it, gpfm-plan's figures for the same
-              compiled program: predicted peak memory and the roofline images/s at the planner's assumed MFU.
-  attention   cuDNN flash attention (tokens padded to even length, keys masked) vs XLA attention at ViT-L's training
-              shapes (257 tokens, 16 heads of 64), bf16: max |difference| of outputs and input gradients, and
-              forward+backward time of each.
-  extraction  encoder throughput, tiles/s: gpfm_jax (bf16 compute, uint8 in, normalisation on device) vs timm
-              `vit_large_patch14_dinov2` (torch.autocast bf16) on the same GPU, same weights, interleaved runs.
-  features    the same encoder on real H&E tiles (tests/data): JAX bf16 vs JAX fp32 (cosine, max |diff| relative to
-              the feature norm) and JAX fp32 vs timm fp32 (TF32 off on both sides).
-Added by --profile / --train (alone, with env, unless --sections names more; issue 19):
-  profile     the step section's program traced for --profile-steps steps (jax.profiler): profile_ops.json / .md
-              beside the JSON, the top 30 ops by device time (category, ms/step, share, count), device busy vs wall
-              (tools/profile_ops.py). ~1-2 min: python tools/device_check.py --profile --out $OUT/profile.json
-  train       gpfm-train itself, 50 iterations, official model, random-weight UNI / Phikon / CONCH bundles, tiles
-              from the bundled slide through grain workers: end-to-end and step-only img/s, device idle share,
-              host cores (tools/device_train.py). ~3-6 min: ... --train --out $OUT/train.json
---tiny runs every section at toy sizes on whatever backend jax has (the test suite runs it on the CPU).
+--all runs, most valuable first:
+  env          jax / torch versions, devices, device kind and its published dense bf16 peak.
+  vs_official  the official DINOv2/GPFM step and gpfm_jax's side by side on the first GPU: equality of one fp32
+               step's losses, then both timed in their own precisions, img/s, peak memory, MFU, ratio
+               (tools/bench_vs_official.py in a subprocess; tools/device_official.py).
+  step         the official step (configs/gpfm_vitl14.py: ViT-L/14 + UNI / Phikon / CONCH at their real sizes, bf16,
+               remat dots_saveable, concatenated crops, cuDNN attention) at --per-device-batch (default 96) on every
+               local GPU, random weights and data on device: compile time, s/iteration, img/s per GPU, MFU (model
+               FLOPs, no recomputation), measured and planned peak memory, roofline figures.
+  levers       the same step with one lever changed at a time: remat none / dots_and_attention_saveable, crops
+               not concatenated, XLA attention instead of cuDNN (tools/device_levers.py).
+  train        gpfm-train end to end (--train-iters, default 50; the documented command passes 30), random-weight
+               teacher bundles, tiles from the bundled slide through grain workers: end-to-end vs step-only img/s,
+               data-wait and device-idle shares, host cores (tools/device_train.py).
+  profile      the step's program traced for --profile-steps steps: the per-op table profile_ops.json / .md beside
+               the JSON (tools/profile_ops.py).
+Other sections (issue 11; the H200 figures are in docs/device_check_h200.json): attention (cuDNN vs XLA at ViT-L's
+shapes), extraction (encoder tiles/s vs timm), features (bf16 vs fp32, JAX vs timm); --profile / --train add those
+sections to env alone. --tiny runs every section at toy sizes on whatever backend jax has (the CPU test).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
-import statistics
 import sys
 import time
-import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU in the later sections
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.85")
@@ -54,47 +48,9 @@ sys.path.insert(0, str(REPO))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
-TIMM_ARCH = "vit_large_patch14_dinov2"
-TINY_VIT = dict(img_size=56, embed_dim=64, depth=2, num_heads=4)
-
-
-class Report:
-    """The JSON document, rewritten (temp file + rename) after every section."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.data: dict[str, Any] = {"sections": {}}
-        path.parent.mkdir(parents=True, exist_ok=True)
-
-    def section(self, name: str, fn: Callable[[], dict[str, Any]]) -> None:
-        start = time.perf_counter()
-        print(f"[device_check] {name} ...", flush=True)
-        try:
-            result = {"ok": True, **fn()}
-        except Exception as err:  # noqa: BLE001 - record and carry on with the next section
-            result = {"ok": False, "error": f"{type(err).__name__}: {err}"[:2000],
-                      "traceback": traceback.format_exc()[-4000:]}
-        result["seconds"] = round(time.perf_counter() - start, 2)
-        self.data["sections"][name] = result
-        self.write()
-        print(f"[device_check] {name}: {json.dumps(_brief(result))}", flush=True)
-
-    def write(self) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, default=_json_default) + "\n")
-        os.replace(tmp, self.path)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    return str(value)
-
-
-def _brief(result: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in result.items() if k != "traceback" and not isinstance(v, (dict, list))}
+from tools import device_encoder, device_levers, device_official  # noqa: E402
+from tools.device_common import Report, Skip, local_target, median_time, peak, step_config  # noqa: E402
 
 
 def _devices(n: int | None) -> list:
@@ -102,18 +58,12 @@ def _devices(n: int | None) -> list:
     return devices[:n] if n else devices
 
 
-def _peak(device) -> float | None:
-    from gpfm_jax.plan.targets import peak_bf16_for
-
-    return peak_bf16_for(device.device_kind)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 
 
 def env_section(devices: list) -> dict[str, Any]:
     info = {"jax": jax.__version__, "backend": jax.default_backend(), "device_kind": devices[0].device_kind,
-            "devices": len(devices), "peak_bf16_flops": _peak(devices[0])}
+            "devices": len(devices), "peak_bf16_flops": peak(devices[0])}
     stats = devices[0].memory_stats() or {}
     info["bytes_limit"] = stats.get("bytes_limit")
     try:
@@ -124,33 +74,6 @@ def env_section(devices: list) -> dict[str, Any]:
     except ImportError:
         info["torch"] = None
     return info
-
-
-def _local_target(devices: list, tiny: bool):
-    from gpfm_jax.plan.targets import TARGETS, Target
-
-    d = devices[0]
-    stats = d.memory_stats() or {}
-    peak = _peak(d) or TARGETS["cpu-8"].peak_bf16_flops
-    return Target(name=f"local-{len(devices)}x-{d.device_kind}", platform=d.platform, chips=len(devices), hosts=1,
-                  hbm_bytes=int(stats.get("bytes_limit") or TARGETS["cpu-8"].hbm_bytes), peak_bf16_flops=peak,
-                  link_bytes_per_s=450e9, island_size=len(devices))
-
-
-def _step_config(tiny: bool, num_devices: int):
-    """The typed config of the step to time: the official recipe (FSDP over 8, or what this host has), or with
-    --tiny the demo shrunk further (one block, narrow heads, two local crops)."""
-    from gpfm_jax.plan.cli import load_config
-    from gpfm_jax.train.config_schema import parse
-
-    cfg = load_config(REPO / "configs" / ("demo.py" if tiny else "gpfm_vitl14.py"))
-    if tiny:
-        cfg.model.vit.update(dict(depth=1, embed_dim=32, num_heads=2))
-        cfg.model.heads.update(dict(out_dim=64, hidden_dim=32, bottleneck_dim=16, distill_bottleneck_dim=16))
-        cfg.standin.update(dict(embed_dim=16, depth=1, num_heads=2, pooler_dim=16))
-        cfg.data.multicrop.num_local_crops = 2
-    cfg.mesh.fsdp = math.gcd(int(cfg.mesh.fsdp), num_devices)
-    return parse(cfg)
 
 
 # The step compiles once per run (--profile traces the step section's program, from its last state): key -> the
@@ -168,8 +91,8 @@ def _compiled_step(devices: list, args: argparse.Namespace):
     key = (tuple(devices), args.tiny, args.per_device_batch)
     if key not in _COMPILED:
         _INPUTS.clear()
-        cfg = _step_config(args.tiny, len(devices))
-        target = _local_target(devices, args.tiny)
+        cfg = step_config(args.tiny, len(devices))
+        target = local_target(devices)
         batch = args.per_device_batch or (2 if args.tiny else 96)
         built = compile_lib.build(cfg, target, batch, standin_teachers=args.tiny, devices=devices)
         t0 = time.perf_counter()
@@ -237,16 +160,6 @@ def profile_section(devices: list, args: argparse.Namespace) -> dict[str, Any]:
     return {"per_device_batch": batch, "compile_s": round(compile_s, 2), **result}
 
 
-def _time(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # warm-up / compile
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def attention_section(devices: list, args: argparse.Namespace) -> dict[str, Any]:
     from gpfm_jax.models import attention
 
@@ -267,126 +180,30 @@ def attention_section(devices: list, args: argparse.Namespace) -> dict[str, Any]
     diffs = [float(jnp.max(jnp.abs(a.astype(jnp.float32) - w.astype(jnp.float32)))) for a, w in zip(got, want)]
     scale = [float(jnp.max(jnp.abs(w.astype(jnp.float32)))) for w in want]
     repeats = 3 if args.tiny else 20
-    t_flash = _time(lambda: jax.block_until_ready(padded()), repeats)
-    t_xla = _time(lambda: jax.block_until_ready(plain()), repeats)
+    t_flash = median_time(lambda: jax.block_until_ready(padded()), repeats)
+    t_xla = median_time(lambda: jax.block_until_ready(plain()), repeats)
     return {"impl": f"{flash} (padded to even, key mask)", "shape_bthd": [b, n, h, d], "dtype": jnp.dtype(dtype).name,
             "max_abs_diff": dict(zip(("out", "dq", "dk", "dv"), diffs)),
             "max_abs_reference": dict(zip(("out", "dq", "dk", "dv"), scale)),
             "fwd_bwd_s": {"flash": t_flash, "xla": t_xla}, "speedup": t_xla / t_flash}
 
 
-def _timm_model(tiny: bool):
-    import timm
-    import torch
-
-    torch.manual_seed(0)
-    kwargs = dict(img_size=224, init_values=1e-5, num_classes=0)
-    if tiny:
-        kwargs.update(TINY_VIT)
-    model = timm.create_model(TIMM_ARCH, **kwargs)
-    with torch.no_grad():  # non-trivial LayerScales, so every block matters
-        for name, p in model.named_parameters():
-            if name.endswith("gamma"):
-                p.uniform_(0.5, 1.5)
-    return model.eval()
+BUDGET_S = {  # seconds each section may take on one H100/H200 (printed; under --deadline-s a section whose
+    # budget exceeds the time left is skipped). Measured on the H200 (issue 11) or estimated from its parts.
+    "env": 10, "vs_official": 240, "step": 75, "levers": 4 * device_levers.VARIANT_BUDGET_S, "profile": 60,
+    "train": 150, "attention": 30, "extraction": 30, "features": 30}
+ALL = "env,vs_official,step,levers,train,profile"  # --all: the issue-27 run, most valuable first (the profile,
+# cheaper, still fits when the train section was skipped)
 
 
-def _jax_encoder(model_t, tiny: bool, dtype: str):
-    from gpfm_jax.convert.torch_io import tensor_to_numpy
-    from gpfm_jax.convert.vit_keys import canonical_keys, vit_params_from_torch
-    from gpfm_jax.models.vit import ViTConfig, VisionTransformer
+def _train(out_dir: Path, args: argparse.Namespace, devices: list) -> dict[str, Any]:
+    import importlib.util
 
-    state, _ = canonical_keys({k: tensor_to_numpy(v) for k, v in model_t.state_dict().items()}, "timm")
-    cfg = ViTConfig(**(TINY_VIT if tiny else {}), dtype=dtype)
-    params = jax.device_put(vit_params_from_torch(state, cfg, "timm"))
-    module = VisionTransformer(cfg)
-    mean = jnp.asarray((0.485, 0.456, 0.406), jnp.float32)
-    std = jnp.asarray((0.229, 0.224, 0.225), jnp.float32)
+    from tools import device_train
 
-    @jax.jit
-    def forward(p, tiles_uint8):  # what gpfm-extract runs: uint8 in, normalisation on device
-        x = (tiles_uint8.astype(jnp.float32) / 255.0 - mean) / std
-        return module.apply({"params": p}, x.astype(dtype))["cls"].astype(jnp.float32)
-
-    return lambda tiles: forward(params, tiles), cfg.img_size
-
-
-def _torch_device():
-    import torch
-
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def extraction_section(devices: list, args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
-    dev = _torch_device()
-    model_t = _timm_model(args.tiny)
-    jax_fn, size = _jax_encoder(model_t, args.tiny, "bfloat16")
-    model_t = model_t.to(dev)
-    batch = 4 if args.tiny else args.extract_batch
-    tiles = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
-    tiles_dev = jax.device_put(tiles, devices[0])
-    mean = torch.tensor((0.485, 0.456, 0.406), device=dev).view(1, 3, 1, 1)
-    std = torch.tensor((0.229, 0.224, 0.225), device=dev).view(1, 3, 1, 1)
-    tiles_t = torch.from_numpy(tiles).to(dev)
-
-    def run_timm():
-        with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16):
-            x = (tiles_t.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
-            out = model_t(x)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        return out
-
-    def run_jax():
-        return jax.block_until_ready(jax_fn(tiles_dev))
-
-    run_jax(), run_timm()  # compile / first-call costs
-    rounds = 2 if args.tiny else 5
-    t_jax, t_timm = [], []
-    for _ in range(rounds):  # interleaved, so machine noise hits both
-        t_jax.append(_time(run_jax, 1 if args.tiny else 5))
-        t_timm.append(_time(run_timm, 1 if args.tiny else 5))
-    jax_tps, timm_tps = batch / statistics.median(t_jax), batch / statistics.median(t_timm)
-    return {"model": TIMM_ARCH + (" (tiny)" if args.tiny else ""), "batch": batch, "dtype": "bfloat16",
-            "jax_tiles_per_s": jax_tps, "timm_tiles_per_s": timm_tps, "jax_over_timm": jax_tps / timm_tps}
-
-
-def _real_tiles(size: int, count: int) -> np.ndarray:
-    from PIL import Image
-
-    big = np.asarray(Image.open(REPO / "tests" / "data" / "tiatoolbox_target_image.png").convert("RGB"))
-    crops = [big[y: y + 250, x: x + 250] for y in range(0, 750, 250) for x in range(0, 750, 250)][:count]
-    return np.stack([np.asarray(Image.fromarray(c).resize((size, size), Image.BICUBIC)) for c in crops])
-
-
-def features_section(devices: list, args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
-    dev = _torch_device()
-    model_t = _timm_model(args.tiny)
-    f32_fn, size = _jax_encoder(model_t, args.tiny, "float32")
-    bf16_fn, _ = _jax_encoder(model_t, args.tiny, "bfloat16")
-    tiles = _real_tiles(size, 9)
-    with jax.default_matmul_precision("highest"):
-        f32 = np.asarray(f32_fn(tiles))
-    bf16 = np.asarray(bf16_fn(tiles))
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    with torch.inference_mode():
-        x = torch.from_numpy(tiles).to(dev).permute(0, 3, 1, 2).float() / 255.0
-        x = (x - torch.tensor((0.485, 0.456, 0.406), device=dev).view(1, 3, 1, 1)) / torch.tensor(
-            (0.229, 0.224, 0.225), device=dev).view(1, 3, 1, 1)
-        ref = model_t.to(dev)(x).float().cpu().numpy()
-
-    def compare(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
-        cos = np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
-        rel = np.max(np.abs(a - b), -1) / np.linalg.norm(b, axis=-1)
-        return {"min_cosine": float(cos.min()), "max_abs_diff_over_norm": float(rel.max())}
-
-    return {"tiles": len(tiles), "feature_dim": int(f32.shape[1]), "bf16_vs_fp32": compare(bf16, f32),
-            "jax_fp32_vs_timm_fp32": compare(f32, ref)}
+    if importlib.util.find_spec("grain") is None:
+        raise Skip("needs grain (gpfm-train's data pipeline): carry its wheel (docs/performance.md)")
+    return device_train.section(out_dir, args, len(devices))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -401,36 +218,55 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--devices", type=int, default=None, help="use the first N local devices (default all)")
     parser.add_argument("--sections", default=None, help="default: env,step,attention,extraction,features; "
                         "with --profile / --train and no --sections: env and those")
+    parser.add_argument("--all", action="store_true", help=f"the sections {ALL} (issue 27)")
+    parser.add_argument("--deadline-s", type=float, default=None, help="skip a section whose budget exceeds the "
+                        "seconds left (counted from the start); the device command passes 540")
     parser.add_argument("--tiny", action="store_true", help="toy sizes (CPU test)")
     parser.add_argument("--profile", action="store_true", help="add the profile section (per-op table)")
     parser.add_argument("--profile-steps", type=int, default=3, help="steps traced by --profile")
     parser.add_argument("--train", action="store_true", help="add the train section (gpfm-train end to end)")
+    parser.add_argument("--levers", default=None, help=f"levers section variants (default all: "
+                        f"{','.join(device_levers.VARIANTS)})")
+    parser.add_argument("--official-batches", default="64,48,32,16", help="vs_official: per-device batches to try")
     device_train.add_arguments(parser)
     args = parser.parse_args(argv)
     extra = [name for name, on in (("profile", args.profile), ("train", args.train)) if on]
-    if args.sections is None:
+    if args.all:
+        args.sections = ",".join([*ALL.split(","), *(s for s in (args.sections or "").split(",")
+                                                     if s and s not in ALL.split(","))])
+    elif args.sections is None:
         args.sections = ",".join(["env", *extra]) if extra else "env,step,attention,extraction,features"
     else:
         args.sections = ",".join([*args.sections.split(","), *(e for e in extra if e not in args.sections.split(","))])
     devices = _devices(args.devices)
-    report = Report(Path(args.out))
+    out_dir = Path(args.out).parent
+    report = Report(Path(args.out), args.deadline_s)
     report.data["argv"] = sys.argv[1:] if argv is None else list(argv)
     report.data["tiny"] = args.tiny
+    left = report.left_s
     sections = {
         "env": lambda: env_section(devices),
+        "vs_official": lambda: device_official.section(out_dir, args, min(left() or 1e9, 1.25 * BUDGET_S[
+            "vs_official"])),
         "step": lambda: step_section(devices, args),
+        "levers": lambda: device_levers.section(devices, args, report.data["sections"].get("step"), left,
+                                                lambda: _compiled_step(devices, args)[-1],
+                                                lambda held: _keep_inputs(devices, args, held)),
         "attention": lambda: attention_section(devices, args),
-        "extraction": lambda: extraction_section(devices, args),
-        "features": lambda: features_section(devices, args),
+        "extraction": lambda: device_encoder.extraction_section(devices, args),
+        "features": lambda: device_encoder.features_section(devices, args),
         "profile": lambda: profile_section(devices, args),
-        "train": lambda: device_train.section(Path(args.out).parent, args, len(devices)),
+        "train": lambda: _train(out_dir, args, devices),
     }
     for name in args.sections.split(","):
         if name not in sections:
             parser.error(f"unknown section {name!r}; known: {', '.join(sections)}")
-        report.section(name, sections[name])
-    failed = [k for k, v in report.data["sections"].items() if not v["ok"]]
-    print(f"[device_check] wrote {args.out}" + (f"; failed sections: {failed}" if failed else ""), flush=True)
+    for name in args.sections.split(","):
+        report.section(name, sections[name], BUDGET_S[name])
+    failed = [k for k, v in report.data["sections"].items() if v["ok"] is False]
+    skipped = [k for k, v in report.data["sections"].items() if v["ok"] is None]
+    print(f"[device_check] wrote {args.out}" + (f"; failed sections: {failed}" if failed else "")
+          + (f"; skipped: {skipped}" if skipped else ""), flush=True)
     return 1 if failed else 0
 
 
