@@ -1,14 +1,24 @@
 """gpfm-bench end to end on real tiles of the bundled CC0 slide (CMU-1-Small-Region), with two encoders given as
 PyTorch weights and converted by gpfm_jax's converters: a random-init ViT (a bundle converted beforehand) and the
-same architecture made blind (its patch embedding zeroed, so no pixel reaches the features; converted on the fly
-from its .pth by the suite).
+same architecture made blind (its patch embedding zeroed, so no pixel reaches the features, and its final
+LayerNorm's scale and shift zeroed, so every feature is exactly 0.0; converted on the fly from its .pth by the suite).
 
 Labels: each 112 px tissue tile (20x) is labelled by how much hematoxylin it holds: Ruifrok & Johnston colour
 deconvolution (the H&E stain separation of scikit-image / QuPath) of its optical density, mean hematoxylin
 density above or below the median of all tiles (two balanced classes; hematoxylin stains nuclei, so this is a
 cellularity proxy measured on the pixels, independent of any encoder). Tiles of one 3x3-tile region share a
 resampling unit and a fold (neighbouring tiles are correlated). The truth is known: the blind encoder is at chance
-(exactly, since all its features are equal) and any encoder that sees the pixels can beat it.
+and any encoder that sees the pixels can beat it.
+
+Why exactly 0.0 and not merely equal features: features that are equal but non-zero give equal similarities only up
+to the last bit of the BLAS kernel that sums them. numpy's OpenBLAS (0.3.31) computes the cosine similarities of
+identical vectors as 1.0000001 or 1.0000004 depending on where the pair sits in the matrix, with a pattern that
+depends on the kernel it picks for the CPU (Haswell: two values; SkylakeX: all equal) and on its thread count. kNN
+then takes the k "most similar" by that rounding noise, different neighbours for different queries, and the blind
+kNN AUC was 0.4549 on an AMD EPYC (Zen 5) machine (Haswell kernel) and 0.5 with OPENBLAS_CORETYPE=SkylakeX. Zero
+features make every similarity, logit and distance exactly the same number (sums of exact zeros, in any order), so
+the blind encoder's scores are constant within each fold and its AUC and balanced accuracy are exactly 0.5 on any
+CPU and BLAS.
 """
 
 from __future__ import annotations
@@ -75,6 +85,8 @@ def _vit_pth(path: Path, blind: bool) -> Path:
         with torch.no_grad():
             model.patch_embed.proj.weight.zero_()
             model.patch_embed.proj.bias.zero_()
+            model.norm.weight.zero_()  # the final LayerNorm: every feature exactly 0.0 (see the module docstring)
+            model.norm.bias.zero_()
     torch.save(model.state_dict(), path)
     return path
 
@@ -135,6 +147,15 @@ def test_real_tiles_rank_the_seeing_encoder_first(benchmark):
     with open(root / "tiles.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) > 150 and len({r["region"] for r in rows}) > 30
+    import h5py
+
+    blind_features = []  # the features of the encoder converted by the suite (into the store's bundles/)
+    for f in (root / "out" / "cache" / "features").glob("*.h5"):
+        with h5py.File(f, "r") as h5:
+            if Path(h5.attrs["encoder_path"]).parent.name == "bundles":
+                blind_features.append(h5["features"][()])
+    assert len(blind_features) == 1 and len(blind_features[0]) == len(rows)
+    assert not np.any(blind_features[0])  # the premise: every feature exactly 0.0
     for task in ("knn", "linear", "fewshot"):
         blind = rep["tasks"][task]["metrics"]
         assert blind["auc"]["blind-vit"]["value"] == 0.5  # constant scores: exactly chance
