@@ -145,3 +145,23 @@ def s3(tmp_path_factory):
     server = S3().start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One persistent XLA compilation cache for the whole session: this process and every gpfm-train subprocess
+    (`--config.runtime.compile_cache_dir`) share it, so a program the run tests compile (the tiny config on 1 device,
+    the two-process mesh, ...) compiles once for all test files, not once per file."""
+    import jax
+
+    path = tmp_path_factory.mktemp("xla_cache")
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    try:  # this process may have compiled before (cache initialised without a directory): start it again
+        from jax._src import compilation_cache
+
+        compilation_cache.reset_cache()
+    except Exception:  # noqa: BLE001 - only a speed-up
+        pass
+    return path

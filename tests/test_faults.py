@@ -28,19 +28,6 @@ sys.path.insert(0, str(REPO / "tools"))
 import soak  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("xla_cache")
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    try:
-        from jax._src import compilation_cache
-
-        compilation_cache.reset_cache()
-    except Exception:  # noqa: BLE001 - only a speed-up
-        pass
-    return path
 
 
 def _tiny(**changes):

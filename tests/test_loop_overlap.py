@@ -20,18 +20,11 @@ from gpfm_jax.train.metrics_writer import read_metrics
 PERF = ("perf/data_wait_s", "perf/data_s", "perf/h2d_s", "perf/step_s", "perf/iteration_s", "perf/images_per_s")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cache_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("xla_cache")
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    try:
-        from jax._src import compilation_cache
 
-        compilation_cache.reset_cache()
-    except Exception:  # noqa: BLE001 - only a speed-up
-        pass
-    return path
+@pytest.fixture(scope="module", autouse=True)
+def _compile_cache(cache_dir):
+    """The session's shared compilation cache (conftest.py), on for every test here."""
+    return cache_dir
 
 
 def _tiny(**changes):

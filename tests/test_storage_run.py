@@ -27,8 +27,9 @@ from gpfm_jax.train.metrics_writer import read_metrics
 
 
 @pytest.fixture(scope="module")
-def xla_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("xla_cache_storage")
+def xla_cache(cache_dir):
+    """The session's compilation cache: the tiny config's programs are test_train_run's and test_faults'."""
+    return cache_dir
 
 
 def _cli(workdir, *overrides, cache, scratch=None, **kw):

@@ -29,19 +29,6 @@ from gpfm_jax.train.config_schema import CheckpointConfig, replace_fields
 from gpfm_jax.train.metrics_writer import read_metrics
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("xla_cache")
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    try:  # this process may have compiled before (cache initialised without a directory): start it again
-        from jax._src import compilation_cache
-
-        compilation_cache.reset_cache()
-    except Exception:  # noqa: BLE001 - only a speed-up
-        pass
-    return path
 
 
 def _cli(workdir, *overrides, cache, **kw):
