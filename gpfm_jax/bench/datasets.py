@@ -19,6 +19,7 @@ from gpfm_jax.bench import synthetic
 from gpfm_jax.bench.cache import HashCache, Store, digest
 from gpfm_jax.bench.suite import DatasetSpec
 from gpfm_jax.evaluation.bags import PATIENT_COLUMNS, SPLITS
+from gpfm_jax.evaluation.data import read_table
 
 log = logging.getLogger("gpfm_jax.bench")
 
@@ -45,14 +46,6 @@ class SlideSet:
     label_key: str
 
 
-def _read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    with open(path, newline="") as f:
-        reader = csv.DictReader(row for row in f if row.strip() and not row.startswith("#"))
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k is not None} for r in reader]
-    return header, rows
-
-
 def _patient_column(ds: DatasetSpec, header: list[str], path: Path) -> str | None:
     col = ds.patient or next((c for c in PATIENT_COLUMNS if c in header), None)
     if col is not None and col not in header:
@@ -68,7 +61,7 @@ def tile_set(ds: DatasetSpec, hashes: HashCache) -> TileSet:
                        digest([content, t.labels, t.patients]))
     if ds.csv:
         path = Path(ds.csv)
-        header, rows = _read_rows(path)
+        header, rows = read_table(path)
         if "path" not in header or "label" not in header:
             raise ValueError(f"{path}: a tile CSV needs columns path,label (datasets.{ds.name}.csv); got {header}")
         pcol = _patient_column(ds, header, path)
@@ -121,7 +114,7 @@ def slide_set(ds: DatasetSpec, hashes: HashCache, store: Store) -> SlideSet:
     from gpfm_jax.extract.inputs import resolve_input
 
     csv_path = Path(ds.labels)
-    header, rows = _read_rows(csv_path)
+    header, rows = read_table(csv_path)
     if "slide_id" not in header:
         raise ValueError(f"{csv_path}: needs a slide_id column (datasets.{ds.name}.labels); got {header}")
     pcol = _patient_column(ds, header, csv_path)

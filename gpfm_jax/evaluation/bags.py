@@ -10,7 +10,6 @@ class are errors.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import logging
 import math
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+
+from gpfm_jax.evaluation.data import read_table
 
 log = logging.getLogger("gpfm_jax.evaluate")
 
@@ -52,10 +53,7 @@ class SlideTable:
 def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     if not path.is_file():
         raise FileNotFoundError(f"label file not found: {path}")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(row for row in f if row.strip() and not row.startswith("#"))
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k is not None} for r in reader]
+    header, rows = read_table(path)
     if "slide_id" not in header:
         raise BagError(f"{path}: needs a header with a 'slide_id' column, got {header}")
     return header, rows

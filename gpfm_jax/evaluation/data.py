@@ -15,6 +15,16 @@ import numpy as np
 log = logging.getLogger("gpfm_jax.evaluate")
 
 
+def read_table(path: str | os.PathLike) -> tuple[list[str], list[dict[str, str]]]:
+    """(header, rows) of a CSV with a header line; blank lines and '#' comments skipped, names and values stripped.
+    The one reader of label tables (gpfm-eval's slide labels, gpfm-bench's datasets)."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(row for row in f if row.strip() and not row.startswith("#"))
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k is not None} for r in reader]
+    return header, rows
+
+
 @dataclasses.dataclass
 class LabelledFeatures:
     features: np.ndarray  # float32 [N, D]
