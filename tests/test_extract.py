@@ -53,7 +53,7 @@ def bundle(tmp_path_factory) -> tuple[Path, dict]:
 
 @pytest.fixture(scope="module")
 def encoder(bundle):
-    return load_feature_encoder(bundle[0], batch_size=4)
+    return load_feature_encoder(bundle[0], batch_size=8)  # over the 8 fake CPU devices of conftest
 
 
 def _direct(params: dict, tiles_uint8: list[np.ndarray]) -> np.ndarray:
@@ -154,7 +154,7 @@ def test_interrupted_slide_leaves_no_file_and_rerun_skips_finished(encoder, tmp_
 
     def crashing(tiles):
         calls["n"] += 1
-        if calls["n"] == 10:  # slide a has 25 tiles = 7 batches of 4; this is in the middle of slide b
+        if calls["n"] == 7:  # slide a's 25 tiles end in batch 4 (of 8); batch 7 is in the middle of slide b
             raise KeyboardInterrupt
         return real_dispatch(tiles)
 
