@@ -94,8 +94,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.distributed:
             import jax
 
-            jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.process_count,
-                                       process_id=args.process_index)
+            try:
+                jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.process_count,
+                                           process_id=args.process_index)
+            except (RuntimeError, ValueError) as e:  # no cluster detected, coordinator unreachable
+                raise ValueError(f"--distributed: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}; "
+                                 "outside a detected cluster give --coordinator, --process-index, "
+                                 "--process-count") from None
             share = current_share()
         else:
             share = current_share(args.process_index, args.process_count)
@@ -144,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpfm-extract: error: {e}", file=sys.stderr)
         return 3
     rate = report.num_tiles / max(report.seconds, 1e-9)
-    print(f"slides: {len(report.done)} done ({report.num_tiles} tiles, {rate:.1f} tiles/s), "
+    print(f"slides: {len(report.done)} done ({report.num_tiles} tiles, {rate:.1f} tiles/s; {report.pace}), "
           f"{len(report.skipped)} already done, {len(report.failed)} failed")
     for slide, reason in report.failed:
         print(f"  FAILED {slide}: {reason}")

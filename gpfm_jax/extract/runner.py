@@ -72,10 +72,9 @@ class Pace:
     def __init__(self):
         self.start, self.reader, self.device, self.tiles = time.perf_counter(), 0.0, 0.0, 0
 
-    def __str__(self) -> str:
-        rate = self.tiles / max(time.perf_counter() - self.start, 1e-9)
+    def __str__(self) -> str:  # tqdm shows tiles/s next to it
         side = "readers" if self.reader > self.device else "devices"
-        return f"{rate:.0f} tiles/s, waiting on {side} (readers {self.reader:.0f} s, devices {self.device:.0f} s)"
+        return f"{side} bound: waited {self.reader:.0f} s for readers, {self.device:.0f} s for devices"
 
 
 @dataclasses.dataclass
@@ -94,6 +93,7 @@ class SlidesReport:
     skipped: list[Path] = dataclasses.field(default_factory=list)  # finished in an earlier run
     failed: list[tuple[Path, str]] = dataclasses.field(default_factory=list)  # (slide, reason)
     seconds: float = 0.0
+    pace: str = ""  # which side waited (Pace)
 
     @property
     def num_tiles(self) -> int:
@@ -422,5 +422,5 @@ def extract_slides(encoder: FeatureEncoder, slides: list, out: str | os.PathLike
                 job.close_reader()
             if cache:
                 cache.close()
-    report.seconds = time.perf_counter() - start
+    report.seconds, report.pace = time.perf_counter() - start, str(pace)
     return report
