@@ -41,14 +41,18 @@ def _random_params(cfg: ViTConfig, seed: int = 0) -> dict:
     return jax.tree_util.tree_map_with_path(draw, nn.meta.unbox(shapes)["params"])
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> tuple[Path, dict]:
+def make_bundle(path: Path) -> tuple[Path, dict]:
+    """The tiny random ViT bundle of these tests (also used by test_extract_multi.py)."""
     params = _random_params(CFG)
     meta = {"encoder": "vit", "vit": CFG.to_dict(), "outputs": {"cls": CFG.embed_dim, "patch": CFG.embed_dim},
             "preprocessing": preprocessing(SIZE), "provenance": {"source": "random test weights"}}
-    path = tmp_path_factory.mktemp("enc") / "tiny_vit"
     save_bundle(path, params, meta)
     return path, params
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> tuple[Path, dict]:
+    return make_bundle(tmp_path_factory.mktemp("enc") / "tiny_vit")
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from emulators import free_port
 from gpfm_jax.extract import runner
 from gpfm_jax.extract.encoder import load_feature_encoder
 from gpfm_jax.extract.share import Share, balanced_split, part_path, tile_range
-from test_extract import CFG, _cut_tiles, bundle, encoder  # noqa: F401 - module fixtures shared
+from test_extract import CFG, _cut_tiles, make_bundle
 
 SLIDE = DATA_DIR / "cmu_small_region.svs"
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +31,17 @@ QUIET = runner.LoaderOptions(workers=2, progress=False)
 
 
 @pytest.fixture(scope="module")
-def one_device(bundle):  # noqa: F811
+def bundle(tmp_path_factory):
+    return make_bundle(tmp_path_factory.mktemp("enc") / "tiny_vit")
+
+
+@pytest.fixture(scope="module")
+def encoder(bundle):
+    return load_feature_encoder(bundle[0], batch_size=8)  # all 8 fake CPU devices of conftest
+
+
+@pytest.fixture(scope="module")
+def one_device(bundle):
     return load_feature_encoder(bundle[0], batch_size=8, devices=1)
 
 
@@ -61,7 +71,7 @@ def reference(one_device, tmp_path_factory):
     return _features(work / "ref.h5")
 
 
-def test_eight_devices_equal_one_device(encoder, one_device, reference, tmp_path):  # noqa: F811
+def test_eight_devices_equal_one_device(encoder, one_device, reference, tmp_path):
     assert encoder.num_devices == 8 and encoder.batch_size == 8 and one_device.num_devices == 1
     assert len(encoder.mesh.devices.flat) == 8
     report = runner.extract_slides(encoder, [SLIDE], tmp_path / "eight.h5", TILING, QUIET)
@@ -91,7 +101,7 @@ def test_balanced_split_is_deterministic_and_balanced():
         Share(2, 2)
 
 
-def test_tile_set_parts_merge_into_the_one_process_file(encoder, one_device, tmp_path):  # noqa: F811
+def test_tile_set_parts_merge_into_the_one_process_file(encoder, one_device, tmp_path):
     from gpfm_jax.extract.inputs import resolve_input
 
     tiles = tmp_path / "tiles"
@@ -131,7 +141,7 @@ def _env(devices: int) -> dict:
     return env
 
 
-def test_two_processes_under_jax_distributed_write_every_slide_once(bundle, reference, tmp_path):  # noqa: F811
+def test_two_processes_under_jax_distributed_write_every_slide_once(bundle, reference, tmp_path):
     slides = _slides(tmp_path / "slides", 5)
     out = tmp_path / "out"
     port = free_port()
@@ -154,7 +164,7 @@ def test_two_processes_under_jax_distributed_write_every_slide_once(bundle, refe
         assert _close(feats, reference[0]) <= 1e-6
 
 
-def test_killed_process_leaves_no_half_file_and_rerun_does_the_rest(bundle, encoder, reference, tmp_path):  # noqa: F811
+def test_killed_process_leaves_no_half_file_and_rerun_does_the_rest(bundle, encoder, reference, tmp_path):
     slides = _slides(tmp_path / "slides", 12)
     out = tmp_path / "out"
     mine = [slides[j] for j in balanced_split([SLIDE.stat().st_size] * 12, 2)[1]]  # s1, s3, ... (6 slides)
@@ -180,7 +190,7 @@ def test_killed_process_leaves_no_half_file_and_rerun_does_the_rest(bundle, enco
     assert sorted(p.name for p in out.iterdir()) == sorted(f"{s.stem}.h5" for s in mine)  # no partial left
 
 
-def test_slides_and_outputs_on_gcs(bundle, encoder, reference, gcs, tmp_path, capsys):  # noqa: F811
+def test_slides_and_outputs_on_gcs(bundle, reference, gcs, tmp_path, capsys, monkeypatch):
     from gpfm_jax import storage
     from gpfm_jax.extract import cli
 
@@ -199,13 +209,11 @@ def test_slides_and_outputs_on_gcs(bundle, encoder, reference, gcs, tmp_path, ca
         assert str(path).startswith(str(cache))
         return real_plan(path, opts)
 
-    runner.plan_slide = plan
-    try:
-        rc = cli.main(["--encoder", str(bundle[0]), "--input", f"{bucket}/slides/", "--out", f"{bucket}/feats",
-                       "--batch-size", "8", "--tile-size", "256", "--no-progress", "--download-dir", str(cache),
-                       "--slide-cache-gb", str(SLIDE.stat().st_size * 1.5 / 1e9)])
-    finally:
-        runner.plan_slide = real_plan
+    monkeypatch.setattr(runner, "plan_slide", plan)
+    rc = cli.main(["--encoder", str(bundle[0]), "--input", f"{bucket}/slides/", "--out", f"{bucket}/feats",
+                   "--batch-size", "8", "--tile-size", "256", "--no-progress", "--download-dir", str(cache),
+                   "--slide-cache-gb", str(SLIDE.stat().st_size * 1.5 / 1e9)])
+    monkeypatch.setattr(runner, "plan_slide", real_plan)
     assert rc == 0, capsys.readouterr()
     assert "3 done" in capsys.readouterr().out
     assert seen_in_cache == [1, 1, 1]  # bound of 1.5 slides: the next download waits for the last one's release
