@@ -193,6 +193,38 @@ def _host_costs(slide: Path, work: Path, n: int = 48) -> dict[str, float]:
             "resize 256->224": _per_tile_ms(lambda t: resize_tile(t, 224, "bicubic"), tiles)}
 
 
+def _read_slide_tiles(slide: str, copies: int = 4) -> int:
+    """Reads and resizes every tile of `slide` `copies` times (one reader handle); returns the tile count. The
+    tissue grid comes from a cache filled by the warm-up pass, so only reading and resizing are timed."""
+    from gpfm_jax.extract.preprocess import resize_tile
+    from gpfm_jax.extract.slide_io import SlideReader, TilingOptions, plan_slide
+
+    plan = plan_slide(slide, TilingOptions(tile_size=256, cache_dir=str(Path(slide).parent / "grids")))
+    with SlideReader(plan) as reader:
+        for _ in range(copies):
+            for i in range(len(plan.coords)):
+                resize_tile(reader(i), 224, "bicubic")
+    return copies * len(plan.coords)
+
+
+def _reader_scaling(slides: list[Path], workers: list[int]) -> dict[str, float]:
+    """tiles/s of read+resize with n threads vs n processes (spawned), one slide per task: if processes scale and
+    threads do not, the GIL limits the readers."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+    out = {}
+    for n in workers:
+        for kind, pool in (("threads", lambda n: ThreadPoolExecutor(n)),
+                           ("processes", lambda n: ProcessPoolExecutor(n, multiprocessing.get_context("spawn")))):
+            with pool(n) as p:
+                list(p.map(_read_slide_tiles, map(str, slides)))  # warm (imports, page cache, tissue grids)
+                t = time.perf_counter()
+                tiles = sum(p.map(_read_slide_tiles, map(str, slides)))
+                out[f"{n} {kind}"] = tiles / (time.perf_counter() - t)
+    return out
+
+
 def _device_costs(encoder, repeats: int = 3) -> dict[str, float]:
     """ms per tile of the transfer (host -> device shards) and of the forward on device-resident tiles."""
     import jax
@@ -229,6 +261,8 @@ def scaling(args) -> None:
               f"{os.cpu_count()} CPUs; ViT-{args.arch[0].upper()}/14 at 224 (random), {args.batch_per_device} tiles "
               f"per device per batch; {args.copies} x cmu_small_region.svs, 256 px tiles at 20x")
         print("host, ms per tile (one thread): " + ", ".join(f"{k} {v:.2f}" for k, v in host.items()))
+        readers = _reader_scaling(slides, sorted({1, min(2, os.cpu_count() or 1), os.cpu_count() or 1}))
+        print("read+resize tiles/s: " + ", ".join(f"{k} {v:.0f}" for k, v in readers.items()), flush=True)
         print(f"{'devices':>7} {'readers':>7} {'batch':>5} {'tiles/s':>8} {'transfer ms/tile':>16} "
               f"{'forward ms/tile':>15}  waited")
         for n in counts:

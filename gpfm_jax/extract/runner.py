@@ -47,7 +47,7 @@ READERS_PER_DEVICE = 6  # reader threads per device by default (bounded by the c
 
 
 def default_workers(num_devices: int) -> int:
-    """Reader threads: enough for the devices (about 4-6 cores per chip at ViT-L, docs/extract.md), at most one per
+    """Reader threads: enough for the devices (about 2 busy cores per chip at ViT-L, docs/extract.md), at most one per
     core (openslide, JPEG/PNG decoding and PIL's resize release the GIL), at least 2."""
     return max(2, min(os.cpu_count() or 1, READERS_PER_DEVICE * num_devices))
 
@@ -212,8 +212,8 @@ class _SlideJob:
     """One slide in the stream: plan and reader (set in the reader thread before any of its tiles is yielded),
     output file (consumer side)."""
 
-    def __init__(self, slide, target, index: int):
-        self.slide, self.target, self.index = slide, target, index  # slide: a Path, or a URL string
+    def __init__(self, slide, target):
+        self.slide, self.target = slide, target  # slide: a Path, or a URL string
         self.reads = 0  # reads finished (reader threads; under _reads_lock), for releasing a downloaded slide
         self.plan = None
         self.plan_error: str | None = None
@@ -308,21 +308,24 @@ def extract_slides(encoder: FeatureEncoder, slides: list, out: str | os.PathLike
     report = SlidesReport()
     start = time.perf_counter()
     targets = slide_outputs(slides, out)  # for every slide: name clashes are found the same way by every process
+    remote = any(storage.is_url(s) for s in slides)
+    sizes = share_lib.file_sizes(slides) if remote or not share.alone else None  # one request per URL, once
     mine = range(len(slides))
     if not share.alone:
-        mine = share_lib.balanced_split(share_lib.file_sizes(slides), share.count)[share.index]
+        mine = share_lib.balanced_split(sizes, share.count)[share.index]
         log.info("process %d of %d: %d of %d slides", share.index, share.count, len(mine), len(slides))
     done = _finished([targets[i] for i in mine])
     jobs: list[_SlideJob] = []
+    todo: list[int] = []
     for i in mine:
         if str(targets[i]) in done:
             report.skipped.append(slides[i])
             log.info("%s: %s exists, skipped", slides[i], targets[i])
         else:
-            jobs.append(_SlideJob(slides[i], targets[i], len(jobs)))
-    remote = any(storage.is_url(job.slide) for job in jobs)
-    cache = SlideCache([str(j.slide) for j in jobs], share_lib.file_sizes([j.slide for j in jobs]) if remote
-                       else [0] * len(jobs), loader.cache_dir, loader.cache_bytes) if remote else None
+            jobs.append(_SlideJob(slides[i], targets[i]))
+            todo.append(i)
+    cache = SlideCache([str(slides[i]) for i in todo], [sizes[i] for i in todo], loader.cache_dir,
+                       loader.cache_bytes) if remote else None
     reads_lock = threading.Lock()
 
     def items():  # consumed in the reader thread: each slide is tiled just before its tiles are needed
