@@ -41,19 +41,23 @@ def _random_params(cfg: ViTConfig, seed: int = 0) -> dict:
     return jax.tree_util.tree_map_with_path(draw, nn.meta.unbox(shapes)["params"])
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> tuple[Path, dict]:
+def make_bundle(path: Path) -> tuple[Path, dict]:
+    """The tiny random ViT bundle of these tests (also used by test_extract_multi.py)."""
     params = _random_params(CFG)
     meta = {"encoder": "vit", "vit": CFG.to_dict(), "outputs": {"cls": CFG.embed_dim, "patch": CFG.embed_dim},
             "preprocessing": preprocessing(SIZE), "provenance": {"source": "random test weights"}}
-    path = tmp_path_factory.mktemp("enc") / "tiny_vit"
     save_bundle(path, params, meta)
     return path, params
 
 
 @pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> tuple[Path, dict]:
+    return make_bundle(tmp_path_factory.mktemp("enc") / "tiny_vit")
+
+
+@pytest.fixture(scope="module")
 def encoder(bundle):
-    return load_feature_encoder(bundle[0], batch_size=4)
+    return load_feature_encoder(bundle[0], batch_size=8)  # over the 8 fake CPU devices of conftest
 
 
 def _direct(params: dict, tiles_uint8: list[np.ndarray]) -> np.ndarray:
@@ -154,7 +158,7 @@ def test_interrupted_slide_leaves_no_file_and_rerun_skips_finished(encoder, tmp_
 
     def crashing(tiles):
         calls["n"] += 1
-        if calls["n"] == 10:  # slide a has 25 tiles = 7 batches of 4; this is in the middle of slide b
+        if calls["n"] == 7:  # slide a's 25 tiles end in batch 4 (of 8); batch 7 is in the middle of slide b
             raise KeyboardInterrupt
         return real_dispatch(tiles)
 

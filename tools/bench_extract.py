@@ -10,6 +10,15 @@ per slide. Weights are one random timm `vit_*_patch14_dinov2` converted with too
 two sides' features are compared. A warm-up pass per side (JIT compile, torch first-call costs) is not timed, but
 the JAX compile time is reported. Passes are interleaved (JAX, timm, JAX, ...) so machine noise hits both; the
 median is reported. The slide is tests/data/cmu_small_region.svs copied `--copies` times.
+
+    python tools/bench_extract.py --devices 1,2,4,8 [--arch small] [--batch-per-device 8] [--copies 8]
+
+Scaling over devices (XLA CPU devices forced with --xla_force_host_platform_device_count when there is no
+accelerator): for each device count, gpfm-extract's slide loop end to end (tiles/s), and where a tile's time goes,
+each part timed alone: read+decode of a slide tile (openslide read_region, one thread), read (file bytes) and decode
+(PIL) of the same tile saved as a 256 px JPEG, resize to 224 (PIL bicubic), transfer (host uint8 batch -> device
+shards, per tile) and forward (the jitted ViT on device-resident tiles, per tile). The weights are random (no timm
+needed in this mode). Per-device batch is fixed (weak scaling).
 """
 
 from __future__ import annotations
@@ -123,16 +132,175 @@ def _jax_extract(encoder, slides: list[Path], out_dir: Path, tile_size: int, wor
     return report.num_tiles
 
 
+VIT_ARCHS = {"small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}  # embed_dim, depth, heads
+
+
+def _random_bundle(arch: str, workdir: Path) -> Path:
+    """A gpfm_jax ViT/14 bundle at 224 with random weights (LayerScale 1: every block matters)."""
+    import flax.linen as nn
+    import jax
+
+    from gpfm_jax.convert.bundle import preprocessing, save_bundle
+    from gpfm_jax.models.vit import ViTConfig, VisionTransformer
+
+    dim, depth, heads = VIT_ARCHS[arch]
+    cfg = ViTConfig(img_size=224, patch_size=14, embed_dim=dim, depth=depth, num_heads=heads, layerscale_init=None)
+    shapes = jax.eval_shape(VisionTransformer(cfg).init, jax.random.key(0), np.zeros((1, 224, 224, 3), np.float32))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda leaf: (0.02 * rng.standard_normal(leaf.shape)).astype(np.float32),
+                          nn.meta.unbox(shapes)["params"])
+    out = workdir / f"vit_{arch}"
+    save_bundle(out, params, {"encoder": "vit", "vit": cfg.to_dict(), "outputs": {"cls": dim},
+                              "preprocessing": preprocessing(224), "provenance": {"source": "random"}})
+    return out
+
+
+def _per_tile_ms(fn, items, repeats: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for item in items:
+            fn(item)
+        best = min(best, (time.perf_counter() - t) / len(items))
+    return 1e3 * best
+
+
+def _host_costs(slide: Path, work: Path, n: int = 48) -> dict[str, float]:
+    """ms per tile of each host-side step, one thread."""
+    import io
+
+    from PIL import Image
+
+    from gpfm_jax.data.sources import decode_image
+    from gpfm_jax.extract.preprocess import resize_tile
+    from gpfm_jax.extract.slide_io import SlideReader, TilingOptions, plan_slide
+
+    plan = plan_slide(slide, TilingOptions(tile_size=256))
+    with SlideReader(plan) as reader:
+        idx = list(range(min(n, len(plan.coords))))
+        tiles = [reader(i) for i in idx]
+        slide_ms = _per_tile_ms(reader, idx)
+    files = []
+    for i, t in enumerate(tiles):
+        buf = io.BytesIO()
+        Image.fromarray(t).save(buf, format="JPEG", quality=90)
+        files.append(work / f"tile{i}.jpg")
+        files[-1].write_bytes(buf.getvalue())
+    blobs = [f.read_bytes() for f in files]
+    return {"slide read+decode": slide_ms,
+            "file read": _per_tile_ms(lambda f: f.read_bytes(), files),
+            "jpeg decode": _per_tile_ms(lambda b: decode_image(b, "tile"), blobs),
+            "resize 256->224": _per_tile_ms(lambda t: resize_tile(t, 224, "bicubic"), tiles)}
+
+
+def _read_slide_tiles(slide: str, copies: int = 4) -> int:
+    """Reads and resizes every tile of `slide` `copies` times (one reader handle); returns the tile count. The
+    tissue grid comes from a cache filled by the warm-up pass, so only reading and resizing are timed."""
+    from gpfm_jax.extract.preprocess import resize_tile
+    from gpfm_jax.extract.slide_io import SlideReader, TilingOptions, plan_slide
+
+    plan = plan_slide(slide, TilingOptions(tile_size=256, cache_dir=str(Path(slide).parent / "grids")))
+    with SlideReader(plan) as reader:
+        for _ in range(copies):
+            for i in range(len(plan.coords)):
+                resize_tile(reader(i), 224, "bicubic")
+    return copies * len(plan.coords)
+
+
+def _reader_scaling(slides: list[Path], workers: list[int]) -> dict[str, float]:
+    """tiles/s of read+resize with n threads vs n processes (spawned), one slide per task: if processes scale and
+    threads do not, the GIL limits the readers."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+    out = {}
+    for n in workers:
+        for kind, pool in (("threads", lambda n: ThreadPoolExecutor(n)),
+                           ("processes", lambda n: ProcessPoolExecutor(n, multiprocessing.get_context("spawn")))):
+            with pool(n) as p:
+                list(p.map(_read_slide_tiles, map(str, slides)))  # warm (imports, page cache, tissue grids)
+                t = time.perf_counter()
+                tiles = sum(p.map(_read_slide_tiles, map(str, slides)))
+                out[f"{n} {kind}"] = tiles / (time.perf_counter() - t)
+    return out
+
+
+def _device_costs(encoder, repeats: int = 3) -> dict[str, float]:
+    """ms per tile of the transfer (host -> device shards) and of the forward on device-resident tiles."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from gpfm_jax.extract.encoder import DATA_AXIS
+
+    split = NamedSharding(encoder.mesh, P(DATA_AXIS))
+    host = np.random.default_rng(0).integers(0, 256, (encoder.batch_size, 224, 224, 3), np.uint8)
+    on_device = jax.device_put(host, split)
+    encoder.dispatch(host).block_until_ready()  # compile
+    transfer = _per_tile_ms(lambda _: jax.device_put(host, split).block_until_ready(), [0] * 4, repeats)
+    forward = _per_tile_ms(lambda _: encoder._forward(on_device).block_until_ready(), [0], repeats)
+    return {"transfer": transfer / encoder.batch_size, "forward": forward / encoder.batch_size}
+
+
+def scaling(args) -> None:
+    import jax
+
+    from gpfm_jax.extract import runner
+    from gpfm_jax.extract.encoder import load_feature_encoder
+
+    counts = [int(c) for c in args.devices.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="bench_extract_"))
+    try:
+        slides = []
+        for i in range(args.copies):
+            slides.append(work / "slides" / f"slide{i}.svs")
+            slides[-1].parent.mkdir(exist_ok=True)
+            shutil.copy(REPO / "tests/data/cmu_small_region.svs", slides[-1])
+        bundle = _random_bundle(args.arch, work)
+        host = _host_costs(slides[0], work)
+        print(f"jax {jax.__version__}, {len(jax.local_devices())} {jax.local_devices()[0].platform} devices, "
+              f"{os.cpu_count()} CPUs; ViT-{args.arch[0].upper()}/14 at 224 (random), {args.batch_per_device} tiles "
+              f"per device per batch; {args.copies} x cmu_small_region.svs, 256 px tiles at 20x")
+        print("host, ms per tile (one thread): " + ", ".join(f"{k} {v:.2f}" for k, v in host.items()))
+        readers = _reader_scaling(slides, sorted({1, min(2, os.cpu_count() or 1), os.cpu_count() or 1}))
+        print("read+resize tiles/s: " + ", ".join(f"{k} {v:.0f}" for k, v in readers.items()), flush=True)
+        print(f"{'devices':>7} {'readers':>7} {'batch':>5} {'tiles/s':>8} {'transfer ms/tile':>16} "
+              f"{'forward ms/tile':>15}  waited")
+        for n in counts:
+            encoder = load_feature_encoder(bundle, batch_size=args.batch_per_device * n, devices=n)
+            dev = _device_costs(encoder)
+            loader = runner.LoaderOptions(workers=args.workers, progress=False)
+            out = work / f"out{n}"
+            runner.extract_slides(encoder, slides[:1], out / "warm", runner.SlideOptions(tile_size=256), loader)
+            rates, paces = [], []
+            for r in range(args.repeats):
+                rep = runner.extract_slides(encoder, slides, out / str(r), runner.SlideOptions(tile_size=256), loader)
+                rates.append(rep.num_tiles / rep.seconds)
+                paces.append(rep.pace)
+            print(f"{n:>7} {loader.threads(encoder):>7} {encoder.batch_size:>5} {statistics.median(rates):>8.1f} "
+                  f"{dev['transfer']:>16.3f} {dev['forward']:>15.2f}  {paces[-1]}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--devices", default=None, help="comma-separated device counts: the scaling study")
+    parser.add_argument("--batch-per-device", type=int, default=8)
     parser.add_argument("--arch", choices=sorted(TIMM_ARCHS), default="small")
     parser.add_argument("--copies", type=int, default=8, help="copies of the sample slide per pass")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--tile-size", type=int, default=256, help="pixels at 20x (resized to 224 on both sides)")
-    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
-                        help="DataLoader workers (timm) = reader threads (JAX)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="DataLoader workers (timm) = reader threads (JAX); default min(2, CPUs), and in the "
+                             "--devices study gpfm-extract's own default")
     args = parser.parse_args()
+    if args.devices:
+        most = max(int(c) for c in args.devices.split(","))
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={most}").strip()
+        return scaling(args)
+    args.workers = args.workers or min(2, os.cpu_count() or 1)
 
     import h5py
     import jax

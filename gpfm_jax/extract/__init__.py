@@ -2,10 +2,11 @@
 
     python -m gpfm_jax.extract --encoder BUNDLE_OR_CHECKPOINT --input PATH --out FILE.h5|DIR
 
-Modules, one job each: `encoder` (bundle/checkpoint -> a jitted uint8-batch -> features function),
-`preprocess` (resize a tile as the bundle says), `inputs` (what --input is), `slide_io` (whole-slide tiling, via
-gpfm_jax.data.slides), `loader` (threaded prefetch of batches), `h5out` (atomic HDF5 files), `runner` (the loops,
-resume, error handling), `cli` (argparse).
+Modules, one job each: `encoder` (bundle/checkpoint -> a uint8-batch -> features function, jitted over every local
+device), `preprocess` (resize a tile as the bundle says), `inputs` (what --input is), `slide_io` (whole-slide tiling,
+via gpfm_jax.data.slides), `loader` (threaded prefetch of batches), `h5out` (atomic HDF5 files, uploaded whole to a
+bucket), `share` (this process's part of the input), `remote` (bounded download cache for slides in a bucket),
+`runner` (the loops, resume, error handling), `cli` (argparse).
 """
 
 from gpfm_jax.extract.encoder import FeatureEncoder, load_feature_encoder

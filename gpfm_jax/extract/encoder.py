@@ -3,6 +3,12 @@
 Normalisation (/255, mean/std from the bundle JSON) runs inside the jitted function, so the host only resizes and
 the device receives uint8 (4x less to transfer than float32). Batches are padded to one fixed shape so XLA compiles
 once per run; `dispatch` returns without waiting, so the caller can prepare the next batch while this one computes.
+
+Every local device takes part: the forward is jitted over a one-axis data-parallel mesh of this process's devices
+(all of them, or the first `devices`), the parameters replicated and the batch split along its first axis, so the
+batch size is a multiple of the device count. Each device runs the same per-tile program as one device would, so
+the features do not depend on the number of devices. Only local devices: under jax.distributed every process
+extracts its own share of the input (runner.py), no collective crosses hosts.
 """
 
 from __future__ import annotations
@@ -14,12 +20,29 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gpfm_jax.convert.bundle import IMAGENET_MEAN, IMAGENET_STD, load_meta, preprocessing
 from gpfm_jax.convert.student import is_training_checkpoint
 from gpfm_jax.convert.torch_io import CheckpointError
 
 DTYPES = ("float32", "bfloat16")
+DATA_AXIS = "data"
+
+
+def local_mesh(devices: int | None = None) -> jax.sharding.Mesh:
+    """A one-axis ('data') mesh over this process's first `devices` local devices (default: all of them)."""
+    local = jax.local_devices()
+    n = len(local) if devices is None else int(devices)
+    if not 1 <= n <= len(local):
+        raise ValueError(f"--devices {n}: this process has {len(local)} local device(s) "
+                         f"({local[0].platform}); give 1..{len(local)}")
+    return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=local[:n])
+
+
+def round_batch(batch_size: int, num_devices: int) -> int:
+    """The smallest multiple of the device count that is >= batch_size (every device gets the same share)."""
+    return -(-batch_size // num_devices) * num_devices
 
 
 @dataclasses.dataclass
@@ -35,8 +58,13 @@ class FeatureEncoder:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     dtype: str
-    batch_size: int
+    batch_size: int  # global: a multiple of num_devices
     _forward: Callable[[np.ndarray], jax.Array]
+    mesh: jax.sharding.Mesh | None = None
+
+    @property
+    def num_devices(self) -> int:
+        return 1 if self.mesh is None else self.mesh.size
 
     def dispatch(self, tiles: np.ndarray) -> jax.Array:
         """uint8 [n <= batch_size, S, S, 3] -> device float32 [batch_size, D] (padded rows at the end). Async."""
@@ -81,12 +109,16 @@ def _load_module(path: Path, dtype: str, step: int | None):
 
 
 def load_feature_encoder(path: str | Path, *, batch_size: int = 64, dtype: str = "float32",
-                         output: str | None = None, step: int | None = None) -> FeatureEncoder:
-    """Loads the encoder and compiles its batched forward for (batch_size, S, S, 3) uint8 input."""
+                         output: str | None = None, step: int | None = None,
+                         devices: int | None = None) -> FeatureEncoder:
+    """Loads the encoder and compiles its batched forward for (batch_size, S, S, 3) uint8 input over the first
+    `devices` local devices (default all); batch_size is rounded up to a multiple of the device count."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    mesh = local_mesh(devices)
+    batch_size = round_batch(batch_size, mesh.size)
     path = Path(path).absolute()
     module, params, meta = _load_module(path, dtype, step)
     prep = meta.get("preprocessing") or preprocessing(module.cfg.img_size if hasattr(module, "cfg") else 224)
@@ -95,7 +127,9 @@ def load_feature_encoder(path: str | Path, *, batch_size: int = 64, dtype: str =
     std = tuple(float(v) for v in prep.get("std", IMAGENET_STD))
     # A teacher bundle names its training target (CONCH: "image_embedding"); the student's feature is "cls".
     output = output or meta.get("feature") or meta.get("targets", {}).get("cls") or "cls"
-    params = jax.device_put(params)
+    replicated = NamedSharding(mesh, P())
+    split = NamedSharding(mesh, P(DATA_AXIS))
+    params = jax.device_put(params, replicated)
     mean_a, std_a = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
 
     def forward(p, tiles_uint8):
@@ -108,8 +142,12 @@ def load_feature_encoder(path: str | Path, *, batch_size: int = 64, dtype: str =
     probe = jax.eval_shape(forward, params, jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.uint8))
     if len(probe.shape) != 2:
         raise ValueError(f"output {output!r} has shape {probe.shape}; a per-tile feature must be [B, D]")
-    jitted = jax.jit(forward)
+    jitted = jax.jit(forward, in_shardings=(replicated, split), out_shardings=split)
+
+    def run(tiles: np.ndarray) -> jax.Array:  # the host batch goes straight to its shards (no copy to device 0)
+        return jitted(params, jax.device_put(tiles, split))
+
     return FeatureEncoder(
         name=path.name, source=str(path), output=output, feature_dim=int(probe.shape[1]), input_size=size,
         interpolation=str(prep.get("interpolation", "bicubic")), mean=mean, std=std, dtype=dtype,
-        batch_size=batch_size, _forward=lambda tiles: jitted(params, tiles))
+        batch_size=batch_size, _forward=run, mesh=mesh)

@@ -3,6 +3,9 @@ whole, so "the .h5 exists" is a safe resume test, and an interrupted run leaves 
 which the next run overwrites. A write that fails (a full disk, an I/O error) removes the partial file and raises
 `OutputWriteError` naming the file and the free space; files finished before are untouched. Space for a file's
 expected size is reserved up front (`reserve`), so a full disk is found before HDF5 writes anything.
+
+A target on object storage (gs://, s3://) is written the same way into a local staging folder and uploaded whole
+when complete (one object write: a reader sees the whole file or none); the local file is then deleted.
 """
 
 from __future__ import annotations
@@ -11,11 +14,15 @@ import contextlib
 import errno
 import os
 import shutil
+import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
+
+from gpfm_jax import storage
 
 
 def partial_path(path: Path) -> Path:
@@ -81,15 +88,19 @@ class AtomicH5:
     writes into space it already owns, so a disk that is too full fails here, cleanly, instead of inside HDF5 (a
     file HDF5 fails to write can neither be closed nor freed safely: h5py then crashes the interpreter)."""
 
-    def __init__(self, path: str | os.PathLike, attrs: dict[str, Any] | None = None, reserve: int = 0):
-        self.path = Path(path)
-        self.tmp = partial_path(self.path)
+    def __init__(self, path: str | os.PathLike, attrs: dict[str, Any] | None = None, reserve: int = 0,
+                 staging: str | os.PathLike | None = None):
+        self.remote = storage.is_url(path)
+        self.path = storage.resolve(path) if self.remote else Path(path)
+        # a URL: a uniquely named local file (several processes may stage into one folder), uploaded on success
+        self.tmp = (Path(staging or tempfile.gettempdir()) / f".{uuid.uuid4().hex}-{self.path.name}.partial"
+                    if self.remote else partial_path(self.path))
         self.attrs = dict(attrs or {})
         self.reserve = int(reserve)
         self.file: h5py.File | None = None
 
     def __enter__(self) -> "AtomicH5":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.file = h5py.File(self.tmp, "w")
             for k, v in self.attrs.items():
@@ -120,9 +131,9 @@ class AtomicH5:
             except Exception:  # noqa: BLE001 - the file is being discarded
                 _UNCLOSABLE.append(f)  # never freed: freeing a half-closed HDF5 file can crash the interpreter
         self.tmp.unlink(missing_ok=True)
-        reason = "no space left on the device" if _no_space(err) or _free_space_is_zero(self.path) else (
+        reason = "no space left on the device" if _no_space(err) or _free_space_is_zero(self.tmp) else (
             f"{type(err).__name__}: {err}")
-        error = OutputWriteError(f"writing {self.path} failed: {reason}; {_free_space(self.path)}; the partial file "
+        error = OutputWriteError(f"writing {self.path} failed: {reason}; {_free_space(self.tmp)}; the partial file "
                                  f"was removed, files finished before are intact")
         error.errno = errno.ENOSPC if "no space" in reason else getattr(err, "errno", None) or errno.EIO
         raise error from err
@@ -162,6 +173,12 @@ class AtomicH5:
         try:
             self.file.close()
             self.file = None
+            if self.remote:
+                try:
+                    storage.upload_file(self.tmp, self.path)
+                finally:
+                    self.tmp.unlink(missing_ok=True)
+                return
             with open(self.tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
             os.replace(self.tmp, self.path)

@@ -1,4 +1,8 @@
-"""What `--input` is: a tile folder, a JSON tile index, one slide, a folder of slides, or a text list of slides."""
+"""What `--input` is: a tile folder, a JSON tile index, one slide, a folder of slides, or a text list of slides.
+
+Slides may also be named by URL (gs://, s3://: a slide, a folder searched recursively, or a list file); they are
+then kept as URL strings and downloaded just in time (remote.py). Tile sets are read from local files only.
+"""
 
 from __future__ import annotations
 
@@ -23,8 +27,43 @@ class TileInput:
 
 @dataclasses.dataclass
 class SlideInput:
-    slides: list[Path]
+    slides: list  # Path, or str for a URL
     origin: str
+
+
+def _remote_slides(url: str, kind: str) -> SlideInput:
+    from gpfm_jax import storage
+
+    storage.check_reachable(url)
+    root = storage.resolve(url)
+    suffix = root.suffix.lower()
+    if suffix in LIST_EXTENSIONS:
+        if not root.exists():
+            raise FileNotFoundError(f"--input {url}: no such object")
+        lines = [ln.strip() for ln in root.read_text().splitlines()]
+        slides = [ln if storage.is_url(ln) else str(root.parent / ln) for ln in lines if ln and not ln.startswith("#")]
+        if not slides:
+            raise ValueError(f"slide list {url} names no slides")
+        return SlideInput(slides, url)
+    if suffix in SLIDE_EXTENSIONS and root.is_file():
+        return SlideInput([str(root)], url)
+    if suffix == ".json" or kind == "tiles":
+        raise ValueError(f"--input {url}: tile sets are read from local files; copy them first (slides may be URLs)")
+    extensions = SLIDE_EXTENSIONS if kind == "slides" else SLIDE_ONLY_EXTENSIONS
+
+    def walk(folder):  # a bucket has no recursive glob: one listing per folder
+        for item in sorted(folder.iterdir(), key=lambda p: p.name):
+            if item.is_dir():
+                yield from walk(item)
+            elif item.suffix.lower() in extensions:
+                yield str(item)
+
+    if not root.is_dir():
+        raise FileNotFoundError(f"--input {url}: no such object or folder")
+    slides = list(walk(root))
+    if not slides:
+        raise ValueError(f"--input {url}: no slide files ({', '.join(extensions)}) under this prefix")
+    return SlideInput(slides, url)
 
 
 def _find(folder: Path, extensions: tuple[str, ...]) -> list[Path]:
@@ -58,6 +97,8 @@ def resolve_input(path: str | os.PathLike, kind: str = "auto") -> TileInput | Sl
     """Classifies --input; raises FileNotFoundError / ValueError with a message naming the path."""
     if kind not in INPUT_KINDS:
         raise ValueError(f"input kind must be one of {INPUT_KINDS}, got {kind!r}")
+    if str(path).startswith(("gs://", "s3://")):
+        return _remote_slides(str(path), kind)
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"--input {path}: no such file or folder")

@@ -67,9 +67,14 @@ def prefetch_batches(
                 pending: collections.deque = collections.deque()
 
                 def submit_next() -> None:
-                    chunk = list(itertools.islice(source, batch_size))
+                    # each item is submitted as soon as it is drawn: drawing the next one may wait on the reads of
+                    # the ones before (a slide download waits for the previous slide's reads to free the cache)
+                    chunk, futures = [], []
+                    for item in itertools.islice(source, batch_size):
+                        chunk.append(item)
+                        futures.append(pool.submit(guarded, item))
                     if chunk:
-                        pending.append((chunk, [pool.submit(guarded, item) for item in chunk]))
+                        pending.append((chunk, futures))
 
                 submit_next()
                 submit_next()  # one chunk in flight ahead of the one being assembled
