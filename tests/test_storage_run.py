@@ -259,6 +259,29 @@ def test_the_checkpoint_consumers_read_from_the_bucket(gcs, bucket_run, tmp_path
     assert config_lib._has_bundle("config.init_from", bundle)
     abstract = jax.eval_shape(model.init_student, jax.random.key(0))["backbone"]
     _assert_trees_equal(encoder_meta.load_init_backbone(bundle, model.vit, abstract), backbone)
+    # gpfm-extract's and gpfm-bench's loader: a bundle URL, the run's workdir URL (its checkpoints/: EMA teacher)
+    # and the local workdir copy give the same features
+    from gpfm_jax.extract.encoder import load_feature_encoder
+
+    storage.copy_tree(bundle, tmp_path / "bundle_copy")
+    tiles = np.random.default_rng(0).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)
+    feats = {name: np.asarray(load_feature_encoder(src, batch_size=8)(tiles))
+             for name, src in (("bundle", bundle), ("bundle_copy", str(tmp_path / "bundle_copy")),
+                               ("workdir", url), ("local", str(local)))}
+    np.testing.assert_array_equal(feats["bundle"], feats["bundle_copy"])
+    np.testing.assert_array_equal(feats["workdir"], feats["local"])
+    assert feats["local"].shape == (8, 32) and np.ptp(feats["local"]) > 0
+    # gpfm-bench: an encoder given as `bundle = "gs://..."` resolves, hashes and loads like the local copy
+    from gpfm_jax.bench.cache import Store
+    from gpfm_jax.bench.features import resolve_encoder
+    from gpfm_jax.bench.suite import EncoderSpec
+
+    store = Store(tmp_path / "store")
+    remote = resolve_encoder(EncoderSpec("remote", bundle=bundle, batch_size=8), store, lambda *a, **k: None)
+    copy = resolve_encoder(EncoderSpec("copy", bundle=str(tmp_path / "bundle_copy"), batch_size=8), store,
+                           lambda *a, **k: None)
+    assert remote.key == copy.key and remote.info["bundle"] == bundle  # the same content, the same cache key
+    np.testing.assert_array_equal(np.asarray(remote.load()(tiles)), feats["bundle"])
     storage.resolve(f"{bundle}/encoder.json").unlink()  # as if the upload had stopped before its last object
     assert not config_lib._has_bundle("config.init_from", bundle)
     from gpfm_jax.convert.torch_io import CheckpointError

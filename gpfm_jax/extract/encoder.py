@@ -23,7 +23,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gpfm_jax.convert.bundle import IMAGENET_MEAN, IMAGENET_STD, load_meta, preprocessing
-from gpfm_jax.convert.student import is_training_checkpoint
+from gpfm_jax import storage
+from gpfm_jax.convert.student import checkpoint_folder, is_training_checkpoint
 from gpfm_jax.convert.torch_io import CheckpointError
 
 DTYPES = ("float32", "bfloat16")
@@ -88,8 +89,14 @@ class FeatureEncoder:
                 "mean": list(self.mean), "std": list(self.std), "compute_dtype": self.dtype}
 
 
-def _load_module(path: Path, dtype: str, step: int | None):
-    """(module, params, meta) from a bundle (any registered encoder kind) or a training checkpoint's EMA teacher."""
+def _load_module(path, dtype: str, step: int | None):
+    """(module, params, meta) from a bundle (any registered encoder kind) or a training checkpoint's EMA teacher;
+    `path` may be a gpfm-train workdir (its checkpoints/ folder is used) and a gs:// URL."""
+    try:
+        storage.check_reachable(path)
+    except storage.StorageError as err:
+        raise CheckpointError(f"--encoder {err}") from None
+    path = checkpoint_folder(path)
     if not path.is_dir():
         raise CheckpointError(f"--encoder {path}: no such folder (expected an encoder bundle or a training checkpoint)")
     if is_training_checkpoint(path):
@@ -119,7 +126,7 @@ def load_feature_encoder(path: str | Path, *, batch_size: int = 64, dtype: str =
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     mesh = local_mesh(devices)
     batch_size = round_batch(batch_size, mesh.size)
-    path = Path(path).absolute()
+    path = storage.resolve(path)
     module, params, meta = _load_module(path, dtype, step)
     prep = meta.get("preprocessing") or preprocessing(module.cfg.img_size if hasattr(module, "cfg") else 224)
     size = int(prep["input_size"])
