@@ -320,7 +320,10 @@ def _iterate(run: Run, state: Any, start: int, watchdog: faults.Watchdog, result
         result.status = "stalled" if isinstance(err, faults.Stalled) else "peer_lost"
         result.message, result.end_step = str(err), progress.last_good
     except ckpt.CheckpointSaveError as err:
-        if watchdog.expired is not None:  # the save outlived its deadline first: that report stands, once
+        lost = _peer_loss_behind(err, watchdog, d)  # a peer died during the save's collectives: that is the cause
+        if lost is not None:
+            result.status, result.message = "peer_lost", str(lost)
+        elif watchdog.expired is not None:  # the save outlived its deadline first: that report stands, once
             result.status, result.message = "stalled", str(watchdog.expired)
         else:
             result.status, result.message = "save_failed", str(err)
