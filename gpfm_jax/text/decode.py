@@ -1,10 +1,15 @@
 """Decoding with fixed shapes, so one jitted program serves every batch of a bucket: greedy, beam search (width,
 trigram blocking, maximum length, length penalty) and ranking of a fixed answer list by likelihood.
 
-`logits_fn(tokens int[R, T]) -> f32[R, T, V]` is the decoder with its visual memory bound (rows = batch x beams);
-it is re-run over the whole fixed-length buffer at every step (no key/value cache: T <= ~100 and the decoder is a
-few layers, and the buffer's shape never changes, so the loop is one `lax.fori_loop`). Token 0 ends a sequence and
-pads it afterwards; position 0 holds the start token.
+The decoder comes in one of two forms (rows = batch x beams):
+- a `Stepper(cache, step)`: incremental decoding, `step(cache, tokens int[R], t) -> (logits f32[R, V], cache)`
+  reads the token at buffer position t and returns the next token's logits, keeping the earlier positions' keys
+  and values in `cache` (a pytree whose leaves all lead with the row axis; beam search reorders it with the beams).
+  Each step costs one token's worth of decoder work (`TextModel.decode_start` / `decode_step`);
+- a `logits_fn(tokens int[R, T]) -> f32[R, T, V]`: the whole fixed-length buffer re-read at every step (the
+  reference the cached decoder is tested against; `buffer_stepper` wraps it as a Stepper whose cache is the buffer).
+Either way the loop is one `lax.fori_loop` over fixed shapes. Token 0 ends a sequence and pads it afterwards;
+position 0 holds the start token.
 
 Beam search as in the captioning code HistGen and W2T build on: every live beam extends by every token, the
 `beam` best (by summed log-probability) survive; a finished beam only extends by padding at no cost; with
@@ -15,10 +20,31 @@ chosen.
 
 from __future__ import annotations
 
+from typing import Any, Callable, NamedTuple
+
 import jax
 import jax.numpy as jnp
 
 NEG = -1e9
+
+
+class Stepper(NamedTuple):
+    cache: Any
+    step: Callable
+
+
+def buffer_stepper(logits_fn, rows: int, length: int) -> Stepper:
+    """`logits_fn` over a [rows, length] token buffer as a Stepper: the cache is the buffer itself."""
+
+    def step(buf, tok, t):
+        buf = jax.lax.dynamic_update_slice_in_dim(buf, tok[:, None].astype(buf.dtype), t, axis=1)
+        return jnp.take(logits_fn(buf), t, axis=1), buf
+
+    return Stepper(jnp.zeros((rows, length), jnp.int32), step)
+
+
+def _as_stepper(decoder, rows: int, length: int) -> Stepper:
+    return decoder if isinstance(decoder, Stepper) else buffer_stepper(decoder, rows, length)
 
 
 def _blocked(seq, t, vocab: int):
@@ -30,32 +56,37 @@ def _blocked(seq, t, vocab: int):
     return jnp.any(hit[..., None] & (c[..., None] == jnp.arange(vocab)), axis=1)
 
 
-def greedy(logits_fn, start, batch: int, length: int) -> jax.Array:
-    """int [batch, length]: argmax decoding from `start` (scalar id) at position 0."""
+def greedy(decoder, start, batch: int, length: int) -> jax.Array:
+    """int [batch, length]: argmax decoding from `start` (scalar id) at position 0; `decoder` a Stepper or a
+    full-buffer logits_fn (module docstring)."""
+    cache, step = _as_stepper(decoder, batch, length)
     seq = jnp.zeros((batch, length), jnp.int32).at[:, 0].set(start)
     done = jnp.zeros((batch,), bool)
 
     def body(t, state):
-        seq, done = state
-        logits = jnp.take(logits_fn(seq), t - 1, axis=1)
+        seq, done, cache = state
+        logits, cache = step(cache, jnp.take(seq, t - 1, axis=1), t - 1)
         tok = jnp.where(done, 0, jnp.argmax(logits, -1)).astype(jnp.int32)
-        return seq.at[:, t].set(tok), done | (tok == 0)
+        return seq.at[:, t].set(tok), done | (tok == 0), cache
 
-    return jax.lax.fori_loop(1, length, body, (seq, done))[0]
+    return jax.lax.fori_loop(1, length, body, (seq, done, cache))[0]
 
 
-def beam_search(logits_fn, start, batch: int, length: int, beam: int = 3, block_trigrams: bool = True,
+def beam_search(decoder, start, batch: int, length: int, beam: int = 3, block_trigrams: bool = True,
                 length_penalty: float = 0.0) -> tuple[jax.Array, jax.Array]:
-    """(best sequences int [batch, length], their scores [batch]); `logits_fn` sees rows ordered batch-major
-    (row = b * beam + k), so its memory must be repeated `beam` times per sample."""
+    """(best sequences int [batch, length], their scores [batch]); `decoder` (a Stepper or a full-buffer
+    logits_fn) sees rows ordered batch-major (row = b * beam + k), so its memory must be repeated `beam` times per
+    sample; a Stepper's cache follows its beam when the beams are reordered."""
+    cache, step = _as_stepper(decoder, batch * beam, length)
     seq = jnp.zeros((batch, beam, length), jnp.int32).at[:, :, 0].set(start)
     score = jnp.full((batch, beam), NEG).at[:, 0].set(0.0)  # only one live copy of the start at first
     done = jnp.zeros((batch, beam), bool)
 
     def body(t, state):
-        seq, score, done = state
+        seq, score, done, cache = state
         flat = seq.reshape(batch * beam, length)
-        logp = jax.nn.log_softmax(jnp.take(logits_fn(flat), t - 1, axis=1).astype(jnp.float32), -1)
+        logits, cache = step(cache, jnp.take(flat, t - 1, axis=1), t - 1)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
         vocab = logp.shape[-1]
         if block_trigrams:
             logp = jnp.where(_blocked(flat, t, vocab), NEG, logp)
@@ -67,9 +98,11 @@ def beam_search(logits_fn, start, batch: int, length: int, beam: int = 3, block_
         src, tok = idx // vocab, (idx % vocab).astype(jnp.int32)
         seq = jnp.take_along_axis(seq, src[..., None], axis=1).at[:, :, t].set(tok)
         done = jnp.take_along_axis(done, src, axis=1) | (tok == 0)
-        return seq, top, done
+        rows = (jnp.arange(batch)[:, None] * beam + src).reshape(-1)
+        cache = jax.tree.map(lambda c: jnp.take(c, rows, axis=0), cache)
+        return seq, top, done, cache
 
-    seq, score, done = jax.lax.fori_loop(1, length, body, (seq, score, done))
+    seq, score, done, _ = jax.lax.fori_loop(1, length, body, (seq, score, done, cache))
     ended = (seq[:, :, 1:] == 0)
     n = jnp.where(ended.any(-1), jnp.argmax(ended, -1) + 1, length - 1)  # generated tokens incl. the end
     final = score / (n.astype(jnp.float32) ** length_penalty)
