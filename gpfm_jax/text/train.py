@@ -57,8 +57,9 @@ def model_stepper(model: TextModel, params, memory, memory_mask, prefix, length:
     const, cache = model.apply(v, memory, memory_mask, prefix, length, method="decode_start")
     p = prefix.shape[1]
 
-    def step(cache, tok, t):
-        logits, cache = model.apply(v, const, cache, tok[:, None], p + t, method="decode_step")
+    def step(cache, seq, t):
+        tok = jax.lax.dynamic_slice_in_dim(seq, t, 1, axis=1)
+        logits, cache = model.apply(v, const, cache, tok, p + t, method="decode_step")
         return logits[:, 0], cache
 
     return decode.Stepper(cache, step)
