@@ -102,8 +102,7 @@ def test_cached_decoding_equals_full_buffer_decoding():
     assert (seqs[:, 1:] != 0).sum() > 4 and (seqs[0] != seqs[1]).any()
 
 
-@pytest.mark.parametrize("block,alpha", [(False, 0.0), (True, 0.7)])
-def test_cached_beam_search_equals_brute_force(block, alpha):
+def test_cached_beam_search_equals_brute_force(block=True, alpha=0.7):
     """The existing brute-force check, with the beam search reading the key/value cache. (Here the best beam keeps
     row 0 throughout, so a missing cache reorder goes unseen: `test_cached_decoding_equals_full_buffer_decoding`
     compares every beam and catches it — checked by deleting the reorder.)"""
@@ -128,7 +127,7 @@ def test_cached_beam_search_equals_brute_force(block, alpha):
 def test_prefix_plus_length_beyond_positions_is_an_error():
     cfg = _cfg("slide_vqa")
     model = TextModel(cfg)
-    params = init_params(cfg, D, jax.random.key(7))
     mem, mm = jnp.zeros((1, 3, cfg.width)), jnp.ones((1, 3), bool)
+    params = jax.eval_shape(lambda: init_params(cfg, D, jax.random.key(7)))  # shapes only: traced, not run
     with pytest.raises(ValueError, match="exceeds the model's max_length 24"):
-        model_stepper(model, params, mem, mm, jnp.ones((1, 5), jnp.int32), 20)
+        jax.eval_shape(lambda p: model_stepper(model, p, mem, mm, jnp.ones((1, 5), jnp.int32), 20).cache, params)
