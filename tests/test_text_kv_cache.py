@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from gpfm_jax.text import decode
-from gpfm_jax.text.models import Attention, TextModel, TextModelConfig, init_params
+from gpfm_jax.text.models import Attention, TextModel, init_params
 from gpfm_jax.text.train import model_stepper
 from test_text_models import D, _brute_force, _cfg, _toy_logits_fn
 

@@ -4,6 +4,11 @@ VQA model. All are encoder-decoders with the same call shape, so one training st
     memory, memory_mask = model.apply(v, x, x_mask, method="encode")          # x f32[B, N, D], x_mask bool[B, N]
     logits = model.apply(v, memory, memory_mask, prefix, tokens, method="decode")  # f32[B, T, V]
 
+or, one chunk of tokens at a time against a key/value cache (greedy / beam search; equal to `decode`'s rows):
+
+    const, cache = model.apply(v, memory, memory_mask, prefix, length, method="decode_start")
+    logits, cache = model.apply(v, const, cache, tokens, pos, method="decode_step")  # tokens [B, C] at pos..pos+C-1
+
 `prefix` int[B, P] (0 = padding) is text the decoder reads before its own tokens: W2T's question; empty ([B, 0])
 for reports. The tile-VQA model encodes the question with the image instead (`encode(..., question=...)`), as MUMC's
 question encoder cross-attends to the image, and its decoder reads no prefix.
