@@ -4,12 +4,14 @@ programs each compiled, on synthetic bags (log-uniform sizes, padded to gpfm-eva
     python tools/bench_textgen.py [--slides 32] [--min-tiles 200] [--max-tiles 4000] [--dim 1024] [--width 512]
                                   [--heads 8] [--layers 3] [--memory-slots 2048] [--region-size 96]
                                   [--length 100] [--beam 3] [--batch 1] [--eval-batch 4] [--rounds 2]
+                                  [--full-buffer]
 
 The model is gpfm-eval report's HistGen-style generator at the given size (default: the full-size protocol, width
 512, 3 decoder layers, memory 2048 x 512, regions of 96 tiles). Warm-up (compiles, timed separately) is excluded;
 each round runs one training epoch over the slides and decodes every slide once (beam search with trigram
 blocking over the full `--length`, since random weights rarely emit the end token early); the figure is the
-median over rounds.
+median over rounds. Decoding uses the key/value cache; `--full-buffer` also times, in the same run and with the
+same parameters, the reference decoder that re-reads the whole buffer at every step, and prints the ratio.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1, help="slides per training step (HistGen: 1)")
     ap.add_argument("--eval-batch", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--full-buffer", action="store_true", help="also time decoding without the key/value cache")
     args = ap.parse_args()
 
     import jax
@@ -73,9 +76,11 @@ def main() -> None:
         jax.block_until_ready(text_fit.train_epoch(trainer, store, split, buckets, args.batch, 0, r))
         return time.perf_counter() - t
 
-    def decode():
+    last = {}  # trainer -> its latest decoded sequences
+
+    def decode(tr=trainer):
         t = time.perf_counter()
-        text_fit.generate(trainer, store, split, buckets, args.eval_batch, 0, args.length)
+        last[tr] = text_fit.generate(tr, store, split, buckets, args.eval_batch, 0, args.length)
         return time.perf_counter() - t
 
     warm_train, warm_decode = epoch(np.random.default_rng(1)), decode()
@@ -88,6 +93,16 @@ def main() -> None:
     print(f"decoding (beam {args.beam}, {args.length} steps): {args.slides / statistics.median(decode_t):.2f} "
           f"slides/s (median {statistics.median(decode_t):.2f} s)")
     print(f"programs compiled in all: {sum(trainer.compiles.values())} {dict(trainer.compiles)}")
+    if args.full_buffer:
+        ref = TextTrainer(cfg, TrainConfig(batch_size=args.batch, beam=args.beam, kv_cache=False), args.dim)
+        ref.params = trainer.params
+        warm = decode(ref)
+        ref_t = [decode(ref) for _ in range(args.rounds)]
+        same = bool((last[trainer] == last[ref]).all())
+        print(f"full-buffer decoding (no cache; warm-up {warm:.1f} s, {sum(ref.compiles.values())} programs): "
+              f"{args.slides / statistics.median(ref_t):.3f} slides/s (median {statistics.median(ref_t):.2f} s); "
+              f"key/value cache {statistics.median(ref_t) / statistics.median(decode_t):.1f}x faster; "
+              f"same sequences: {same}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,11 @@ VQA model. All are encoder-decoders with the same call shape, so one training st
     memory, memory_mask = model.apply(v, x, x_mask, method="encode")          # x f32[B, N, D], x_mask bool[B, N]
     logits = model.apply(v, memory, memory_mask, prefix, tokens, method="decode")  # f32[B, T, V]
 
+or, one chunk of tokens at a time against a key/value cache (greedy / beam search; equal to `decode`'s rows):
+
+    const, cache = model.apply(v, memory, memory_mask, prefix, length, method="decode_start")
+    logits, cache = model.apply(v, const, cache, tokens, pos, method="decode_step")  # tokens [B, C] at pos..pos+C-1
+
 `prefix` int[B, P] (0 = padding) is text the decoder reads before its own tokens: W2T's question; empty ([B, 0])
 for reports. The tile-VQA model encodes the question with the image instead (`encode(..., question=...)`), as MUMC's
 question encoder cross-attends to the image, and its decoder reads no prefix.
@@ -29,6 +34,7 @@ mask, tested).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -56,29 +62,79 @@ class TextModelConfig:
             raise ValueError(f"width {self.width} is not a multiple of heads {self.heads}")
 
 
-def _attend(cfg, name, q, kv, mask, train):
-    return nn.MultiHeadDotProductAttention(num_heads=cfg.heads, dropout_rate=cfg.dropout, deterministic=not train,
-                                           name=name)(q, kv, mask=mask)
+class Attention(nn.Module):
+    """flax's `MultiHeadDotProductAttention` (same parameters `query` / `key` / `value` / `out`, same
+    `nn.dot_product_attention` arithmetic; tested equal), with the key/value projection exposed as its own method so
+    an incremental decoder can project a token's keys once and keep them in a cache, and project the visual memory's
+    keys once per sample instead of once per generated token."""
+
+    cfg: TextModelConfig
+
+    def setup(self):
+        c = self.cfg
+        dense = functools.partial(nn.DenseGeneral, axis=-1, features=(c.heads, c.width // c.heads))
+        self.query, self.key, self.value = dense(name="query"), dense(name="key"), dense(name="value")
+        self.out = nn.DenseGeneral(features=c.width, axis=(-2, -1), name="out")
+
+    def kv(self, x):
+        """(keys, values) [B, L, heads, head_dim] of `x` [B, L, width]."""
+        return self.key(x), self.value(x)
+
+    def attend(self, x, k, v, mask, train: bool = False):
+        """Queries from `x` [B, Q, width] over projected keys / values [B, L, heads, head_dim]; mask [B, 1, Q, L]."""
+        drop = train and self.cfg.dropout > 0.0
+        y = nn.dot_product_attention(self.query(x), k, v, mask=mask, dropout_rate=self.cfg.dropout,
+                                     dropout_rng=self.make_rng("dropout") if drop else None, deterministic=not drop)
+        return self.out(y)
+
+    def __call__(self, x, kv_in, mask, train: bool = False):
+        return self.attend(x, *self.kv(kv_in), mask, train)
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: self-attention (mask [B, 1, T, T]), optional cross-attention, MLP."""
+    """Pre-norm transformer block: self-attention (mask [B, 1, T, T]), optional cross-attention, MLP.
+
+    `__call__` reads a whole sequence; `step` reads a chunk of it (one generated token, or the prefix) against a
+    key/value cache of the earlier positions, with the cross-attention's keys / values projected beforehand
+    (`cross_kv`). Both run the same sub-modules, so they agree to float rounding (tested)."""
 
     cfg: TextModelConfig
     cross: bool = False
 
-    @nn.compact
-    def __call__(self, x, self_mask, memory=None, cross_mask=None, train: bool = False):
+    def setup(self):
         c = self.cfg
-        drop = nn.Dropout(c.dropout, deterministic=not train)
-        h = nn.LayerNorm(name="ln_self")(x)
-        x = x + drop(_attend(c, "self_attn", h, h, self_mask, train))
+        self.drop = nn.Dropout(c.dropout)
+        self.ln_self, self.self_attn = nn.LayerNorm(name="ln_self"), Attention(c, name="self_attn")
         if self.cross:
-            h = nn.LayerNorm(name="ln_cross")(x)
-            x = x + drop(_attend(c, "cross_attn", h, memory, cross_mask, train))
-        h = nn.LayerNorm(name="ln_mlp")(x)
-        h = nn.Dense(c.width * c.mlp_ratio, name="mlp_in")(h)
-        return x + drop(nn.Dense(c.width, name="mlp_out")(nn.gelu(h)))
+            self.ln_cross, self.cross_attn = nn.LayerNorm(name="ln_cross"), Attention(c, name="cross_attn")
+        self.ln_mlp = nn.LayerNorm(name="ln_mlp")
+        self.mlp_in = nn.Dense(c.width * c.mlp_ratio, name="mlp_in")
+        self.mlp_out = nn.Dense(c.width, name="mlp_out")
+
+    def _mlp(self, x, train):
+        h = self.mlp_in(self.ln_mlp(x))
+        return x + self.drop(self.mlp_out(nn.gelu(h)), deterministic=not train)
+
+    def __call__(self, x, self_mask, memory=None, cross_mask=None, train: bool = False):
+        h = self.ln_self(x)
+        x = x + self.drop(self.self_attn(h, h, self_mask, train), deterministic=not train)
+        if self.cross:
+            x = x + self.drop(self.cross_attn(self.ln_cross(x), memory, cross_mask, train), deterministic=not train)
+        return self._mlp(x, train)
+
+    def cross_kv(self, memory):
+        return self.cross_attn.kv(memory)
+
+    def step(self, x, cache, pos, self_mask, cross, cross_mask):
+        """x [R, C, width] at positions pos..pos+C-1; cache = (keys, values) [R, L, heads, head_dim] of every
+        position (only those before pos + C are read); returns (x, cache with this chunk's keys / values)."""
+        h = self.ln_self(x)
+        k, v = self.self_attn.kv(h)
+        k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), pos, axis=1)
+        v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), pos, axis=1)
+        x = x + self.self_attn.attend(h, k, v, self_mask)
+        x = x + self.cross_attn.attend(self.ln_cross(x), *cross, cross_mask)
+        return self._mlp(x, False), (k, v)
 
 
 def _pair_mask(q_mask, k_mask):
@@ -171,6 +227,40 @@ class TextModel(nn.Module):
         for blk in self.decoder:
             h = blk(h, causal, memory, _pair_mask(jnp.ones(seq.shape, bool), memory_mask), train)
         return self.head(self.ln_dec(h[:, p:]))
+
+    def decode_start(self, memory, memory_mask, prefix, length: int):
+        """The incremental decoder's (constants, cache) for sequences of `length` tokens after `prefix`: the
+        cross-attention keys / values of the memory, the key mask, and a key/value cache [R, P + length, heads,
+        head_dim] per layer holding the prefix's entries (the prefix is read in one chunk)."""
+        p, c = prefix.shape[1], self.cfg
+        if p + length > c.max_length:
+            raise ValueError(f"prefix {p} + length {length} exceeds the model's max_length {c.max_length}")
+        r = memory.shape[0]
+        const = {"cross": tuple(blk.cross_kv(memory) for blk in self.decoder),
+                 "cross_mask": memory_mask[:, None, None, :],
+                 "valid": jnp.concatenate([prefix > 0, jnp.ones((r, length), bool)], axis=1)}
+        shape = (r, p + length, c.heads, c.width // c.heads)
+        cache = tuple((jnp.zeros(shape, memory.dtype), jnp.zeros(shape, memory.dtype)) for _ in self.decoder)
+        if p:
+            cache = self.decode_step(const, cache, prefix, 0)[1]
+        return const, cache
+
+    def decode_step(self, const, cache, tokens, pos):
+        """(logits [R, C, V], cache): the decoder over `tokens` [R, C] at positions pos..pos+C-1 of prefix + tokens,
+        reading the earlier positions from `cache` — the rows of `decode` at those positions, without re-reading
+        the sequence."""
+        c = tokens.shape[1]
+        h = self.embed(tokens) + jax.lax.dynamic_slice_in_dim(self.pos, pos, c)
+        if self.memory is not None:
+            h = self.memory(h)
+        keys = jnp.arange(const["valid"].shape[1])
+        causal = keys[None, :] <= pos + jnp.arange(c)[:, None]  # [C, L]
+        self_mask = causal[None, None] & const["valid"][:, None, None, :]
+        new = []
+        for blk, kv, cross in zip(self.decoder, cache, const["cross"], strict=True):
+            h, kv = blk.step(h, kv, pos, self_mask, cross, const["cross_mask"])
+            new.append(kv)
+        return self.head(self.ln_dec(h)), tuple(new)
 
     def __call__(self, x, x_mask, prefix, tokens, question=None, train: bool = False):
         memory, memory_mask = self.encode(x, x_mask, question, train)

@@ -34,6 +34,7 @@ class TrainConfig:
     block_trigrams: bool = True
     length_penalty: float = 0.0
     seed: int = 0
+    kv_cache: bool = True  # incremental decoding; False re-reads the whole buffer per step (the reference path)
 
 
 def target_mask(tokens) -> jax.Array:
@@ -47,6 +48,21 @@ def loss_fn(logits, tokens) -> jax.Array:
     nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
     m = target_mask(tokens)
     return jnp.sum(jnp.where(m, nll, 0.0)) / jnp.maximum(m.sum(), 1)
+
+
+def model_stepper(model: TextModel, params, memory, memory_mask, prefix, length: int) -> decode.Stepper:
+    """The model's incremental decoder as a `decode.Stepper`: key/value cache and the memory's cross-attention
+    keys / values made once (`decode_start`), then one token per step (`decode_step`) at position prefix + t."""
+    v = {"params": params}
+    const, cache = model.apply(v, memory, memory_mask, prefix, length, method="decode_start")
+    p = prefix.shape[1]
+
+    def step(cache, seq, t):
+        tok = jax.lax.dynamic_slice_in_dim(seq, t, 1, axis=1)
+        logits, cache = model.apply(v, const, cache, tok, p + t, method="decode_step")
+        return logits[:, 0], cache
+
+    return decode.Stepper(cache, step)
 
 
 class _Programs:
@@ -85,7 +101,10 @@ class _Programs:
         self.compiles[f"decode {x.shape[0]}x{x.shape[1]}"] += 1
         mem, mem_mask = self._memory(params, x, mask, question, beam)
         pre = jnp.repeat(prefix, beam, axis=0)
-        fn = functools.partial(self.model.apply, {"params": params}, mem, mem_mask, pre, method="decode")
+        if self.cfg.kv_cache:
+            fn = model_stepper(self.model, params, mem, mem_mask, pre, length)
+        else:
+            fn = functools.partial(self.model.apply, {"params": params}, mem, mem_mask, pre, method="decode")
         if beam == 1:
             return decode.greedy(fn, start, x.shape[0], length)
         return decode.beam_search(fn, start, x.shape[0], length, beam, self.cfg.block_trigrams,
