@@ -31,8 +31,8 @@ from gpfm_jax.evaluation.results import write_json_atomic
 from gpfm_jax.text import answers, data, metrics as text_metrics
 from gpfm_jax.text.models import TextModelConfig
 from gpfm_jax.text.tokenize import WordVocab, clean_vqa_text
-from gpfm_jax.text.wordpiece import BERT_VOCAB, Pieces
 from gpfm_jax.text.train import TextTrainer, TrainConfig
+from gpfm_jax.text.wordpiece import BERT_VOCAB, Pieces
 
 log = logging.getLogger("gpfm_jax.evaluate")
 
