@@ -110,5 +110,6 @@ def test_tile_vqa_ranks_the_answer_list(tmp_path):
     r = json.loads(out.read_text())
     assert r["metrics"]["closed_accuracy"] >= 0.95 and r["metrics"]["open_accuracy"] >= 0.85
     assert r["num_candidates"] == 6 and len(r["predictions"]) == r["num_questions"]["test"]
+    assert r["tokenizer"]["kind"] == "wordpiece" and r["tokenizer"]["file"].endswith("tile_vqa.tokenizer.json")
     assert all(pr["prediction"] in ("yes", "no", "ductal", "lobular", "mucinous", "normal")
                for pr in r["predictions"])

@@ -54,7 +54,11 @@ def add_parsers(sub) -> None:
     v.add_argument("--test", required=True, help="test questions")
     v.add_argument("--answer-list", default=None, help="pathvqa: candidate answers JSON (ranked by likelihood)")
     v.add_argument("--max-length", type=int, default=60, help="answer length in ids (W2T: 60)")
-    v.add_argument("--max-question", type=int, default=30, help="question length in words")
+    v.add_argument("--max-question", type=int, default=30,
+                   help="question length in ids (wsivqa: words; pathvqa: WordPiece pieces of MUMC's 30 words)")
+    v.add_argument("--vocab-size", type=int, default=30522, help="pathvqa: WordPiece size at most (BERT's)")
+    v.add_argument("--tokenizer", default=None,
+                   help="pathvqa: a saved WordPiece (a run's X.tokenizer.json) used instead of training one")
     _model_args(v, 3, 0, 0)
 
 
@@ -98,7 +102,7 @@ def run(args) -> dict[str, Any]:
         cfg = VQARun(args.format, args.features, args.train, args.val, args.test, args.answer_list, model, train,
                      min_count=args.min_count or 1, max_length=args.max_length, max_question=args.max_question,
                      bootstrap=args.bootstrap, eval_batch=args.eval_batch, bucket_factor=args.bucket_factor,
-                     smallest_bucket=args.smallest_bucket)
+                     smallest_bucket=args.smallest_bucket, vocab_size=args.vocab_size, tokenizer=args.tokenizer)
         result = run_vqa(cfg, args.json)
     _print(result)
     return result

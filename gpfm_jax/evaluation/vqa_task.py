@@ -12,7 +12,10 @@
   likely answer under the model; accuracy after MUMC's normalisation, overall / closed / open; epochs selected on
   validation accuracy.
 
-Vocabularies are built from the training split only (words seen >= `min_count` times).
+Tokenizers are built from the training split only: W2T's word vocabulary (words seen >= `min_count` times) for
+slide VQA, a WordPiece trained with HuggingFace `tokenizers` (`gpfm_jax.text.wordpiece`) for tile VQA. The tile-VQA
+WordPiece is saved next to the results (`X.json` -> `X.tokenizer.json`) and `tokenizer=` (`--tokenizer`) loads a
+saved one instead of training, to the same ids.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from gpfm_jax.text import answers, data, metrics as text_metrics
 from gpfm_jax.text.models import TextModelConfig
 from gpfm_jax.text.tokenize import WordVocab, clean_vqa_text
 from gpfm_jax.text.train import TextTrainer, TrainConfig
+from gpfm_jax.text.wordpiece import BERT_VOCAB, Pieces
 
 log = logging.getLogger("gpfm_jax.evaluate")
 
@@ -50,6 +54,8 @@ class VQARun:
     eval_batch: int = 8
     bucket_factor: float = 1.25
     smallest_bucket: int = 256
+    vocab_size: int = BERT_VOCAB  # pathvqa: WordPiece size at most (trained on the training split)
+    tokenizer: str | None = None  # pathvqa: a saved WordPiece (X.tokenizer.json) to use instead of training one
 
 
 def _pad(rows: list[list[int]], width: int) -> np.ndarray:
@@ -132,6 +138,23 @@ def closest_choice(generated: list[str], choices: tuple[str, ...]) -> str:
     return choices[int(np.argmax(scores))]
 
 
+def tokenizer_path(out: str) -> str:
+    """Where a run writing `out` keeps its tile-VQA tokenizer: results.json -> results.tokenizer.json."""
+    return (out[: -len(".json")] if out.endswith(".json") else out) + ".tokenizer.json"
+
+
+def _tile_tokenizer(cfg: VQARun, texts: list[str], out: str | None) -> tuple[Pieces, str | None]:
+    """The saved WordPiece `cfg.tokenizer`, or one trained on `texts` and saved beside `out`."""
+    if cfg.tokenizer:
+        return Pieces.load(cfg.tokenizer), cfg.tokenizer
+    pieces = Pieces.train(texts, cfg.vocab_size, cfg.min_count)
+    if not out:
+        return pieces, None
+    path = tokenizer_path(out)
+    write_json_atomic(path, pieces.to_json())
+    return pieces, path
+
+
 def run_vqa(cfg: VQARun, out: str | None = None) -> dict:
     if cfg.format not in ("wsivqa", "pathvqa"):
         raise ValueError(f"--format must be wsivqa or pathvqa, got {cfg.format!r}")
@@ -142,10 +165,15 @@ def run_vqa(cfg: VQARun, out: str | None = None) -> dict:
     clean_q = clean_vqa_text if slide else (lambda t: answers.clean_question(t, cfg.max_question))
     clean_a = clean_vqa_text if slide else answers.normalize_answer
     texts = [clean_q(q.question) for q in qs["train"]] + [clean_a(q.answer) for q in qs["train"]]
-    vocab = WordVocab.build(texts, lambda t: t, cfg.min_count, with_bos=True)
+    if slide:
+        vocab, saved = WordVocab.build(texts, lambda t: t, cfg.min_count, with_bos=True), None
+        question_ids = lambda text: vocab.encode_tokens(text.split())  # noqa: E731
+    else:
+        vocab, saved = _tile_tokenizer(cfg, texts, out)
+        question_ids = vocab.ids
 
     def split_of(questions):
-        qids = _pad([vocab.encode_tokens(clean_q(q.question).split()) for q in questions], cfg.max_question)
+        qids = _pad([question_ids(clean_q(q.question)) for q in questions], cfg.max_question)
         toks = _pad([vocab.encode(q.answer, clean_a, cfg.max_length) for q in questions], cfg.max_length)
         ids = [q.qid or f"{q.image}:{i}" for i, q in enumerate(questions)]
         bag = np.asarray([index[q.image] for q in questions])
@@ -164,6 +192,9 @@ def run_vqa(cfg: VQARun, out: str | None = None) -> dict:
         result = _slide(cfg, trainer, store, sizes, vocab, splits, qs)
     else:
         result = _tile(cfg, trainer, store, sizes, vocab, splits, qs)
+    if not slide:
+        result["tokenizer"] = {"kind": "wordpiece", "file": saved,
+                               "source": "loaded" if cfg.tokenizer else "trained on the training split"}
     result.update({"command": "vqa", "format": cfg.format, "vocab_size": vocab.size,
                    "num_questions": {s: len(v) for s, v in qs.items()}, "compiles": dict(trainer.compiles)})
     if out:
