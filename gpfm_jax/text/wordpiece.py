@@ -32,7 +32,7 @@ def _tokenizers():
         import tokenizers
     except ImportError as e:  # a named one-line error through the CLIs (ValueError -> exit 2)
         raise ValueError("tile VQA (--format pathvqa) tokenizes with HuggingFace `tokenizers`, which is not "
-                         "installed: pip install -e \".[text]\"") from e
+                         "installed (a core dependency of gpfm_jax): pip install tokenizers") from e
     return tokenizers
 
 
