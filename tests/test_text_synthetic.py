@@ -66,7 +66,11 @@ def test_report_learned_and_shuffled_control_is_not(runs):
         assert lo <= real["metrics"][k] + 1e-9 and real["metrics"][k] <= hi + 1e-9, k
     scores = [h["val_score"] for h in real["history"]]
     assert scores[real["selected_epoch"] - 1] == max(scores)
-    assert real["compiles"] == {"train 8x64": 1, "decode 16x64": 1}  # one bucket: one program each  # one bucket: one program each
+    # One bucket: one program each. The programs are shared by every run of this process with the same model and
+    # settings (text/train.py: `programs`), so the counter may also hold shapes an earlier test compiled; what must
+    # hold is that nothing was compiled twice and that this run's two shapes are there.
+    assert {"train 8x64", "decode 16x64"} <= set(real["compiles"]), real["compiles"]
+    assert all(count == 1 for count in real["compiles"].values()), real["compiles"]
     assert real["meteor_skipped"].startswith("METEOR skipped")
 
 
