@@ -26,3 +26,10 @@ def test_a_bad_command_line_is_one_line_and_exit_2(tmp_path, args, line):
     assert proc.returncode == 2, out
     assert out.splitlines() == [f"gpfm-train: config error: {line}" + out.split(line, 1)[-1]], out
     assert not (tmp_path / "w").exists()  # nothing was created
+
+
+def test_help_still_lists_the_flags():
+    proc = subprocess.run([sys.executable, "-m", "gpfm_jax.train.main", "--helpfull"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+    out = proc.stdout + proc.stderr
+    assert "--workdir" in out and "--scratch" in out and "config error" not in out, out[-2000:]

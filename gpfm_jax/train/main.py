@@ -29,6 +29,7 @@ def _define_flags() -> None:
     of sys.argv as the flag is defined, and an error there must become cli()'s one line."""
     if "config" in FLAGS:
         return
+    app.define_help_flags()  # --help / --helpfull print the flags and exit, as under app.run
     config_flags.DEFINE_config_file(
         "config", str(_DEFAULT_CONFIG), "Training config file (a Python file with get_config()); override fields "
         "with --config.<field>=<value>.", lock_config=True)
