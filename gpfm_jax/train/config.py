@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from gpfm_jax import storage
 from gpfm_jax.data.augment import CROP_DTYPES, IMAGENET_MEAN, IMAGENET_STD
 from gpfm_jax.data.masking import MaskingConfig, mask_bins
 from gpfm_jax.data.pipeline import PipelineConfig
@@ -235,7 +236,7 @@ def validate(cfg: TrainConfig, num_devices: int | None = None, process_count: in
     # data source
     _require(d.source in SOURCES, f"config.data.source={d.source!r}: expected one of {SOURCES}")
     if d.source in ("index", "folder"):
-        _require(bool(d.path) and (_is_url(d.path) or Path(d.path).exists()), f"config.data.path={d.path!r}: no such "
+        _require(bool(d.path) and (storage.is_url(d.path) or Path(d.path).exists()), f"config.data.path={d.path!r}: no such "
                  f"{'index (folder or JSON file)' if d.source == 'index' else 'folder'}")
     elif d.source == "slides":
         _require(bool(d.path), "config.data.path: empty (a slides index, a list file, a glob or slide paths)")
@@ -285,17 +286,9 @@ def validate(cfg: TrainConfig, num_devices: int | None = None, process_count: in
                  f"config.init_from={c.init_from!r}: not an encoder bundle (no encoder.json)")
 
 
-def _is_url(path: str) -> bool:
-    from gpfm_jax import storage
-
-    return storage.is_url(path)
-
-
 def _has_bundle(field: str, path: str) -> bool:
     """Whether an encoder bundle (its encoder.json) is at `path`, a folder or a gs:// URL; a bucket that cannot be
     reached is a ConfigError naming the field."""
-    from gpfm_jax import storage
-
     try:
         storage.check_reachable(path)
     except storage.StorageError as err:
@@ -339,11 +332,9 @@ def make_source(c: TrainConfig, workdir: str | Path | None = None):
 
     d = c.data
     if d.source == "index":
-        from gpfm_jax.storage import StorageError
-
         try:  # a packed index may be a gs:// URL: a bad one is a config error naming the field, not a traceback
             return resolve.tile_source(d.path, d.root or None)
-        except (ValueError, StorageError, FileNotFoundError) as err:
+        except (ValueError, FileNotFoundError) as err:  # storage.StorageError is a ValueError
             raise ConfigError(f"config.data.path={d.path!r}: {err}") from None
     if d.source == "folder":
         return resolve.folder_source(d.path)
