@@ -236,7 +236,8 @@ def validate(cfg: TrainConfig, num_devices: int | None = None, process_count: in
     # data source
     _require(d.source in SOURCES, f"config.data.source={d.source!r}: expected one of {SOURCES}")
     if d.source in ("index", "folder"):
-        _require(bool(d.path) and (storage.is_url(d.path) or Path(d.path).exists()), f"config.data.path={d.path!r}: no such "
+        found = bool(d.path) and (storage.is_url(d.path) or Path(d.path).exists())  # a packed index may be gs://
+        _require(found, f"config.data.path={d.path!r}: no such "
                  f"{'index (folder or JSON file)' if d.source == 'index' else 'folder'}")
     elif d.source == "slides":
         _require(bool(d.path), "config.data.path: empty (a slides index, a list file, a glob or slide paths)")
