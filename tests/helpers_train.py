@@ -71,6 +71,34 @@ def run_cli(workdir, *overrides: str, devices: int = 1, config: str | Path = __f
                           timeout=timeout)
 
 
+def saved_state(checkpoints, step: int) -> dict:
+    """The saved state tree of a step as numpy, restored without a target from a checkpoint folder (local or gs://).
+    A checkpoint written by another topology (8 devices, 2 processes) comes back on one device."""
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    from gpfm_jax import storage
+
+    storage.refresh(checkpoints)  # this process's client caches listings; other processes wrote since
+    with ocp.CheckpointManager(storage.resolve(checkpoints)) as manager:
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(fallback_sharding=one)))
+    return jax.tree_util.tree_map(np.array, restored["state"])
+
+
+def assert_trees_equal(a, b) -> None:
+    """Same structure, every leaf bitwise equal (the leaf's path in the message)."""
+    import jax
+    import numpy as np
+
+    fa, ta = jax.tree_util.tree_flatten_with_path(a)
+    fb, tb = jax.tree_util.tree_flatten_with_path(b)
+    assert ta == tb
+    for (path, x), (_, y) in zip(fa, fb):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
+
+
 def _set(cfg, key: str, value: str):
     import ast
 

@@ -15,12 +15,12 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from conftest import require
 from emulators import free_port
-from helpers_train import FAST_COMPILE, REPO, run_cli
+from helpers_train import FAST_COMPILE, REPO, run_cli, saved_state as _raw_state
+from helpers_train import assert_trees_equal as _assert_trees_equal
 from gpfm_jax import storage
 from gpfm_jax.train.faults import COMMIT_MARKER, EXIT_CONFIG, EXIT_SAVE_FAILED, EXIT_STALLED, committed_steps
 from gpfm_jax.train.metrics_writer import read_metrics
@@ -40,22 +40,6 @@ def _cli(workdir, *overrides, cache, scratch=None, **kw):
 def _ok(result):
     assert result.returncode == 0, result.stdout[-4000:]
     return result.stdout
-
-
-def _raw_state(checkpoints, step: int) -> dict:
-    storage.refresh(checkpoints)  # this process's client caches listings; other processes wrote since
-    with ocp.CheckpointManager(storage.resolve(checkpoints)) as manager:
-        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(fallback_sharding=one)))
-    return jax.tree_util.tree_map(np.array, restored["state"])
-
-
-def _assert_trees_equal(a, b):
-    fa, ta = jax.tree_util.tree_flatten_with_path(a)
-    fb, tb = jax.tree_util.tree_flatten_with_path(b)
-    assert ta == tb
-    for (path, x), (_, y) in zip(fa, fb):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
 
 
 @pytest.fixture(scope="module")

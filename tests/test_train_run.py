@@ -17,11 +17,11 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from conftest import require
 
-from helpers_train import FAST_COMPILE, REPO, run_cli, tiny
+from helpers_train import FAST_COMPILE, REPO, run_cli, saved_state, tiny
+from helpers_train import assert_trees_equal as _assert_trees_equal
 from gpfm_jax.train import checkpoint as ckpt
 from gpfm_jax.step import sharding
 from gpfm_jax.train import encoder_meta, loop
@@ -41,20 +41,8 @@ def _ok(result):
 
 
 def _raw_state(workdir: Path, step: int) -> dict:
-    """The saved state tree of a step as numpy, restored without a target."""
-    with ocp.CheckpointManager(Path(workdir) / "checkpoints") as manager:
-        # fallback: a checkpoint written by another topology (8 devices, 2 processes) comes back on one device
-        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(fallback_sharding=one)))
-    return jax.tree_util.tree_map(np.array, restored["state"])
-
-
-def _assert_trees_equal(a, b):
-    fa, ta = jax.tree_util.tree_flatten_with_path(a)
-    fb, tb = jax.tree_util.tree_flatten_with_path(b)
-    assert ta == tb
-    for (path, x), (_, y) in zip(fa, fb):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
+    """The saved state tree of a step of a run folder (helpers_train.saved_state)."""
+    return saved_state(Path(workdir) / "checkpoints", step)
 
 
 # ---------------------------------------------------------------------------------------------------------------
