@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 
@@ -116,6 +117,28 @@ def vitl(tmp_path_factory):
 
     assert convert_main(["--torch", str(pth), "--out", str(tmp / "bundle"), "--arch", "vit_large_patch14"]) == 0
     return model, tmp / "bundle", pth
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _serial_modules(request, tmp_path_factory):
+    """Under pytest-xdist (the suite runs on every core, a file per worker), a module marked `serial` (it measures
+    time, or waits on deadlines and heartbeats) runs alone: it holds an exclusive lock that every other module takes
+    shared. A turnstile taken first gives the exclusive lock priority, so a serial module waits for at most the
+    module the other worker is in. Without xdist every module runs alone anyway and nothing is locked."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker:
+        yield
+        return
+    shared = tmp_path_factory.getbasetemp().parent  # the run's folder, common to all workers
+    exclusive = request.node.get_closest_marker("serial") is not None
+    with open(shared / "serial.turnstile", "a") as turnstile, open(shared / "serial.lock", "a") as lock:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        fcntl.flock(turnstile, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -25,13 +25,24 @@ def test_plain():
 '''
 
 
-def _run(tmp_path: Path, required: str | None) -> subprocess.CompletedProcess:
+MODULE_PROBE = '''
+from conftest import require
+
+require("gpfm_no_such_module_at_collection", "test")
+
+
+def test_never_collected():
+    pass
+'''
+
+
+def _run(tmp_path: Path, required: str | None, *args: str) -> subprocess.CompletedProcess:
     shutil.copy(TESTS / "conftest.py", tmp_path / "conftest.py")
     (tmp_path / "test_probe_extra.py").write_text(PROBE)
     env = {k: v for k, v in os.environ.items() if k != "GPFM_REQUIRE_EXTRAS"}
     if required is not None:
         env["GPFM_REQUIRE_EXTRAS"] = required
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", str(tmp_path)],
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", *args, str(tmp_path)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -49,3 +60,12 @@ def test_a_skip_for_a_required_extra_fails_the_run(tmp_path):
     assert "test_needs_an_absent_module" in proc.stdout
     # an extra that was not required (gpu: CI does not install it) may still be skipped
     assert _run(tmp_path, "tpu").returncode == 0
+
+
+def test_the_guard_holds_on_pytest_xdist_workers(tmp_path):
+    """The suite runs under pytest-xdist: skips at collection and inside a test, both on workers, still fail it."""
+    (tmp_path / "test_probe_module.py").write_text(MODULE_PROBE)
+    proc = _run(tmp_path, "test", "-n", "2")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "2 skipped for an extra that was to be installed" in proc.stdout, proc.stdout
+    assert "gpfm_no_such_module_at_collection" in proc.stdout

@@ -3,9 +3,13 @@ right ones; the deadline skips what no longer fits; the levers change one config
 
 from __future__ import annotations
 
+import pytest
+
 import json
 
 from tools.device_check import BUDGET_S, main
+
+pytestmark = pytest.mark.serial  # timing-sensitive: runs with no other test file (conftest.py)
 
 
 def test_device_check_tiny_writes_every_section(tmp_path):

@@ -27,6 +27,8 @@ from gpfm_jax.train.metrics_writer import read_metrics
 sys.path.insert(0, str(REPO / "tools"))
 import soak  # noqa: E402
 
+pytestmark = pytest.mark.serial  # timing-sensitive: runs with no other test file (conftest.py)
+
 
 
 

@@ -17,6 +17,8 @@ from gpfm_jax.train import loop
 from gpfm_jax.train.faults import committed_steps
 from gpfm_jax.train.metrics_writer import read_metrics
 
+pytestmark = pytest.mark.serial  # timing-sensitive: runs with no other test file (conftest.py)
+
 PERF = ("perf/data_wait_s", "perf/data_s", "perf/h2d_s", "perf/step_s", "perf/iteration_s", "perf/images_per_s")
 
 

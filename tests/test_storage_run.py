@@ -25,6 +25,8 @@ from gpfm_jax import storage
 from gpfm_jax.train.faults import COMMIT_MARKER, EXIT_CONFIG, EXIT_SAVE_FAILED, EXIT_STALLED, committed_steps
 from gpfm_jax.train.metrics_writer import read_metrics
 
+pytestmark = pytest.mark.serial  # timing-sensitive: runs with no other test file (conftest.py)
+
 
 @pytest.fixture(scope="module")
 def xla_cache(cache_dir):
