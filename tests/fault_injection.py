@@ -20,7 +20,7 @@ from typing import Any
 def install(setattr_=setattr, **options: Any) -> threading.Event:
     """Patches the package for the given options (`setattr_`: e.g. pytest's monkeypatch.setattr, undone after the
     test). Returns an Event whose set() lets blocked data reads and slow steps finish."""
-    from gpfm_jax.train import checkpoint, data_stream, loop
+    from gpfm_jax.train import assembly, checkpoint, data_stream
 
     release = threading.Event()
 
@@ -43,7 +43,7 @@ def install(setattr_=setattr, **options: Any) -> threading.Event:
 
     slow_step = float(options.get("slow_step_s", 0) or 0)
     if slow_step:
-        setattr_(loop, "jit_train_step", _slow_step_factory(loop.jit_train_step, slow_step,
+        setattr_(assembly, "jit_train_step", _slow_step_factory(assembly.jit_train_step, slow_step,
                                                             int(options.get("slow_step_from", 0)), release))
 
     enospc_at = options.get("enospc_at_save")

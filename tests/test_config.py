@@ -135,7 +135,7 @@ class _ReadRecorder:
     conversion, validation, __post_init__ checks, dataclasses' replace/asdict/__eq__/__hash__): a field that only
     those touch configures nothing."""
 
-    GENERIC = {"validate", "_require", "__post_init__", "to_dict", "from_dict", "replace", "write_config",
+    GENERIC = {"validate", "check_numbers", "check_paths", "_require", "__post_init__", "to_dict", "from_dict", "replace", "write_config",
                "__repr__", "__eq__", "__hash__"}
 
     def __init__(self, classes):

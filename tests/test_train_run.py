@@ -146,19 +146,20 @@ def _tiny(**changes):
     return tiny(**changes)
 
 
-def _abstract_state_on(cfg, devices):
-    """The run's abstract TrainState with its shardings on a mesh over `devices` (as loop.train builds it)."""
+def _assembled(cfg, devices):
+    """The run's step for `cfg` on a mesh over `devices`, assembled as loop.train assembles it."""
+    from gpfm_jax.train import assembly
     from gpfm_jax.train import config as config_lib
-    from gpfm_jax.step.optim import make_optimizer
-    from gpfm_jax.step.schedules import make_schedules
-    from gpfm_jax.step.train_step import init_state
 
-    model, _ = config_lib.build_model(cfg)
-    schedules = make_schedules(cfg.schedule, cfg.data.global_batch_size)
-    tx = make_optimizer(jax.eval_shape(model.init_student, jax.random.key(0)), schedules)
-    abstract = jax.eval_shape(lambda k: init_state(model, tx, k), jax.random.key(0))
-    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, devices=devices)
-    return ckpt.with_shardings(abstract, sharding.state_shardings(abstract, mesh))
+    teachers, experts = config_lib.load_experts(cfg)
+    resolved = assembly.resolve(cfg, len(devices), jax.process_count(), jax.default_backend())
+    return assembly.assemble(resolved, devices, teachers, experts)
+
+
+def _abstract_state_on(cfg, devices):
+    """The run's abstract TrainState with its shardings on a mesh over `devices`."""
+    built = _assembled(cfg, devices)
+    return ckpt.with_shardings(built.abstract_state, built.shardings)
 
 
 @pytest.fixture(scope="module")
@@ -301,22 +302,15 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, cache_dir):
 def test_init_from_an_encoder_bundle_sets_student_and_ema_teacher_backbones(tmp_path, uninterrupted):
     from gpfm_jax.convert.bundle import save_bundle
     from gpfm_jax.train import config as config_lib
-    from gpfm_jax.step.optim import make_optimizer
-    from gpfm_jax.step.schedules import make_schedules
 
     backbone = _raw_state(uninterrupted, 6)["teacher"]["backbone"]
-    cfg = _tiny(**{"mesh.num_devices": 1})
-    model, _ = config_lib.build_model(cfg)
-    meta = encoder_meta.encoder_meta(model.vit)
+    built = _assembled(_tiny(**{"mesh.num_devices": 1}), jax.devices()[:1])
+    meta = encoder_meta.encoder_meta(built.model.vit)
     save_bundle(tmp_path / "bundle", backbone, {k: v for k, v in meta.items() if k not in ("format", "version")})
-    tx = make_optimizer(jax.eval_shape(model.init_student, jax.random.key(0)),
-                        make_schedules(cfg.schedule, 16))
-    abstract = _abstract_state_on(cfg, jax.devices()[:1])
-    shardings = jax.tree_util.tree_map(lambda a: a.sharding, abstract)
-    state = loop.initial_state(model, tx, jax.random.key(0), shardings, str(tmp_path / "bundle"))
+    state = loop.initial_state(built, jax.random.key(0), str(tmp_path / "bundle"))
     _assert_trees_equal(state.params["backbone"], backbone)
     _assert_trees_equal(state.teacher["backbone"], backbone)
-    fresh = loop.initial_state(model, tx, jax.random.key(0), shardings)
+    fresh = loop.initial_state(built, jax.random.key(0))
     _assert_trees_equal(state.params["dino_head"], fresh.params["dino_head"])  # heads stay as initialised
     bad = _tiny(**{"model.vit.embed_dim": 64, "mesh.num_devices": 1})
     bad_model, _ = config_lib.build_model(bad)

@@ -136,7 +136,7 @@ def step_section(devices: list, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "config": "configs/demo.py shrunk, stand-in teachers" if args.tiny else "configs/gpfm_vitl14.py",
         "per_device_batch": batch, "devices": n, "mesh": built.mesh_shape, "remat": built.cfg.compute.remat_policy,
-        "attention_impl": built.cfg.model.vit.attention_impl, "compute_dtype": built.cfg.compute.dtype,
+        "attention_impl": built.resolved.vit.attention_impl, "compute_dtype": built.resolved.compute_dtype,
         "compile_s": round(compile_s, 2), "iters": args.iters, "step_s": step_s, "img_per_s_per_device": img_s,
         "model_flops_per_step": model_flops, "executed_flops_per_step": flops, "mfu": mfu,
         "peak_bf16_flops": target.peak_bf16_flops, "loss": float(metrics["loss/total"]),

@@ -39,7 +39,6 @@ def run_variant(devices: list, args: argparse.Namespace, changes: dict[str, Any]
                 iters: int, inputs: tuple) -> tuple[dict[str, Any], tuple]:
     """The variant's step compiled and timed on `inputs` (the step section's state, batch and experts: no lever
     changes their shapes or shardings); returns its figures and the inputs to hand on (the state is donated)."""
-    from gpfm_jax.models import attention
     from gpfm_jax.plan import analysis
     from gpfm_jax.plan import compile as compile_lib
 
@@ -62,9 +61,8 @@ def run_variant(devices: list, args: argparse.Namespace, changes: dict[str, Any]
         state, metrics = compiled(state, data, experts)
     jax.block_until_ready((state, metrics))
     step_s = (time.perf_counter() - t0) / iters
-    vit = built.cfg.model.vit
     return {"changes": changes, "remat": built.cfg.compute.remat_policy, "concat_crops": built.cfg.compute.concat_crops,
-            "attention_impl": attention.resolve_impl(vit.attention_impl, devices[0].platform, vit.dtype),
+            "attention_impl": built.resolved.vit.attention_impl,
             "per_device_batch": batch, "compile_s": round(compile_s, 2), "iters": iters, "step_s": step_s,
             "img_per_s_per_device": batch / step_s, "model_flops_per_step": model_flops,
             "mfu": model_flops / len(devices) / step_s / target.peak_bf16_flops,

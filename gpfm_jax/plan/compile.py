@@ -1,7 +1,6 @@
 """Build, lower and compile exactly the training step `gpfm-train` runs for a config, on a target's devices.
 
-The run's own builders make every piece (`gpfm_jax.train.config`: the ViT / head / schedule / optimiser / step
-configs; `gpfm_jax.step.train_step`: `make_train_step` + `jit_train_step` with the FSDP shardings), so the compiled
+The step is assembled by the run's own code (`gpfm_jax.train.assembly`: `resolve` then `assemble`), so the compiled
 program is the trainer's. What differs is only where the inputs come from: state, batch and expert params are
 ShapeDtypeStructs (nothing is allocated), the expert teachers are built from the registry at their real sizes (a
 bundle holds exactly the registry architecture, so no bundle file is needed), and "auto" settings resolve for the
@@ -19,23 +18,22 @@ import jax
 import jax.numpy as jnp
 
 from gpfm_jax.encoders.teachers import STANDIN
-from gpfm_jax.models import attention
 from gpfm_jax.models.teachers import TEACHERS, build_teacher, standin_spec
 from gpfm_jax.plan import targets as targets_lib
 from gpfm_jax.plan.targets import Target
 from gpfm_jax.step import sharding
 from gpfm_jax.step.model import GPFMModel
-from gpfm_jax.step.optim import make_optimizer
-from gpfm_jax.step.schedules import make_schedules
-from gpfm_jax.step.train_step import init_state, jit_train_step, make_train_step
+from gpfm_jax.step.train_step import init_state
+from gpfm_jax.train import assembly
 from gpfm_jax.train import config as config_lib
+from gpfm_jax.train.assembly import Resolved
 from gpfm_jax.train.config_schema import TrainConfig, replace_fields
 
 @dataclasses.dataclass
 class Built:
     """The step for one (config, target, batch, remat) point, ready to trace / lower."""
 
-    cfg: TrainConfig  # resolved for the target
+    resolved: Resolved  # the config resolved for the target (dtypes, attention, derived step settings)
     target: Target
     model: GPFMModel
     tx: Any  # the optimiser
@@ -44,6 +42,10 @@ class Built:
     per_device_batch: int
     mesh_shape: dict[str, int]
     param_bytes: dict[str, int]  # stored bytes of student / EMA teacher / experts (global)
+
+    @property
+    def cfg(self) -> TrainConfig:
+        return self.resolved.cfg
 
 
 @dataclasses.dataclass
@@ -55,16 +57,11 @@ class Compiled:
     compile_s: float
 
 
-def resolve_config(cfg: TrainConfig, target: Target, per_device_batch: int | None = None,
-                   remat: str | None = None, standin_teachers: bool = False) -> TrainConfig:
-    """`cfg` with the target's resolutions made explicit: compute dtype (bf16 on accelerators unless the config sets
-    one), attention implementation, global batch = per-device batch x chips, all target devices."""
-    dtype = config_lib.compute_dtype(cfg, backend=target.backend)
-    changes: dict[str, Any] = {
-        "compute.dtype": dtype,
-        "model.vit.attention_impl": attention.resolve_impl(cfg.model.vit.attention_impl, target.backend, dtype),
-        "mesh.num_devices": 0,
-    }
+def plan_config(cfg: TrainConfig, target: Target, per_device_batch: int | None = None,
+                remat: str | None = None, standin_teachers: bool = False) -> TrainConfig:
+    """`cfg` with the planner's changes: global batch = per-device batch x chips, all target devices, a remat
+    policy, stand-in teachers. What "auto" means on the target is `assembly.resolve`'s, as for a run."""
+    changes: dict[str, Any] = {"mesh.num_devices": 0}
     if remat is not None:
         changes["compute.remat_policy"] = remat
     if per_device_batch is not None:
@@ -74,25 +71,16 @@ def resolve_config(cfg: TrainConfig, target: Target, per_device_batch: int | Non
     return replace_fields(cfg, changes)
 
 
-def _validate(cfg: TrainConfig, target: Target) -> None:
-    """gpfm-train's config checks for the target's device and host counts, minus the ones about files on this
-    machine (teacher bundles, data, init_from): the plan needs none of them."""
-    probe = replace_fields(cfg, {"teachers": {name: STANDIN for name in cfg.teachers}, "data.source": "folder",
-                                 "data.path": ".", "init_from": ""})
-    config_lib.validate(probe, num_devices=target.chips, process_count=target.hosts)
-
-
-def abstract_experts(cfg: TrainConfig, target: Target) -> tuple[dict, dict]:
-    """({name: Teacher}, {name: param ShapeDtypeStructs}) built as `gpfm_jax.train.config.load_experts` builds them,
-    from the registry (or the stand-in spec for "standin") without reading any file."""
-    dtype, param_dtype = config_lib.teacher_dtypes(cfg, backend=target.backend)
-    impl = attention.resolve_impl(attention.AUTO, target.backend, dtype)
-    overrides = dict(dtype=dtype, param_dtype=param_dtype, scan_layers=bool(cfg.compute.scan_layers),
-                     attention_impl=impl)
+def abstract_experts(r: Resolved) -> tuple[dict, dict]:
+    """({name: Teacher}, {name: param ShapeDtypeStructs}) built as `gpfm_jax.train.config.load_experts` builds them
+    (same `teacher_overrides`), from the registry (or the stand-in spec for "standin") without reading any file: a
+    bundle holds exactly the registry architecture."""
+    overrides = config_lib.teacher_overrides(r.cfg, r.backend)
+    param_dtype = overrides["param_dtype"]
     teachers, params = {}, {}
-    for name, bundle in cfg.teachers.items():
+    for name, bundle in r.cfg.teachers.items():
         if bundle == STANDIN:
-            spec = standin_spec(name, **dataclasses.asdict(cfg.standin)).replace(fixed_input_size=None)
+            spec = standin_spec(name, **dataclasses.asdict(r.cfg.standin)).replace(fixed_input_size=None)
         else:
             spec = TEACHERS[name]
         teacher = build_teacher(spec, **overrides)
@@ -122,24 +110,18 @@ def _nbytes(tree: Any) -> int:
 
 def build(cfg: TrainConfig, target: Target, per_device_batch: int | None = None,
           remat: str | None = None, standin_teachers: bool = False, devices: list | None = None) -> Built:
-    """The sharded step for the target (as gpfm-train's `train()` assembles it) and its abstract arguments."""
-    cfg = resolve_config(cfg, target, per_device_batch, remat, standin_teachers)
-    _validate(cfg, target)
+    """The sharded step for the target, assembled as gpfm-train assembles it (`train/assembly.py`), and its abstract
+    arguments. The config's numbers are checked for the target's chips and hosts; no file is read."""
+    cfg = plan_config(cfg, target, per_device_batch, remat, standin_teachers)
+    resolved = assembly.resolve(cfg, target.chips, target.hosts, target.backend)
     devices = targets_lib.devices(target) if devices is None else devices
-    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, devices=devices)
-    experts, expert_params = abstract_experts(cfg, target)
-    model = GPFMModel(config_lib.vit_config(cfg, backend=target.backend), cfg.model.heads, experts)
-    global_batch = cfg.data.global_batch_size
-    schedules = make_schedules(cfg.schedule, global_batch)
-    abstract_params = jax.eval_shape(model.init_student, jax.random.key(0))
-    tx = make_optimizer(abstract_params, schedules, cfg.optim)
-    step_cfg = config_lib.step_config(cfg, num_devices=target.chips, process_count=target.hosts)
-    abstract_state = jax.eval_shape(lambda k: init_state(model, tx, k), jax.random.key(cfg.seed))
-    step = jit_train_step(make_train_step(model, schedules, tx, step_cfg), mesh, abstract_state, expert_params)
-    param_bytes = {"student": _nbytes(abstract_state.params), "ema_teacher": _nbytes(abstract_state.teacher),
+    teachers, expert_params = abstract_experts(resolved)
+    built = assembly.assemble(resolved, devices, teachers, expert_params)
+    state = built.abstract_state
+    param_bytes = {"student": _nbytes(state.params), "ema_teacher": _nbytes(state.teacher),
                    "experts": _nbytes(expert_params)}
-    return Built(cfg, target, model, tx, step, (abstract_state, batch_shapes(cfg), expert_params),
-                 global_batch // target.chips, dict(mesh.shape), param_bytes)
+    return Built(resolved, target, built.model, built.tx, built.step, (state, batch_shapes(cfg), expert_params),
+                 cfg.data.global_batch_size // target.chips, dict(built.mesh.shape), param_bytes)
 
 
 def compile_built(built: Built) -> Compiled:

@@ -20,6 +20,7 @@ from gpfm_jax import storage
 from gpfm_jax.data.augment import CROP_DTYPES, IMAGENET_MEAN, IMAGENET_STD
 from gpfm_jax.data.masking import MaskingConfig, mask_bins
 from gpfm_jax.data.pipeline import PipelineConfig
+from gpfm_jax.models import attention
 from gpfm_jax.models.vit import ViTConfig
 from gpfm_jax.encoders.teachers import STANDIN, load_teacher
 from gpfm_jax.models.teachers import TEACHERS, Teacher, build_teacher, standin_spec
@@ -60,9 +61,20 @@ def teacher_dtypes(c: TrainConfig, backend: str | None = None) -> tuple[str, str
     return dtype, param_dtype
 
 
+def teacher_overrides(c: TrainConfig, backend: str | None = None) -> dict[str, Any]:
+    """The compute settings every expert teacher is built with (`models.teachers.build_teacher`): by the run
+    (`load_experts`) and by the planner (`plan.compile.abstract_experts`) alike."""
+    dtype, param_dtype = teacher_dtypes(c, backend)
+    return dict(dtype=dtype, param_dtype=param_dtype, scan_layers=bool(c.compute.scan_layers),
+                attention_impl=attention.resolve_impl(attention.AUTO, backend, dtype))
+
+
 def vit_config(c: TrainConfig, backend: str | None = None) -> ViTConfig:
-    return c.model.vit.replace(dtype=compute_dtype(c, backend), param_dtype=c.compute.param_dtype,
-                               scan_layers=bool(c.compute.scan_layers), remat_policy=c.compute.remat_policy)
+    """The student's ViT with the compute settings applied and "auto" attention resolved for the backend."""
+    dtype = compute_dtype(c, backend)
+    return c.model.vit.replace(dtype=dtype, param_dtype=c.compute.param_dtype,
+                               scan_layers=bool(c.compute.scan_layers), remat_policy=c.compute.remat_policy,
+                               attention_impl=attention.resolve_impl(c.model.vit.attention_impl, backend, dtype))
 
 
 def masking_config(c: TrainConfig) -> MaskingConfig:
@@ -158,11 +170,19 @@ def _require(cond: bool, message: str) -> None:
 
 
 def validate(cfg: TrainConfig, num_devices: int | None = None, process_count: int | None = None) -> None:
-    """Every check that can be made without compiling; raises ConfigError naming the field."""
-    c = _typed(cfg)
+    """Every check that can be made without compiling (`check_paths` then `check_numbers`); raises ConfigError
+    naming the field."""
     process_count = jax.process_count() if process_count is None else process_count
     if num_devices is None:
-        num_devices = c.mesh.num_devices or jax.device_count()
+        num_devices = _typed(cfg).mesh.num_devices or jax.device_count()
+    check_paths(cfg)
+    check_numbers(cfg, num_devices, process_count)
+
+
+def check_numbers(cfg: TrainConfig, num_devices: int, process_count: int) -> None:
+    """The config's values against each other and against `num_devices` / `process_count`; reads no file, so the
+    planner checks a config for a pod it is not on (`train/assembly.resolve` calls this)."""
+    c = _typed(cfg)
     vit = vit_config(c)
     masking_config(c)
     mc = c.data.multicrop
@@ -183,12 +203,6 @@ def validate(cfg: TrainConfig, num_devices: int | None = None, process_count: in
     _require(len(c.teachers) > 0, "config.teachers: at least one expert teacher is needed")
     for name, bundle in c.teachers.items():
         _require(name in TEACHERS, f"config.teachers.{name}: unknown teacher; known: {sorted(TEACHERS)}")
-        if bundle != STANDIN:
-            _require(bool(bundle), f"config.teachers.{name} is empty: set it to an encoder bundle made by "
-                     "tools/port_teacher.py (or 'standin' for a tiny random teacher)")
-            _require(_has_bundle(f"config.teachers.{name}", bundle),
-                     f"config.teachers.{name}={bundle!r}: no encoder bundle there (no encoder.json); make one with "
-                     f"tools/port_teacher.py, or set it to 'standin'")
         tp = TEACHERS[name].vit.patch_size
         _require(mc.global_size % tp == 0, f"config.data.multicrop.global_size={mc.global_size} is not divisible by "
                  f"teacher {name}'s patch size {tp} (the teachers see the global crops)")
@@ -233,22 +247,8 @@ def validate(cfg: TrainConfig, num_devices: int | None = None, process_count: in
              f"config.loss.centering={loss.centering!r} normalises the teacher targets over the whole batch, which "
              f"config.step.microbatches={k} cannot split exactly; use centering (the GPFM recipe) or microbatches=1")
 
-    # data source
+    # data source (where it is: check_paths)
     _require(d.source in SOURCES, f"config.data.source={d.source!r}: expected one of {SOURCES}")
-    if d.source in ("index", "folder"):
-        found = bool(d.path) and (storage.is_url(d.path) or Path(d.path).exists())  # a packed index may be gs://
-        _require(found, f"config.data.path={d.path!r}: no such "
-                 f"{'index (folder or JSON file)' if d.source == 'index' else 'folder'}")
-    elif d.source == "slides":
-        _require(bool(d.path), "config.data.path: empty (a slides index, a list file, a glob or slide paths)")
-        try:
-            missing = [s for s in slide_paths(d.path) if not Path(s).is_file()]
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"config.data.path: {err}") from err
-        _require(not missing, f"config.data.path: slides not found: {missing[:5]}"
-                 + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-    elif d.source == "tfds":
-        _require(bool(d.path), "config.data.path: the TFDS dataset name or builder dir is empty")
     _require(d.crop_dtype in CROP_DTYPES, f"config.data.crop_dtype={d.crop_dtype!r}: expected one of {CROP_DTYPES}")
     # uint8 crops are normalised inside the step with ImageNet's mean/std (data.normalize); other values need the
     # host to normalise
@@ -282,6 +282,33 @@ def validate(cfg: TrainConfig, num_devices: int | None = None, process_count: in
     _require(not (c.deadline.peer_s and hb and c.deadline.peer_s >= hb),
              f"config.deadline.peer_s={c.deadline.peer_s:g} must be below config.runtime.heartbeat_timeout_s={hb} "
              "(JAX aborts the process at its heartbeat timeout, before the run can report which peer was lost)")
+
+
+def check_paths(cfg: TrainConfig) -> None:
+    """Whatever the config names on disk or in a bucket exists: teacher bundles, the data, init_from."""
+    c = _typed(cfg)
+    d = c.data
+    for name, bundle in c.teachers.items():
+        if bundle != STANDIN:
+            _require(bool(bundle), f"config.teachers.{name} is empty: set it to an encoder bundle made by "
+                     "tools/port_teacher.py (or 'standin' for a tiny random teacher)")
+            _require(_has_bundle(f"config.teachers.{name}", bundle),
+                     f"config.teachers.{name}={bundle!r}: no encoder bundle there (no encoder.json); make one with "
+                     f"tools/port_teacher.py, or set it to 'standin'")
+    if d.source in ("index", "folder"):
+        found = bool(d.path) and (storage.is_url(d.path) or Path(d.path).exists())  # a packed index may be gs://
+        _require(found, f"config.data.path={d.path!r}: no such "
+                 f"{'index (folder or JSON file)' if d.source == 'index' else 'folder'}")
+    elif d.source == "slides":
+        _require(bool(d.path), "config.data.path: empty (a slides index, a list file, a glob or slide paths)")
+        try:
+            missing = [s for s in slide_paths(d.path) if not Path(s).is_file()]
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"config.data.path: {err}") from err
+        _require(not missing, f"config.data.path: slides not found: {missing[:5]}"
+                 + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    elif d.source == "tfds":
+        _require(bool(d.path), "config.data.path: the TFDS dataset name or builder dir is empty")
     if c.init_from:
         _require(_has_bundle("config.init_from", c.init_from),
                  f"config.init_from={c.init_from!r}: not an encoder bundle (no encoder.json)")
@@ -311,8 +338,7 @@ def slide_paths(value: str) -> list[str]:
 def load_experts(c: TrainConfig) -> tuple[dict[str, Teacher], dict[str, Any]]:
     """{name: Teacher}, {name: params}: bundles through gpfm_jax.encoders.teachers, stand-ins built here (any input
     size)."""
-    dtype, param_dtype = teacher_dtypes(c)
-    overrides = dict(dtype=dtype, param_dtype=param_dtype, scan_layers=bool(c.compute.scan_layers))
+    overrides = teacher_overrides(c)
     teachers, params = {}, {}
     for i, (name, bundle) in enumerate(c.teachers.items()):
         if bundle == STANDIN:

@@ -24,13 +24,11 @@ import numpy as np
 
 from gpfm_jax import storage
 from gpfm_jax.step import sharding
-from gpfm_jax.step.optim import make_optimizer
 from gpfm_jax.step.sanity import make_sanity_fn
-from gpfm_jax.step.schedules import make_schedules, peak_lr
-from gpfm_jax.step.train_step import init_state, jit_train_step, make_train_step
+from gpfm_jax.step.train_step import init_state
 from gpfm_jax.train import checkpoint as ckpt
 from gpfm_jax.train import config as config_lib
-from gpfm_jax.train import collapse, config_schema, encoder_meta, faults, runtime
+from gpfm_jax.train import assembly, collapse, config_schema, encoder_meta, faults, runtime
 from gpfm_jax.train.run_dirs import RunDirs, open_run_dirs
 from gpfm_jax.train.data_stream import DataStream, Prefetcher
 from gpfm_jax.train.metrics_writer import MetricsWriter
@@ -73,13 +71,14 @@ class Run:
     start_backbone: Callable[[], Any] | None = None  # the student backbone the run started from (for the probe)
 
 
-def initial_state(model, tx, root: jax.Array, shardings: Any, init_from: str = ""):
+def initial_state(built: assembly.Assembly, root: jax.Array, init_from: str = ""):
     """A fresh TrainState made directly in its shardings; with `init_from` (an encoder bundle) the student backbone
     and the EMA teacher backbone both start from the bundle's params (heads and optimizer state fresh)."""
-    state = jax.jit(lambda k: init_state(model, tx, k), out_shardings=shardings)(root)
+    state = built.init(root)
     if init_from:
-        abstract = jax.eval_shape(lambda: state.params["backbone"])
-        backbone = encoder_meta.load_init_backbone(init_from, model.vit, abstract)
+        backbone = encoder_meta.load_init_backbone(init_from, built.model.vit,
+                                                   built.abstract_state.params["backbone"])
+        shardings = built.shardings
         state = state._replace(
             params={**state.params, "backbone": jax.device_put(backbone, shardings.params["backbone"])},
             teacher={**state.teacher, "backbone": jax.device_put(backbone, shardings.teacher["backbone"])})
@@ -95,66 +94,50 @@ def write_config(cfg: config_schema.TrainConfig, workdir: storage.PathLike, reso
 
 
 def build(cfg: config_schema.TrainConfig, dirs: RunDirs, context: faults.RunContext):
-    """Validates the config, builds model/data/optimizer/step and restores (or initialises) the state.
-    Returns (run, state, start_step)."""
+    """Checks and resolves the config, assembles the step (train/assembly.py, as the planner does), builds the data
+    stream and restores (or initialises) the state. Returns (run, state, start_step)."""
     devices = config_lib.mesh_devices(cfg)
-    config_lib.validate(cfg, num_devices=len(devices))
+    config_lib.check_paths(cfg)
+    resolved = assembly.resolve(cfg, len(devices), jax.process_count(), jax.default_backend())
     primary = jax.process_index() == 0
+    teachers, expert_params = config_lib.load_experts(cfg)
+    built = assembly.assemble(resolved, devices, teachers, expert_params)
+    model, mesh, end_step = built.model, built.mesh, resolved.end_step
 
-    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, devices=devices)
-    model, expert_params = config_lib.build_model(cfg)
-    global_batch_size = cfg.data.global_batch_size
-    schedules = make_schedules(cfg.schedule, global_batch_size)
-    abstract_params = jax.eval_shape(model.init_student, jax.random.key(0))
-    tx = make_optimizer(abstract_params, schedules, cfg.optim)
-    step_cfg = config_lib.step_config(cfg, num_devices=len(devices))
-    root = jax.random.key(cfg.seed)
-    abstract_state = jax.eval_shape(lambda k: init_state(model, tx, k), root)
-    shardings = sharding.state_shardings(abstract_state, mesh)
-    end_step = config_lib.total_steps(cfg)
-
-    resolved = {
-        "backend": jax.default_backend(), "process_count": jax.process_count(), "devices": len(devices),
-        "mesh": dict(mesh.shape), "compute_dtype": config_lib.compute_dtype(cfg),
-        "teacher_dtypes": config_lib.teacher_dtypes(cfg), "max_masked": step_cfg.max_masked,
-        "batch_groups": step_cfg.batch_groups, "data_shards": config_lib.num_shards(cfg), "end_step": end_step,
-        "peak_lr": peak_lr(cfg.schedule, global_batch_size),
-        "param_count": int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(abstract_params))),
-    }
     ckpt_dir = dirs.checkpoints
     context.checkpoint_dir = ckpt_dir
     if (notice := faults.death_notice()) is not None:
         notice.checkpoint_dir(ckpt_dir)
     if primary:
-        write_config(cfg, dirs.workdir, resolved)
+        write_config(cfg, dirs.workdir, resolved.summary(mesh=dict(mesh.shape), param_count=built.param_count()))
         encoder_meta.write_encoder_meta(ckpt_dir, model.vit)
 
     # data: this process feeds shards [p * S/P, (p + 1) * S/P)
-    shard_count = config_lib.num_shards(cfg)
-    per_process = shard_count // jax.process_count()
+    per_process = resolved.data_shards // resolved.process_count
     first = jax.process_index() * per_process
     source = config_lib.make_source(cfg, dirs.local)
-    stream = DataStream(source, config_lib.pipeline_config(cfg), list(range(first, first + per_process)),
-                        shard_count)
+    stream = DataStream(source, resolved.pipeline, list(range(first, first + per_process)), resolved.data_shards)
 
-    writer = MetricsWriter(dirs.local, primary=primary, total_steps=end_step, batch_size=global_batch_size,
+    writer = MetricsWriter(dirs.local, primary=primary, total_steps=end_step, batch_size=resolved.global_batch_size,
                            tb_every=cfg.log.every, tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
     if dirs.where() and primary:
         writer.message(f"gpfm-train: {dirs.where()}")
     checkpointer = ckpt.Checkpointer(ckpt_dir, cfg.checkpoint, announce=writer.message)
     context.enter("restore", 0, cfg.deadline.checkpoint_s, "checkpoint_s")
-    state, restored_step = checkpointer.restore_latest(ckpt.with_shardings(abstract_state, shardings), stream)
+    state, restored_step = checkpointer.restore_latest(ckpt.with_shardings(built.abstract_state, built.shardings),
+                                                       stream)
     context.enter("setup", 0, cfg.deadline.first_step_s, "first_step_s")
+    root = jax.random.key(cfg.seed)
     if state is None:
-        state = initial_state(model, tx, root, shardings, cfg.init_from)
+        state = initial_state(built, root, cfg.init_from)
         start = 0
         origin = f"initialised (seed {cfg.seed}" + (f", backbone from {cfg.init_from})" if cfg.init_from else ")")
     else:
         start = int(restored_step)
         origin = f"restored step {start} from {ckpt_dir}"
     experts = sharding.place(expert_params, mesh)
-    step_fn = jit_train_step(make_train_step(model, schedules, tx, step_cfg), mesh, abstract_state, expert_params)
-    sanity_fn = make_sanity_fn(model, schedules, step_cfg.loss.student_temp, mesh) if cfg.log.sanity_every else None
+    sanity_fn = (make_sanity_fn(model, built.schedules, resolved.step.loss.student_temp, mesh)
+                 if cfg.log.sanity_every else None)
     writer.start(start)
     writer.message(f"gpfm-train: {origin}; iterations {start} -> {end_step}; {len(devices)} devices "
                    f"{dict(mesh.shape)} on {jax.process_count()} process(es); workdir {dirs.workdir}")
@@ -162,10 +145,10 @@ def build(cfg: config_schema.TrainConfig, dirs: RunDirs, context: faults.RunCont
         """Where this run's backbone began: the init (same seed, same init_state) or the init_from bundle."""
         if cfg.init_from:
             return jax.device_get(encoder_meta.load_init_backbone(cfg.init_from, model.vit,
-                                                                  abstract_state.params["backbone"]))
-        return jax.device_get(jax.jit(lambda k: init_state(model, tx, k).params["backbone"])(root))
+                                                                  built.abstract_state.params["backbone"]))
+        return jax.device_get(jax.jit(lambda k: init_state(model, built.tx, k).params["backbone"])(root))
 
-    run = Run(cfg, dirs, mesh, model, schedules, step_fn, sanity_fn, experts, stream, checkpointer, writer,
+    run = Run(cfg, dirs, mesh, model, built.schedules, built.step, sanity_fn, experts, stream, checkpointer, writer,
               context, end_step, start_backbone)
     return run, state, start
 
