@@ -8,7 +8,9 @@
     python tools/bench_step.py mfu [--batch 4]      # small config: step throughput and MFU against the f32 matmul
                                                     # peak measured in the same run
 
-Nothing is allocated for `memory`: the step is lowered and compiled on ShapeDtypeStructs.
+Every step here is the one gpfm-train runs for the recipe's config (configs/gpfm_vitl14.py, changed only where a
+line says so), assembled by the run's own code (gpfm_jax/train/assembly.py, through gpfm-plan's build). Nothing is
+allocated for `memory` and `flops`: the step is lowered and compiled on ShapeDtypeStructs.
 """
 
 from __future__ import annotations
@@ -25,14 +27,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from gpfm_jax.data.masking import MaskingConfig, max_masked_tokens  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from device_common import local_target, step_config  # noqa: E402
+
 from gpfm_jax.models.vit import ViTConfig  # noqa: E402
-from gpfm_jax.models.teachers import TEACHERS, build_teacher, standin_spec  # noqa: E402
+from gpfm_jax.plan import compile as compile_lib  # noqa: E402
 from gpfm_jax.step import sharding  # noqa: E402
 from gpfm_jax.step.model import GPFMModel, HeadConfig  # noqa: E402
-from gpfm_jax.step.optim import OptimConfig, make_optimizer  # noqa: E402
-from gpfm_jax.step.schedules import ScheduleConfig, make_schedules  # noqa: E402
-from gpfm_jax.step.train_step import StepConfig, init_state, jit_train_step, make_train_step  # noqa: E402
+from gpfm_jax.train.config_schema import replace_fields  # noqa: E402
 
 
 def vit_forward_flops(cfg: ViTConfig, height: int, width: int) -> float:
@@ -63,50 +65,41 @@ def analytic_step_flops(model: GPFMModel, batch: int, n_local: int, local_size: 
     return student + ema + experts
 
 
-def _build(vit: ViTConfig, heads: HeadConfig, experts: dict, batch: int, n_local: int, local: int):
-    model = GPFMModel(vit, heads, experts)
-    sched = make_schedules(ScheduleConfig(), batch)
-    tx = make_optimizer(jax.eval_shape(model.init_student, jax.random.key(0)), sched, OptimConfig())
-    max_masked = max_masked_tokens(2 * batch, MaskingConfig(grid=(vit.grid_size, vit.grid_size)))
-    step = make_train_step(model, sched, tx, StepConfig(n_local=n_local, max_masked=max_masked))
-    state = jax.eval_shape(lambda: init_state(model, tx, jax.random.key(0)))
-    expert_params = {name: jax.eval_shape(t.init_params) for name, t in experts.items()}
-    s = vit.img_size
-    batch_shapes = {
-        "global_crops": jax.ShapeDtypeStruct((batch, 2, s, s, 3), jnp.float32),
-        "local_crops": jax.ShapeDtypeStruct((batch, n_local, local, local, 3), jnp.float32),
-        "masks": jax.ShapeDtypeStruct((batch, 2, vit.num_patches), jnp.bool_),
-    }
-    return model, step, state, expert_params, batch_shapes, max_masked
+def _build(cfg, devices: list, batch: int) -> compile_lib.Built:
+    """The step gpfm-train runs for `cfg` on `devices` at global batch `batch`, assembled by the run's own code
+    (train/assembly.py through the planner's build: abstract experts at their real sizes, nothing allocated)."""
+    cfg = replace_fields(cfg, {"data.global_batch_size": batch})
+    return compile_lib.build(cfg, local_target(devices), devices=devices)
 
 
 def _tree_bytes(tree) -> int:
     return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
 
 
-def _full_size(scan: bool, remat: str):
-    vit = ViTConfig(scan_layers=scan, remat_policy=remat)
-    experts = {name: build_teacher(TEACHERS[name], scan_layers=scan, remat_policy=remat) for name in TEACHERS}
-    return vit, experts
+def _full_size(scan: bool, remat: str, fsdp: int = 1, data: int = -1):
+    """The recipe's config (configs/gpfm_vitl14.py): ViT-L/14 student, real-size UNI / Phikon / CONCH."""
+    return replace_fields(step_config(False, 8), {"compute.scan_layers": scan, "compute.remat_policy": remat,
+                                                  "mesh.fsdp": fsdp, "mesh.data": data})
 
 
 def memory(args) -> None:
-    vit, experts = _full_size(scan=True, remat="full")
-    model, step, state, expert_params, batch_shapes, max_masked = _build(vit, HeadConfig(), experts, args.batch, 8, 98)
-    print(f"full GPFM step: ViT-L/14 student (scan + remat), UNI/Phikon/CONCH real size, global batch {args.batch}; "
-          f"state {_tree_bytes(state) / 2**30:.2f} GiB, experts {_tree_bytes(expert_params) / 2**30:.2f} GiB")
+    one = _build(_full_size(scan=True, remat="full"), jax.devices()[:1], args.batch)
+    state, _, expert_params = one.args
+    print(f"full GPFM step (the recipe's config): ViT-L/14 student (scan + remat), UNI/Phikon/CONCH real size, "
+          f"global batch {args.batch}; state {_tree_bytes(state) / 2**30:.2f} GiB, experts "
+          f"{_tree_bytes(expert_params) / 2**30:.2f} GiB")
     results = {}
     for shape in ((1, 1), (1, 8), (2, 4)):
         n_dev = shape[0] * shape[1]
-        mesh = sharding.make_mesh(*shape, devices=jax.devices()[:n_dev])
-        sharded = jit_train_step(step, mesh, state, expert_params)
+        built = one if n_dev == 1 else _build(_full_size(True, "full", fsdp=shape[1], data=shape[0]),
+                                               jax.devices()[:n_dev], args.batch)
         t0 = time.perf_counter()
-        lowered = sharded.lower(state, batch_shapes, expert_params)
+        lowered = built.step.lower(*built.args)
         t1 = time.perf_counter()
         compiled = lowered.compile()
         t2 = time.perf_counter()
         mem = compiled.memory_analysis()
-        shardings = jax.tree_util.tree_leaves(sharding.state_shardings(state, mesh))
+        shardings = jax.tree_util.tree_leaves(sharding.state_shardings(state, built.step.mesh))
         leaves = jax.tree_util.tree_leaves(state)
         state_per_device = sum(
             int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize for s, x in zip(shardings, leaves))
@@ -124,13 +117,12 @@ def memory(args) -> None:
 
 def flops(args) -> None:
     """XLA counts a scanned loop body once, so FLOPs come from the unscanned, un-rematerialised step."""
-    vit, experts = _full_size(scan=False, remat="none")
-    model, step, state, expert_params, batch_shapes, max_masked = _build(vit, HeadConfig(), experts, args.batch, 8, 98)
-    mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+    built = _build(_full_size(scan=False, remat="none"), jax.devices()[:1], args.batch)
     t0 = time.perf_counter()
-    compiled = jit_train_step(step, mesh, state, expert_params).lower(state, batch_shapes, expert_params).compile()
-    counted = compiled.cost_analysis()["flops"]
-    analytic = analytic_step_flops(model, args.batch, 8, 98, max_masked)
+    counted = built.step.lower(*built.args).compile().cost_analysis()["flops"]
+    mc = built.cfg.data.multicrop
+    analytic = analytic_step_flops(built.model, args.batch, mc.num_local_crops, mc.local_size,
+                                   built.resolved.step.max_masked)
     print(f"unscanned full step compiled in {time.perf_counter() - t0:.1f} s; model FLOPs per step (global batch "
           f"{args.batch}): analytic {analytic / 1e12:.2f} T, XLA cost_analysis {counted / 1e12:.2f} T, "
           f"ratio {counted / analytic:.3f}")
@@ -149,32 +141,30 @@ def _matmul_peak(n: int = 2048, repeats: int = 10) -> float:
 
 
 def mfu(args) -> None:
-    vit = ViTConfig(embed_dim=384, depth=12, num_heads=6, drop_path_rate=0.0)
-    experts = {name: build_teacher(standin_spec(name, embed_dim=192, depth=4, num_heads=4)) for name in TEACHERS}
-    heads = HeadConfig(out_dim=8192, hidden_dim=1024, bottleneck_dim=256)
-    model, step, state, expert_params, batch_shapes, max_masked = _build(vit, heads, experts, args.batch, 8, 98)
-    mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
-    sharded = jit_train_step(step, mesh, state, expert_params)
-    compiled_flops = sharded.lower(state, batch_shapes, expert_params).compile().cost_analysis()["flops"]
-    real_state = init_state(model, make_optimizer(state.params, make_schedules(ScheduleConfig(), args.batch),
-                                                  OptimConfig()), jax.random.key(0))
-    real_experts = {name: t.init_params(1) for name, t in experts.items()}
-    rng = np.random.default_rng(0)
-    batch = {k: (rng.random(s.shape) < 0.2) if s.dtype == jnp.bool_ else rng.normal(size=s.shape).astype(np.float32)
-             for k, s in batch_shapes.items()}
-    st, m = sharded(real_state, batch, real_experts)
+    small = replace_fields(step_config(False, 1), {
+        "model.vit.embed_dim": 384, "model.vit.depth": 12, "model.vit.num_heads": 6, "model.vit.drop_path_rate": 0.0,
+        "model.heads.out_dim": 8192, "model.heads.hidden_dim": 1024, "model.heads.bottleneck_dim": 256,
+        "standin.embed_dim": 192, "standin.depth": 4, "standin.num_heads": 4,
+        "teachers": {"uni": "standin", "phikon": "standin", "conch": "standin"},
+        "compute.scan_layers": False, "compute.remat_policy": "none"})
+    built = _build(small, jax.devices()[:1], args.batch)
+    compiled_flops = built.step.lower(*built.args).compile().cost_analysis()["flops"]
+    state, batch, experts = compile_lib.materialize(built)
+    state, m = built.step(state, batch, experts)
     jax.block_until_ready(m)
     times, peaks = [], []
     for _ in range(args.repeats):  # interleave peak and step so that machine noise hits both
         peaks.append(_matmul_peak())
         t = time.perf_counter()
-        st, m = sharded(st, batch, real_experts)
+        state, m = built.step(state, batch, experts)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t)
     step_time, peak = float(np.median(times)), float(np.median(peaks))
     achieved = compiled_flops / step_time
-    print(f"small config (ViT-S/14 student, 3 stand-in teachers d192 x 4 layers, batch {args.batch} x (2 global + 8 local)): "
-          f"{step_time:.2f} s/step, {args.batch / step_time:.2f} img/s, {compiled_flops / 1e9:.0f} GFLOP/step")
+    mc = built.cfg.data.multicrop
+    print(f"small config (ViT-S/14 student, 3 stand-in teachers d192 x 4 layers, batch {args.batch} x (2 global + "
+          f"{mc.num_local_crops} local), compute {built.resolved.compute_dtype}): {step_time:.2f} s/step, "
+          f"{args.batch / step_time:.2f} img/s, {compiled_flops / 1e9:.0f} GFLOP/step")
     print(f"f32 matmul peak {peak / 1e9:.0f} GFLOP/s; step {achieved / 1e9:.0f} GFLOP/s; MFU {achieved / peak:.1%}")
 
 

@@ -100,7 +100,8 @@ def plan_point(cfg: TrainConfig, target: Target, per_device_batch: int | None = 
     c = built.cfg
     base = dict(target=target.name, per_device_batch=built.per_device_batch, microbatches=c.step.microbatches,
                 remat=c.compute.remat_policy,
-                mesh=built.mesh_shape, compute_dtype=c.compute.dtype, attention_impl=c.model.vit.attention_impl,
+                mesh=built.mesh_shape, compute_dtype=built.resolved.compute_dtype,
+                attention_impl=built.resolved.vit.attention_impl,
                 param_bytes=built.param_bytes)
     try:
         result = compile_lib.compile_built(built)
