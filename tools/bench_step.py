@@ -25,7 +25,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from gpfm_jax.data.augment import MultiCropConfig  # noqa: E402
+from gpfm_jax.data.batch import batch_spec  # noqa: E402
 from gpfm_jax.data.masking import MaskingConfig, max_masked_tokens  # noqa: E402
+from gpfm_jax.data.pipeline import PipelineConfig  # noqa: E402
 from gpfm_jax.models.vit import ViTConfig  # noqa: E402
 from gpfm_jax.models.teachers import TEACHERS, build_teacher, standin_spec  # noqa: E402
 from gpfm_jax.step import sharding  # noqa: E402
@@ -71,12 +74,8 @@ def _build(vit: ViTConfig, heads: HeadConfig, experts: dict, batch: int, n_local
     step = make_train_step(model, sched, tx, StepConfig(n_local=n_local, max_masked=max_masked))
     state = jax.eval_shape(lambda: init_state(model, tx, jax.random.key(0)))
     expert_params = {name: jax.eval_shape(t.init_params) for name, t in experts.items()}
-    s = vit.img_size
-    batch_shapes = {
-        "global_crops": jax.ShapeDtypeStruct((batch, 2, s, s, 3), jnp.float32),
-        "local_crops": jax.ShapeDtypeStruct((batch, n_local, local, local, 3), jnp.float32),
-        "masks": jax.ShapeDtypeStruct((batch, 2, vit.num_patches), jnp.bool_),
-    }
+    crops = MultiCropConfig(global_size=vit.img_size, local_size=local, num_local_crops=n_local)
+    batch_shapes = batch_spec(PipelineConfig(crop_dtype="float32", multicrop=crops), vit.patch_size, batch)
     return model, step, state, expert_params, batch_shapes, max_masked
 
 
