@@ -210,6 +210,13 @@ def test_every_config_field_is_read_by_the_code_it_configures(tmp_path, monkeypa
         c = dataclasses.replace(typed, data=dataclasses.replace(typed.data, source=source, path=str(path)))
         with pytest.raises(Exception):
             config_lib.make_source(c)
+    from gpfm_jax.data.pipeline import make_dataset
+    from gpfm_jax.data.sources import FolderSource
+    from gpfm_jax.data.testing import cut_tiles
+
+    cut_tiles(tmp_path / "tiles", n=typed.data.global_batch_size, size=32)
+    workers = dataclasses.replace(config_lib.data_config(typed), worker_count=1)  # grain worker settings (not started)
+    make_dataset(FolderSource(tmp_path / "tiles"), workers, seed=typed.seed)
     r = dataclasses.replace(typed.runtime, distributed="on", coordinator_address="10.0.0.1:1234", num_processes=2,
                             process_id=1, cpu_devices=2, cpu_collectives="gloo", compile_cache_dir="/tmp/x")
     assert runtime.distributed_kwargs(r, {})["heartbeat_timeout_seconds"] == r.heartbeat_timeout_s

@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpfm_jax.data import FolderSource, IndexSource, MaskingConfig, MultiCropConfig, PipelineConfig, get_state
-from gpfm_jax.data import make_iterator, set_state
+from gpfm_jax.data import FolderSource, IndexSource, MaskingConfig, MultiCropConfig, PipelineConfig, make_iterator
 from gpfm_jax.data.index import (IndexFormatError, TileIndex, TileIndexSource, build_files, build_from_folder,
                                  build_from_json, resolve)
 from gpfm_jax.data.testing import cut_tiles, write_bad_files
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = PipelineConfig(global_batch_size=4, seed=5, multicrop=MultiCropConfig(global_size=28, local_size=14,
+SEED = 5
+SMALL = PipelineConfig(global_batch_size=4, multicrop=MultiCropConfig(global_size=28, local_size=14,
                        num_local_crops=2), masking=MaskingConfig(grid=(2, 2)))
 
 
@@ -90,15 +90,15 @@ def test_pipeline_batches_substitutions_and_resume_are_identical(tree, tmp_path)
     """The same tiles through the JSON source and the built index: the same batches (bad files substituted the
     same way), and a run resumed from the index's iterator state continues bitwise like the JSON run."""
     out = build_from_json(tree / "index.json", tmp_path / "idx")
-    ref_it = make_iterator(IndexSource(tree / "index.json"), SMALL)
+    ref_it = make_iterator(IndexSource(tree / "index.json"), SMALL, seed=SEED)
     ref = [next(ref_it) for _ in range(9)]  # 27 tiles / 4 = 6 per epoch: crosses an epoch
-    it = make_iterator(TileIndexSource(out), SMALL)
+    it = make_iterator(TileIndexSource(out), SMALL, seed=SEED)
     got = [next(it) for _ in range(4)]
     assert all(_equal(a, b) for a, b in zip(got, ref))
     assert sum(int(b["num_skipped"]) for b in ref[:6]) >= 5  # the 5 bad files were met and replaced
-    state = get_state(it)
-    resumed = make_iterator(TileIndexSource(out), SMALL)
-    set_state(resumed, state)
+    state = json.loads(json.dumps(it.get_state()))  # as the run stores it (checkpoint.DataStateHandler)
+    resumed = make_iterator(TileIndexSource(out), SMALL, seed=SEED)
+    resumed.set_state(state)
     assert all(_equal(next(resumed), b) for b in ref[4:9])
 
 
@@ -106,9 +106,9 @@ def test_pipeline_with_worker_processes(tree, tmp_path):
     """grain spawns its workers and pickles the dataset into them: the source travels as a folder name."""
     out = build_from_json(tree / "index.json", tmp_path / "idx")
     src = TileIndexSource(out)
-    ref_it = make_iterator(IndexSource(tree / "index.json"), SMALL)
+    ref_it = make_iterator(IndexSource(tree / "index.json"), SMALL, seed=SEED)
     ref = [next(ref_it) for _ in range(3)]
-    it = make_iterator(src, dataclasses.replace(SMALL, worker_count=1))
+    it = make_iterator(src, dataclasses.replace(SMALL, worker_count=1), seed=SEED)
     try:
         assert all(_equal(next(it), b) for b in ref)
     finally:
@@ -226,8 +226,8 @@ def test_gpfm_train_data_settings_reach_the_sources(tree, tmp_path):
     assert isinstance(slides, SlideIndexSource) and len(slides) == 41 and slides.handles.capacity == 3
     assert slides.origin.startswith(str(tmp_path / "run" / "slide_cache"))
     assert config_lib.slide_paths(slides.origin) == [str(SLIDE)]
-    pipe = config_lib.pipeline_config(cfg(source="index", path=str(built)))
-    assert pipe.crop_dtype == "uint8"
+    pipe = config_lib.data_config(cfg(source="index", path=str(built)))
+    assert pipe.crop_dtype == "uint8" and pipe.masking.grid == (16, 16)  # 224 / patch 14
     odd = TrainConfig().data.multicrop
     odd = dataclasses.replace(odd, mean=(0.5, 0.5, 0.5))
     with pytest.raises(ConfigError, match="crop_dtype=float32"):

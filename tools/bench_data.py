@@ -33,6 +33,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpfm_jax.data.augment import MultiCropConfig, multi_crop  # noqa: E402
+from gpfm_jax.data.batch import GLOBAL_CROPS, LOCAL_CROPS  # noqa: E402
 from gpfm_jax.data.sources import FolderSource, read_image_file  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,8 +78,8 @@ def torchvision_dinov2(cfg: MultiCropConfig):
 
     def sample(path: Path):
         img = Image.open(path).convert("RGB")
-        return {"global_crops": [g1(geo_g(img)), g2(geo_g(img))],
-                "local_crops": [loc(geo_l(img)) for _ in range(cfg.num_local_crops)]}
+        return {GLOBAL_CROPS: [g1(geo_g(img)), g2(geo_g(img))],
+                LOCAL_CROPS: [loc(geo_l(img)) for _ in range(cfg.num_local_crops)]}
 
     return sample
 
@@ -166,10 +167,9 @@ def pipeline_run(tile_dir: str, dtype: str, workers: int, threads: int, n_batche
             tune_malloc()
         src = FolderSource(tile_dir)
         # exactly n_batches: the repeated source cut to n_batches * batch records (drop_remainder batching)
-        cfg = PipelineConfig(global_batch_size=batch, read_threads=threads, prefetch_records=2,
-                             num_epochs=-(-n_batches * batch // len(src)), worker_count=workers,
-                             worker_buffer_size=2, crop_dtype=dtype, shuffle=False, tune_worker_malloc=tune)
-        it = make_iterator(src, cfg)
+        cfg = PipelineConfig(global_batch_size=batch, read_threads=threads, prefetch_records=2, worker_count=workers,
+                             worker_buffer_size=2, crop_dtype=dtype, shuffle=False)
+        it = make_iterator(src, cfg, num_epochs=-(-n_batches * batch // len(src)), tune_worker_malloc=tune)
         for _ in range(n_batches):
             next(it)
         del it

@@ -44,6 +44,8 @@ for _path in (REPO / "tests", REPO):  # the test oracle modules (tools may impor
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from gpfm_jax.data.batch import GLOBAL_CROPS  # noqa: E402
+
 import dinov2_oracle as O  # noqa: E402
 import fidelity_bridge as FB  # noqa: E402
 from tools import official_step as S  # noqa: E402
@@ -119,7 +121,7 @@ def check_equal(args, mods, ctx: dict, perturb: str | None) -> dict:
             _CHECK_PROGRAMS[key] = (step, *compile_step(step, state, batch, ctx["params32"]),
                                     S.targets_fn(ctx["experts32"], ctx["grid"]))
     step, compiled, traced, compile_s, tfn = _CHECK_PROGRAMS[key]
-    ctx["targets_ref"]["current"] = jax.tree_util.tree_map(np.array, tfn(ctx["params32"], batch["global_crops"]))
+    ctx["targets_ref"]["current"] = jax.tree_util.tree_map(np.array, tfn(ctx["params32"], batch[GLOBAL_CROPS]))
     blocks = trainer.model.student.backbone.blocks
     ratios = [blk.sample_drop_ratio for blk in blocks]
     for blk in blocks:
@@ -169,7 +171,7 @@ def time_both(args, mods, ctx: dict, b: int) -> dict:
 
     def official_iter():
         t0 = time.perf_counter()
-        t = jax.block_until_ready(tfn(params, batch["global_crops"]))
+        t = jax.block_until_ready(tfn(params, batch[GLOBAL_CROPS]))
         ctx["targets_ref"]["current"] = jax.tree_util.tree_map(torch.from_dlpack, t)
         held["targets_s"].append(time.perf_counter() - t0)
         trainer.step(data, held["it"])  # schedules hold their final value past the end

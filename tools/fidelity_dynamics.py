@@ -66,6 +66,7 @@ def demo_setting(mods, iterations: int, overrides: list[str]):
 def slide_crop_batches(c, n: int, cfg, seed: int = 0):
     """Multi-crop batches of the demo's tiles (c.data: slides, tile size, magnification), the oracle's layout."""
     from gpfm_jax.data.augment import MultiCropConfig, multi_crop
+    from gpfm_jax.data.batch import GLOBAL_CROPS, LOCAL_CROPS
     from gpfm_jax.data.sources import SlideTileSource
 
     paths = [p for p in str(c.data.path).split(",") if p]
@@ -76,8 +77,8 @@ def slide_crop_batches(c, n: int, cfg, seed: int = 0):
     for _ in range(n):
         views = [multi_crop(source[int(rng.integers(len(source)))]["image"], rng, mc)
                  for _ in range(cfg.train.batch_size_per_gpu)]
-        out.append({"global": np.stack([x["global_crops"] for x in views]).transpose(0, 1, 4, 2, 3),
-                    "local": np.stack([x["local_crops"] for x in views]).transpose(0, 1, 4, 2, 3)})
+        out.append({"global": np.stack([x[GLOBAL_CROPS] for x in views]).transpose(0, 1, 4, 2, 3),
+                    "local": np.stack([x[LOCAL_CROPS] for x in views]).transpose(0, 1, 4, 2, 3)})
     return out
 
 

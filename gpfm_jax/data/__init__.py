@@ -9,8 +9,7 @@ import importlib
 _EXPORTS = {
     "gpfm_jax.data.augment": ("IMAGENET_MEAN", "IMAGENET_STD", "MultiCropConfig", "multi_crop"),
     "gpfm_jax.data.masking": ("MaskingConfig", "batch_masks", "block_mask"),
-    "gpfm_jax.data.pipeline": ("PipelineConfig", "checkpoint_args", "get_state", "host_shard", "make_dataset",
-                               "make_iterator", "set_state"),
+    "gpfm_jax.data.pipeline": ("PipelineConfig", "host_shard", "make_dataset", "make_iterator"),
     "gpfm_jax.data.sources": ("BadImageError", "FolderSource", "IndexSource", "RobustSource", "SlideTileSource",
                               "TfdsSource", "decode_image"),
     "gpfm_jax.data.index": ("PackedSource", "SlideIndexSource", "TileIndex", "TileIndexSource"),

@@ -18,6 +18,8 @@ import math
 import numpy as np
 from PIL import Image
 
+from gpfm_jax.data.batch import GLOBAL_CROPS, LOCAL_CROPS
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _GRAY_W = np.array([0.2989, 0.587, 0.114], np.float32)  # torchvision rgb_to_grayscale weights
@@ -361,7 +363,7 @@ CROP_DTYPES = ("uint8", "float32")
 
 def multi_crop(image: np.ndarray | Image.Image, rng: np.random.Generator, cfg: MultiCropConfig,
                dtype: str = "float32") -> dict[str, np.ndarray]:
-    """One image -> {"global_crops": [2, G, G, 3], "local_crops": [N, L, L, 3]}, NHWC.
+    """One image -> {GLOBAL_CROPS: [2, G, G, 3], LOCAL_CROPS: [N, L, L, 3]} (data/batch.py's keys), NHWC.
 
     dtype "float32": ImageNet-normalised floats (the host does everything). dtype "uint8": the crops after every
     colour op, as pixels (4x fewer bytes to the accelerator; `data.normalize` finishes them inside the jitted step).
@@ -382,4 +384,4 @@ def multi_crop(image: np.ndarray | Image.Image, rng: np.random.Generator, cfg: M
     nl = cfg.num_local_crops
     l_plan = draw_color_plan(rng, np.full(nl, cfg.blur_p_local), np.zeros(nl), cfg)
     apply = apply_color_plan_uint8 if dtype == "uint8" else apply_color_plan
-    return {"global_crops": apply(g, g_plan, cfg), "local_crops": apply(loc, l_plan, cfg)}
+    return {GLOBAL_CROPS: apply(g, g_plan, cfg), LOCAL_CROPS: apply(loc, l_plan, cfg)}

@@ -16,8 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpfm_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD
-
-IMAGE_KEYS = ("global_crops", "local_crops")
+from gpfm_jax.data.batch import CROPS as IMAGE_KEYS
 
 
 def normalize_images(x: Any, dtype: Any = jnp.float32, mean: Sequence[float] = IMAGENET_MEAN,

@@ -1,24 +1,22 @@
 """The grain pipeline: source -> per-host shard -> shuffle/repeat -> multi-crop -> batch (sample-major) -> masks.
 
 Every random draw is a pure function of (seed, shard, position in the repeated, shuffled stream), so the n-th batch is
-the same whether the run started at step 0 or was restored from an iterator checkpoint, and with any worker count.
+the same whether the run started at step 0 or was restored from the iterator's state (`get_state()` /
+`set_state()`, grain's), and with any worker count. The batch's keys and layout: `data/batch.py`.
 
-Batch (per host, B = global_batch_size / process_count; T = crop_dtype, uint8 pixels or normalised float32):
-  global_crops T[B, 2, G, G, 3]    sample-major: the train step's layout, so all views of a sample stay on one
-  local_crops  T[B, N, L, L, 3]    device and no host re-copy is needed (DINOv2's collate is view-major [2B, ...])
-  masks        bool[B, 2, (G/patch)^2] iBOT masks, masks[b, v] belongs to global_crops[b, v]
-  num_skipped  int32[]           unreadable records replaced while building this batch (a metric)
+`PipelineConfig` holds the pipeline's own settings; the run's `DataConfig` (train/config_schema.py) extends it with
+where the data lives, and the run hands that (its masking grid resolved) to `make_iterator` with its seed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any, Sequence
 
 import grain
 import numpy as np
 
+from gpfm_jax.data.batch import GLOBAL_CROPS, LOCAL_CROPS, MASKS, NUM_SKIPPED
 from gpfm_jax.data.augment import CROP_DTYPES, MultiCropConfig, multi_crop
 from gpfm_jax.data.masking import MaskingConfig, batch_masks
 from gpfm_jax.data.sources import RobustSource, TileSource
@@ -29,12 +27,11 @@ _MASK_STREAM = 1
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
-    global_batch_size: int = 1536
-    seed: int = 0
+    """The pipeline's own settings. Field meanings for users: docs/training.md (they are `config.data.*`)."""
+
+    global_batch_size: int = 1536  # 96 per GPU x 16 GPUs
     shuffle: bool = True
-    num_epochs: int | None = None  # None: repeat forever
-    patch_size: int = 14
-    worker_count: int = 0  # grain mp_prefetch processes; 0 = threads in this process
+    worker_count: int = 0  # grain worker processes per host (0 = threads in this process)
     worker_buffer_size: int = 2  # batches each worker prepares ahead
     read_threads: int = 2  # threads per process preparing records
     prefetch_records: int = 64  # records read ahead per process
@@ -42,20 +39,23 @@ class PipelineConfig:
     # "uint8": crops leave the host as pixels, normalised inside the jitted step (data.normalize); "float32": the
     # host normalises (the pre-uint8 behaviour, bit for bit)
     crop_dtype: str = "uint8"
-    tune_worker_malloc: bool = True  # grain workers: glibc malloc thresholds for image work (see tune_malloc)
     multicrop: MultiCropConfig = MultiCropConfig()
+    # the grid is the global crop in patches: set by the run (train/config.masking_config); max_num_patches None =
+    # half the grid (128 for 16x16)
     masking: MaskingConfig = MaskingConfig()
 
-    def validate(self, process_count: int = 1) -> None:
-        g, p = self.multicrop.global_size, self.patch_size
-        if g % p:
-            raise ValueError(f"global crop size {g} is not a multiple of patch size {p}")
-        if tuple(self.masking.grid) != (g // p, g // p):
-            raise ValueError(f"masking.grid {self.masking.grid} != global crop grid {(g // p, g // p)}")
+    def validate(self, shard_count: int = 1) -> None:
+        """What the pipeline needs to run for `shard_count` shards; ValueError naming the field (the run's config
+        check prefixes it with `config.data.`)."""
+        b, g, grid = self.global_batch_size, self.multicrop.global_size, tuple(self.masking.grid)
+        if b <= 0:
+            raise ValueError(f"global_batch_size={b} must be positive")
+        if b % shard_count:
+            raise ValueError(f"global_batch_size={b} is not divisible by the data shards ({shard_count})")
+        if grid[0] != grid[1] or g % grid[0]:
+            raise ValueError(f"masking.grid={grid} does not cut multicrop.global_size={g} into square patches")
         if self.crop_dtype not in CROP_DTYPES:
-            raise ValueError(f"crop_dtype {self.crop_dtype!r}: expected one of {CROP_DTYPES}")
-        if self.global_batch_size % process_count:
-            raise ValueError(f"global_batch_size {self.global_batch_size} not divisible by {process_count} hosts")
+            raise ValueError(f"crop_dtype={self.crop_dtype!r}: expected one of {CROP_DTYPES}")
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -73,7 +73,7 @@ class AugmentRecord(grain.transforms.MapWithIndex):
 
     def map_with_index(self, index: int, record: dict[str, Any]) -> dict[str, Any]:
         out = multi_crop(record["image"], _rng(self.seed, self.shard, _AUGMENT_STREAM, index), self.cfg, self.dtype)
-        out["num_skipped"] = int(record.get("num_skipped", 0))
+        out[NUM_SKIPPED] = int(record.get(NUM_SKIPPED, 0))
         return out
 
 
@@ -82,8 +82,8 @@ class CollateSampleMajor:
     """Stack B multi-crop records into [B, V, ...] arrays: one copy, already in the train step's layout."""
 
     def __call__(self, records: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
-        out = {key: np.stack([r[key] for r in records]) for key in ("global_crops", "local_crops")}
-        out["num_skipped"] = np.int32(sum(r["num_skipped"] for r in records))
+        out = {key: np.stack([r[key] for r in records]) for key in (GLOBAL_CROPS, LOCAL_CROPS)}
+        out[NUM_SKIPPED] = np.int32(sum(r[NUM_SKIPPED] for r in records))
         return out
 
 
@@ -96,9 +96,9 @@ class AddMasks(grain.transforms.MapWithIndex):
     shard: int
 
     def map_with_index(self, index: int, batch: dict[str, Any]) -> dict[str, Any]:
-        b, v = batch["global_crops"].shape[:2]
+        b, v = batch[GLOBAL_CROPS].shape[:2]
         masks = batch_masks(b * v, _rng(self.seed, self.shard, _MASK_STREAM, index), self.cfg)  # crops shuffled
-        batch["masks"] = masks.reshape(b, v, -1)
+        batch[MASKS] = masks.reshape(b, v, -1)
         return batch
 
 
@@ -147,8 +147,14 @@ def make_dataset(
     source: TileSource,
     cfg: PipelineConfig,
     shard: grain.sharding.ShardOptions | None = None,
+    *,
+    seed: int = 0,
+    num_epochs: int | None = None,
+    tune_worker_malloc: bool = True,
 ) -> grain.IterDataset:
-    """The full per-host pipeline as a grain IterDataset; iterate it or call make_iterator()."""
+    """The full per-host pipeline as a grain IterDataset; iterate it or call make_iterator(). `seed` seeds every
+    draw (the run's config.seed), `num_epochs` None repeats forever, `tune_worker_malloc` runs `tune_malloc` in each
+    grain worker."""
     shard = shard if shard is not None else grain.sharding.NoSharding()
     cfg.validate(shard.shard_count)
     per_host = cfg.global_batch_size // shard.shard_count
@@ -157,42 +163,23 @@ def make_dataset(
     if len(ds) < per_host:
         raise ValueError(f"{source!r}: {len(ds)} records for this host, fewer than its batch of {per_host}")
     if cfg.shuffle:
-        ds = ds.shuffle(seed=cfg.seed)
-    ds = ds.repeat(cfg.num_epochs)
-    ds = ds.map_with_index(AugmentRecord(cfg.multicrop, cfg.seed, shard.shard_index, cfg.crop_dtype))
+        ds = ds.shuffle(seed=seed)
+    ds = ds.repeat(num_epochs)
+    ds = ds.map_with_index(AugmentRecord(cfg.multicrop, seed, shard.shard_index, cfg.crop_dtype))
     ds = ds.batch(per_host, drop_remainder=True, batch_fn=CollateSampleMajor())
-    ds = ds.map_with_index(AddMasks(cfg.masking, cfg.seed, shard.shard_index))
+    ds = ds.map_with_index(AddMasks(cfg.masking, seed, shard.shard_index))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch_records))
     if cfg.worker_count > 0:
         _ensure_absl_flags_parsed()
         it = it.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer_size),
-            worker_init_fn=_init_worker if cfg.tune_worker_malloc else None,
+            worker_init_fn=_init_worker if tune_worker_malloc else None,
         )
     return it
 
 
-def make_iterator(source: TileSource, cfg: PipelineConfig, shard: grain.sharding.ShardOptions | None = None
-                  ) -> grain.DatasetIterator:
-    """A checkpointable iterator over batches (get_state()/set_state(), or orbax via checkpoint_args())."""
-    return iter(make_dataset(source, cfg, shard))
-
-
-def get_state(iterator: grain.DatasetIterator) -> bytes:
-    """The iterator's position as JSON bytes (small: a few counters), to store next to a model checkpoint."""
-    return json.dumps(iterator.get_state()).encode()
-
-
-def set_state(iterator: grain.DatasetIterator, state: bytes | str | dict) -> None:
-    """Restore a position saved by get_state(); the next batch is the one that followed the save."""
-    if isinstance(state, (bytes, str)):
-        state = json.loads(state)
-    iterator.set_state(state)
-
-
-def checkpoint_args(iterator: grain.DatasetIterator, restore: bool = False):
-    """orbax CheckpointArgs for the iterator, to put in ocp.args.Composite(..., data=checkpoint_args(it)).
-
-    grain 0.2.18 ships its orbax handler as grain.checkpoint.CheckpointSave / CheckpointRestore (per-process JSON).
-    """
-    return grain.checkpoint.CheckpointRestore(iterator) if restore else grain.checkpoint.CheckpointSave(iterator)
+def make_iterator(source: TileSource, cfg: PipelineConfig, shard: grain.sharding.ShardOptions | None = None,
+                  **run: Any) -> grain.DatasetIterator:
+    """A checkpointable iterator over batches (grain's `get_state()` / `set_state()`; the run saves them through
+    train/checkpoint.DataStateHandler). `run`: make_dataset's keyword arguments (seed, num_epochs, ...)."""
+    return iter(make_dataset(source, cfg, shard, **run))

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from gpfm_jax.data import slides as slides_lib
+from gpfm_jax.data.batch import NUM_SKIPPED
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +237,7 @@ def _warn_skip(e: BadImageError) -> None:
 
 class RobustSource:
     """Wraps a source: a BadImageError at index i is replaced by the record at i + k*stride (k = 1, 2, ...), a pure
-    function of i, so resumed runs see the same substitutions. The record gets "num_skipped" = k.
+    function of i, so resumed runs see the same substitutions. The record gets NUM_SKIPPED = k.
 
     After `max_retries` consecutive bad records it raises, naming the source and the files tried: at that point
     the source is (almost) all bad and training on it would be meaningless.
@@ -264,7 +265,7 @@ class RobustSource:
                 tried.append(str(e))
                 _warn_skip(e)
                 continue
-            rec["num_skipped"] = k
+            rec[NUM_SKIPPED] = k
             return rec
         raise RuntimeError(
             f"{len(tried)} consecutive unreadable records in {self.source!r} (is every file bad?); tried: "

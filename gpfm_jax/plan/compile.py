@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gpfm_jax.data.batch import GLOBAL_CROPS, LOCAL_CROPS, MASKS, batch_spec
 from gpfm_jax.encoders.teachers import STANDIN
 from gpfm_jax.models.teachers import TEACHERS, build_teacher, standin_spec
 from gpfm_jax.plan import targets as targets_lib
@@ -92,18 +93,6 @@ def abstract_experts(r: Resolved) -> tuple[dict, dict]:
     return teachers, params
 
 
-def batch_shapes(c: TrainConfig) -> dict[str, jax.ShapeDtypeStruct]:
-    """The per-step global batch as the data pipeline delivers it (sample-major)."""
-    mc, b, p = c.data.multicrop, c.data.global_batch_size, c.model.vit.patch_size
-    g, loc = mc.global_size, mc.local_size
-    crops = jnp.dtype(c.data.crop_dtype)  # uint8 by default: normalised inside the step (gpfm_jax.data.normalize)
-    return {
-        "global_crops": jax.ShapeDtypeStruct((b, 2, g, g, 3), crops),
-        "local_crops": jax.ShapeDtypeStruct((b, mc.num_local_crops, loc, loc, 3), crops),
-        "masks": jax.ShapeDtypeStruct((b, 2, (g // p) ** 2), jnp.bool_),
-    }
-
-
 def _nbytes(tree: Any) -> int:
     return int(sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)))
 
@@ -120,7 +109,8 @@ def build(cfg: TrainConfig, target: Target, per_device_batch: int | None = None,
     state = built.abstract_state
     param_bytes = {"student": _nbytes(state.params), "ema_teacher": _nbytes(state.teacher),
                    "experts": _nbytes(expert_params)}
-    return Built(resolved, target, built.model, built.tx, built.step, (state, batch_shapes(cfg), expert_params),
+    batch = batch_spec(resolved.data, resolved.vit.patch_size, resolved.global_batch_size)
+    return Built(resolved, target, built.model, built.tx, built.step, (state, batch, expert_params),
                  cfg.data.global_batch_size // target.chips, dict(built.mesh.shape), param_bytes)
 
 
@@ -166,9 +156,8 @@ def materialize(built: Built, seed: int = 0) -> tuple[Any, dict[str, jax.Array],
 
     def make_batch(k):
         kg, kl, km = jax.random.split(k, 3)
-        return {"global_crops": crops(kg, batch_abs["global_crops"]),
-                "local_crops": crops(kl, batch_abs["local_crops"]),
-                "masks": jax.random.bernoulli(km, 1 / 3, batch_abs["masks"].shape)}
+        return {GLOBAL_CROPS: crops(kg, batch_abs[GLOBAL_CROPS]), LOCAL_CROPS: crops(kl, batch_abs[LOCAL_CROPS]),
+                MASKS: jax.random.bernoulli(km, 1 / 3, batch_abs[MASKS].shape)}
 
     batch = jax.jit(make_batch, out_shardings={k: batch_sh for k in batch_abs})(jax.random.fold_in(key, 1))
     return state, batch, experts

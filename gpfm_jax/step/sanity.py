@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gpfm_jax.data.batch import GLOBAL_CROPS
 from gpfm_jax.data.normalize import normalize_images
 from gpfm_jax.step import sharding
 
@@ -41,6 +42,6 @@ def make_sanity_fn(model, schedules, student_temp: float, mesh):
 
     def run(state, batch):
         with jax.set_mesh(mesh):
-            return jitted(state.params, state.teacher, state.centers, batch["global_crops"], state.step - 1)
+            return jitted(state.params, state.teacher, state.centers, batch[GLOBAL_CROPS], state.step - 1)
 
     return run

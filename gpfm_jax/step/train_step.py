@@ -1,9 +1,8 @@
 """One GPFM training step: student (masked globals + locals), EMA teacher, expert teachers, DINO + iBOT + KoLeo +
 distillation losses, AdamW update, EMA update, center updates — one jitted function, sharded by its arguments.
 
-Batch layout (sample-major, so each device holds all views of its samples):
-  global_crops f32[B, 2, H, W, 3], local_crops f32[B, n_local, h, w, 3], masks bool[B, 2, gh*gw]; crops may also
-  come as uint8 pixels, normalised at the start of the step (gpfm_jax.data.normalize).
+The batch: gpfm_jax/data/batch.py (keys, sample-major layout, `batch_spec`); uint8 crops are normalised at the
+start of the step (gpfm_jax.data.normalize).
 With `StepConfig.microbatches` > 1 the same step runs the batch as a scan over microbatches (exact gradient
 accumulation, microbatch.py).
 """
@@ -20,6 +19,7 @@ import optax
 from jax.sharding import Mesh
 
 from gpfm_jax import losses
+from gpfm_jax.data.batch import GLOBAL_CROPS, LOCAL_CROPS, MASKS
 from gpfm_jax.data.normalize import normalize_batch
 from gpfm_jax.models.teachers import split_targets, teacher_targets
 from gpfm_jax.step import microbatch, sharding, signals, xla_options
@@ -144,11 +144,11 @@ def make_objective(model: GPFMModel, schedules: Schedules, cfg: StepConfig) -> C
     def objective(state: TrainState, batch: Mapping[str, jax.Array], expert_params: Mapping[str, Any],
                   group_ids: Mapping[str, jax.Array] | None):
         batch = normalize_batch(batch, model.vit.dtype, *(e.spec.vit.dtype for e in model.experts.values()))
-        b = batch["global_crops"].shape[0]
+        b = batch[GLOBAL_CROPS].shape[0]
         n_g, n_l = cfg.n_global, cfg.n_local
-        global_crops = batch["global_crops"].reshape((b * n_g,) + batch["global_crops"].shape[2:])
-        local_crops = batch["local_crops"].reshape((b * n_l,) + batch["local_crops"].shape[2:])
-        masks = batch["masks"].reshape(b * n_g, -1)
+        global_crops = batch[GLOBAL_CROPS].reshape((b * n_g,) + batch[GLOBAL_CROPS].shape[2:])
+        local_crops = batch[LOCAL_CROPS].reshape((b * n_l,) + batch[LOCAL_CROPS].shape[2:])
+        masks = batch[MASKS].reshape(b * n_g, -1)
         max_masked = cfg.max_masked or masks.size
         step = state.step
         key_global, key_local = jax.random.split(jax.random.fold_in(state.rng, step))

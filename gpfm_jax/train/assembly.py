@@ -21,7 +21,6 @@ from typing import Any
 import jax
 import numpy as np
 
-from gpfm_jax.data.pipeline import PipelineConfig
 from gpfm_jax.models.vit import ViTConfig
 from gpfm_jax.step import sharding
 from gpfm_jax.step.model import GPFMModel
@@ -29,7 +28,7 @@ from gpfm_jax.step.optim import make_optimizer
 from gpfm_jax.step.schedules import Schedules, make_schedules, peak_lr
 from gpfm_jax.step.train_step import ShardedStep, StepConfig, init_state, jit_train_step, make_train_step
 from gpfm_jax.train import config as config_lib
-from gpfm_jax.train.config_schema import TrainConfig
+from gpfm_jax.train.config_schema import DataConfig, TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +44,7 @@ class Resolved:
     teacher_dtypes: tuple[str, str]  # (compute, params) of the expert teachers
     vit: ViTConfig  # the student: compute dtype, scan, remat applied
     step: StepConfig  # batch_groups, max_masked, shard_max_masked, crops derived
-    pipeline: PipelineConfig  # the host data pipeline (masking grid set)
+    data: DataConfig  # config.data as the host pipeline takes it (masking grid set)
     data_shards: int
     end_step: int
     peak_lr: float
@@ -73,7 +72,7 @@ def resolve(cfg: TrainConfig, num_devices: int, process_count: int, backend: str
         cfg=cfg, backend=backend, num_devices=num_devices, process_count=process_count, compute_dtype=dtype,
         teacher_dtypes=config_lib.teacher_dtypes(cfg, backend), vit=vit,
         step=config_lib.step_config(cfg, num_devices=num_devices, process_count=process_count),
-        pipeline=config_lib.pipeline_config(cfg), data_shards=config_lib.num_shards(cfg, process_count),
+        data=config_lib.data_config(cfg), data_shards=config_lib.num_shards(cfg, process_count),
         end_step=config_lib.total_steps(cfg), peak_lr=peak_lr(cfg.schedule, cfg.data.global_batch_size))
 
 

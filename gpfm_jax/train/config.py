@@ -17,14 +17,13 @@ import jax
 import numpy as np
 
 from gpfm_jax import storage
-from gpfm_jax.data.augment import CROP_DTYPES, IMAGENET_MEAN, IMAGENET_STD
+from gpfm_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from gpfm_jax.data.masking import MaskingConfig, mask_bins
-from gpfm_jax.data.pipeline import PipelineConfig
 from gpfm_jax.models import attention
 from gpfm_jax.models.vit import ViTConfig
 from gpfm_jax.encoders.teachers import STANDIN, load_teacher
 from gpfm_jax.models.teachers import TEACHERS, Teacher, build_teacher, standin_spec
-from gpfm_jax.train.config_schema import ConfigError, TrainConfig
+from gpfm_jax.train.config_schema import ConfigError, DataConfig, TrainConfig
 from gpfm_jax.step.model import GPFMModel
 from gpfm_jax.step.train_step import StepConfig
 
@@ -91,13 +90,9 @@ def num_shards(c: TrainConfig, process_count: int | None = None) -> int:
     return int(c.data.shards) or process_count
 
 
-def pipeline_config(c: TrainConfig) -> PipelineConfig:
-    d = c.data
-    return PipelineConfig(
-        global_batch_size=d.global_batch_size, seed=c.seed, shuffle=d.shuffle, num_epochs=None,
-        patch_size=c.model.vit.patch_size, worker_count=d.worker_count, worker_buffer_size=d.worker_buffer_size,
-        read_threads=d.read_threads, prefetch_records=d.prefetch_records, max_read_retries=d.max_read_retries,
-        crop_dtype=d.crop_dtype, multicrop=d.multicrop, masking=masking_config(c))
+def data_config(c: TrainConfig) -> DataConfig:
+    """config.data as the pipeline takes it: the masking grid set from the crop and patch sizes."""
+    return dataclasses.replace(c.data, masking=masking_config(c))
 
 
 def total_steps(c: TrainConfig) -> int:
@@ -219,15 +214,18 @@ def check_numbers(cfg: TrainConfig, num_devices: int, process_count: int) -> Non
             _require(loss.distill_patch_weights.get(name, 0) == 0,
                      f"config.loss.distill_patch_weights.{name}: teacher {name} has no patch target")
 
-    # batch, devices, hosts, shards
+    # batch, devices, hosts, shards; the pipeline's own rules (batch over shards, crop dtype, mask grid) are
+    # PipelineConfig.validate's, named here as config.data.<field>
     b = d.global_batch_size
-    _require(b > 0, f"config.data.global_batch_size={b} must be positive")
+    shards = num_shards(c, process_count)
+    try:
+        data_config(c).validate(shards)
+    except ValueError as err:
+        raise ConfigError(f"config.data.{err}") from None
     _require(b % num_devices == 0, f"config.data.global_batch_size={b} is not divisible by the number of devices "
              f"({num_devices}); every device takes an equal share of the batch")
-    shards = num_shards(c, process_count)
     _require(shards % process_count == 0, f"config.data.shards={d.shards} is not divisible by the number of "
              f"processes ({process_count})")
-    _require(b % shards == 0, f"config.data.global_batch_size={b} is not divisible by the data shards ({shards})")
     _require(num_devices % c.mesh.fsdp == 0, f"config.mesh.fsdp={c.mesh.fsdp} does not divide the number of "
              f"devices ({num_devices})")
     if c.mesh.data != -1:
@@ -249,7 +247,6 @@ def check_numbers(cfg: TrainConfig, num_devices: int, process_count: int) -> Non
 
     # data source (where it is: check_paths)
     _require(d.source in SOURCES, f"config.data.source={d.source!r}: expected one of {SOURCES}")
-    _require(d.crop_dtype in CROP_DTYPES, f"config.data.crop_dtype={d.crop_dtype!r}: expected one of {CROP_DTYPES}")
     # uint8 crops are normalised inside the step with ImageNet's mean/std (data.normalize); other values need the
     # host to normalise
     _require(d.crop_dtype == "float32" or (tuple(mc.mean), tuple(mc.std)) == (IMAGENET_MEAN, IMAGENET_STD),

@@ -1,8 +1,8 @@
 """The gpfm-train config schema, written once: frozen dataclasses. The `ml_collections.ConfigDict` that config files
 and `--config.<field>=` overrides work on is generated from them (`base_config()`), and read back into them
-(`parse()`), so a field added to any of these dataclasses (or to the library configs they hold: `ViTConfig`,
-`HeadConfig`, `LossConfig`, `ScheduleConfig`, `OptimConfig`, `StepConfig`, `MultiCropConfig`, `MaskingConfig`)
-appears in every config with its default and reaches the code that reads it, with nothing else to edit.
+(`parse()`), so a field added to any of these dataclasses (or to the library configs they hold or extend: `ViTConfig`,
+`HeadConfig`, `LossConfig`, `ScheduleConfig`, `OptimConfig`, `StepConfig`, `PipelineConfig`, `MultiCropConfig`,
+`MaskingConfig`) appears in every config with its default and reaches the code that reads it, with nothing else to edit.
 
 Defaults are the official GPFM ViT-L/14 recipe (../shared/SPEC.md); `configs/gpfm_vitl14.py` points it at real data
 and teacher bundles, `configs/demo.py` shrinks it for a laptop CPU. Field meanings: comments here, docs/training.md.
@@ -20,8 +20,8 @@ from typing import Any, Mapping
 import ml_collections
 from ml_collections.config_dict import FieldReference
 
-from gpfm_jax.data.augment import MultiCropConfig
 from gpfm_jax.data.masking import MaskingConfig
+from gpfm_jax.data.pipeline import PipelineConfig
 from gpfm_jax.losses import LossConfig
 from gpfm_jax.models.vit import ViTConfig
 from gpfm_jax.step.model import HeadConfig
@@ -65,7 +65,11 @@ class StandinConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
+class DataConfig(PipelineConfig):
+    """The pipeline's settings (`PipelineConfig`'s fields: global_batch_size, shuffle, grain workers and threads,
+    crop_dtype, multicrop, masking; defined there once) and where the data lives. The run hands this object, its
+    masking grid resolved, to the pipeline as it is (`train/config.data_config`)."""
+
     source: str = "index"  # index | folder | tfds | slides
     # index: a folder built by `gpfm-index build` (or, for small sets, the JSON itself); folder: the tile root (or its
     # built index); tfds: dataset name (or builder dir); slides: a built slides index, or a list file / glob /
@@ -81,17 +85,7 @@ class DataConfig:
     tile_workers: int = 0  # slides given as a list: processes tiling them (0 = all cores)
     slide_handles: int = 256  # slides: open slides per process (LRU: ~25-90 KB each with the shared cache)
     slide_cache_mb: float = 64.0  # slides: openslide tile cache per process, shared by its open slides
-    crop_dtype: str = "uint8"  # uint8: pixels to the device, normalised in the step; float32: normalised on the host
-    global_batch_size: int = 1536  # 96 per GPU x 16 GPUs
     shards: int = 0  # data shards (each its own stream and masks); 0 = one per process. Fixed S: any host count divides it
-    shuffle: bool = True
-    worker_count: int = 0  # grain worker processes per host (0 = threads in the trainer process)
-    worker_buffer_size: int = 2
-    read_threads: int = 2
-    prefetch_records: int = 64
-    max_read_retries: int = 32
-    multicrop: MultiCropConfig = MultiCropConfig()
-    masking: MaskingConfig = MaskingConfig()  # max_num_patches None = half the grid (128 for 16x16)
 
 
 @dataclasses.dataclass(frozen=True)

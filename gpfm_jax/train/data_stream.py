@@ -1,5 +1,6 @@
-"""The run's data: this process's data shards merged into one per-process batch (`DataStream`), and a background
-thread that reads the next batches and puts them on the devices while the current step runs (`Prefetcher`).
+"""The run's feed, from the host pipeline to the step: this process's data shards merged into one per-process batch
+(`DataStream`), and a background thread that reads the next batches and puts them on the devices as global arrays
+while the current step runs (`Prefetcher`). The batch's keys and layout: `data/batch.py`.
 
 Each prefetched batch carries the stream position *after* it (`DataPosition`): a checkpoint saved after iteration i
 stores the position of batch i, not of the batches already read ahead, so a resumed run reads exactly the batches
@@ -16,20 +17,25 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
+
+from gpfm_jax.data.batch import NUM_SKIPPED
+from gpfm_jax.step import sharding
 
 
 class DataStream:
     """This process's data shards, each a grain iterator (its own shuffle, crops and masks), merged per step into
-    one sample-major per-process batch; num_skipped summed. Shard s of S reads records s, s + S, ... of the source."""
+    one sample-major per-process batch; num_skipped summed. Shard s of S reads records s, s + S, ... of the source.
+    `data`: the pipeline's settings (the run's DataConfig, masking grid resolved); `seed`: the run's config.seed."""
 
-    def __init__(self, source: Any, pipeline: Any, shard_indices: list[int], shard_count: int):
+    def __init__(self, source: Any, data: Any, shard_indices: list[int], shard_count: int, seed: int):
         import grain
 
-        from gpfm_jax.data import make_iterator
+        from gpfm_jax.data.pipeline import make_iterator
 
         self._indices = list(shard_indices)
         self._count = shard_count
-        self.iterators = {i: make_iterator(source, pipeline, grain.sharding.ShardOptions(i, shard_count, True))
+        self.iterators = {i: make_iterator(source, data, grain.sharding.ShardOptions(i, shard_count, True), seed=seed)
                           for i in shard_indices}
 
     @property
@@ -57,7 +63,7 @@ class DataStream:
         parts, skipped = [], 0
         for i in self._indices:
             batch = dict(next(self.iterators[i]))
-            skipped += int(batch.pop("num_skipped", 0))
+            skipped += int(batch.pop(NUM_SKIPPED, 0))
             parts.append(batch)
         if len(parts) == 1:
             return parts[0], skipped
@@ -92,14 +98,15 @@ class _Failed:
 
 
 class Prefetcher:
-    """Reads batch i+1 (and puts it on the devices with `put`) while step i runs. `transform(iteration, batch)`
-    may change a host batch before the transfer (a testing aid injects NaNs there). `get()` waits for the next
-    batch; `waiting` says since when (for the watchdog), an error in the thread is re-raised in `get()`."""
+    """Reads batch i+1 and puts it on the devices of `mesh` (each process's rows are its share of the global batch,
+    split over the batch axes: `step.sharding.global_batch`) while step i runs. `transform(iteration, batch)` may
+    change a host batch before the transfer (a testing aid injects NaNs there). `get()` waits for the next batch;
+    an error in the thread is re-raised in `get()`."""
 
-    def __init__(self, stream: DataStream, put: Callable[[dict[str, np.ndarray]], Any], first_iteration: int,
-                 depth: int = 1, transform: Callable[[int, dict], dict] | None = None):
+    def __init__(self, stream: DataStream, mesh: Mesh, first_iteration: int, depth: int = 1,
+                 transform: Callable[[int, dict], dict] | None = None):
         self.stream = stream
-        self.put = put
+        self.mesh = mesh
         self.transform = transform
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
@@ -117,7 +124,7 @@ class Prefetcher:
                 if self.transform is not None:
                     local = self.transform(self._next, local)
                 t1 = time.perf_counter()
-                batch = jax.block_until_ready(self.put(local))
+                batch = jax.block_until_ready(sharding.global_batch(local, self.mesh))
                 item = Prefetched(self._next, batch, skipped, position, t1 - t0, time.perf_counter() - t1)
                 self._next += 1
                 while not self._stop.is_set():

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from gpfm_jax import storage
+from gpfm_jax.data.batch import GLOBAL_CROPS
 from gpfm_jax.step import sharding
 from gpfm_jax.step.sanity import make_sanity_fn
 from gpfm_jax.step.train_step import init_state
@@ -116,7 +117,8 @@ def build(cfg: config_schema.TrainConfig, dirs: RunDirs, context: faults.RunCont
     per_process = resolved.data_shards // resolved.process_count
     first = jax.process_index() * per_process
     source = config_lib.make_source(cfg, dirs.local)
-    stream = DataStream(source, resolved.pipeline, list(range(first, first + per_process)), resolved.data_shards)
+    stream = DataStream(source, resolved.data, list(range(first, first + per_process)), resolved.data_shards,
+                        cfg.seed)
 
     writer = MetricsWriter(dirs.local, primary=primary, total_steps=end_step, batch_size=resolved.global_batch_size,
                            tb_every=cfg.log.every, tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
@@ -251,11 +253,10 @@ def _iterate(run: Run, state: Any, start: int, watchdog: faults.Watchdog, result
     def transform(iteration: int, local: dict) -> dict:
         if iteration == inject:
             # float crops pass the step's normalisation unchanged (uint8 cannot hold a NaN); a second compile
-            return {**local, "global_crops": np.full(local["global_crops"].shape, np.nan, np.float32)}
+            return {**local, GLOBAL_CROPS: np.full(local[GLOBAL_CROPS].shape, np.nan, np.float32)}
         return local
 
-    prefetcher = Prefetcher(run.stream, lambda local: sharding.global_batch(local, run.mesh), start,
-                            transform=transform)
+    prefetcher = Prefetcher(run.stream, run.mesh, start, transform=transform)
     reader, flags = StepReader(), HostFlags(run.mesh)
     stop = faults.StopFlag()
     stop.install()

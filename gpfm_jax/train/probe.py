@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpfm_jax.data.augment import MultiCropConfig, multi_crop
+from gpfm_jax.data.batch import GLOBAL_CROPS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +55,7 @@ def augmented_queries(tiles: np.ndarray, count: int, crops: MultiCropConfig,
     rng = np.random.default_rng(seed)
     sources = np.linspace(0, len(tiles) - 1, min(count, len(tiles))).round().astype(int)
     cfg = dataclasses.replace(crops, global_size=tiles.shape[1], num_local_crops=1)
-    views = np.stack([multi_crop(tiles[i], rng, cfg)["global_crops"][1] for i in sources])
+    views = np.stack([multi_crop(tiles[i], rng, cfg)[GLOBAL_CROPS][1] for i in sources])
     return views, sources
 
 
