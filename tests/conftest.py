@@ -119,14 +119,14 @@ def vitl(tmp_path_factory):
     return model, tmp / "bundle", pth
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _serial_modules(request, tmp_path_factory):
-    """Under pytest-xdist (the suite runs on every core, a file per worker), a module marked `serial` (it measures
-    time, or waits on deadlines and heartbeats) runs alone: it holds an exclusive lock that every other module takes
-    shared. A turnstile taken first gives the exclusive lock priority, so a serial module waits for at most the
-    module the other worker is in. Without xdist every module runs alone anyway and nothing is locked."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
-    if not worker:
+@pytest.fixture(autouse=True)
+def _serial_tests(request, tmp_path_factory):
+    """Under pytest-xdist (the suite runs on every core, a file per worker), a test marked `serial` (it measures time
+    or races a short deadline) runs alone: it holds an exclusive lock that every other test takes shared. A
+    turnstile taken first gives the exclusive lock priority, so a serial test waits for at most the test the other
+    worker is in. Module and session fixtures are set up before this one, outside the lock. Without xdist nothing
+    is locked (every test runs alone anyway)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
         yield
         return
     shared = tmp_path_factory.getbasetemp().parent  # the run's folder, common to all workers
@@ -177,6 +177,8 @@ def cache_dir(tmp_path_factory):
     the two-process mesh, ...) compiles once for all test files, not once per file."""
     import jax
 
+    # one per pytest-xdist worker: jax writes an entry in place (not renamed into place), so a worker must not read
+    # an entry the other is still writing
     path = tmp_path_factory.mktemp("xla_cache")
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

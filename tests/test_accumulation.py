@@ -23,6 +23,8 @@ from gpfm_jax.step.train_step import init_state, jit_train_step, make_grad_fn, m
 from gpfm_jax.train import config as config_lib
 from gpfm_jax.train.config_schema import ConfigError
 
+pytestmark = pytest.mark.slow  # the quick tier (-m "not slow") leaves this file out; CI runs it
+
 B, GROUPS = 64, 16  # 16 groups of 4 samples (the reference's per-GPU batches, scaled down)
 RTOL = 1e-6
 

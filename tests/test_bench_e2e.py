@@ -34,6 +34,8 @@ from conftest import DATA_DIR, require
 from gpfm_jax.bench import report as report_lib
 from gpfm_jax.bench.run import run_suite
 
+pytestmark = pytest.mark.slow  # the quick tier (-m "not slow") leaves this file out; CI runs it
+
 SLIDE = DATA_DIR / "cmu_small_region.svs"
 TILE = 112
 # Ruifrok & Johnston (2001) H&E-DAB stain vectors (scikit-image's rgb_from_hed)

@@ -17,6 +17,8 @@ import pytest
 from gpfm_jax.bench import report as report_lib
 from gpfm_jax.bench.run import run_suite
 
+pytestmark = pytest.mark.slow  # the quick tier (-m "not slow") leaves this file out; CI runs it
+
 SIGNALS = {"s08": (0.8, 1), "s14": (1.4, 2), "s20": (2.0, 3), "s30": (3.0, 4), "s30copy": (3.0, 4)}
 # true average rank (the copies share their places)
 TRUE_RANK = {"s30": 1.5, "s30copy": 1.5, "s20": 3.0, "s14": 4.0, "s08": 5.0}

@@ -21,6 +21,9 @@ from helpers_train import run_cli, tiny
 from gpfm_jax.train import loop
 from gpfm_jax.train.faults import EXIT_COLLAPSED, committed_steps
 from gpfm_jax.train.metrics_writer import METRICS_FILE
+import pytest
+
+pytestmark = pytest.mark.slow  # the quick tier (-m "not slow") leaves this file out; CI runs it
 
 WINDOW, AFTER = 4, 8
 SETTINGS = {"sanity.collapse_window": WINDOW, "sanity.collapse_after": AFTER, "checkpoint.every": 1000,

@@ -7,6 +7,8 @@ import pytest
 
 from gpfm_jax.models.vit import ViTConfig, VisionTransformer
 
+pytestmark = pytest.mark.slow  # the quick tier (-m "not slow") leaves this file out; CI runs it
+
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, attention_impl="xla")
 RTOL, ATOL = 1e-5, 1e-5  # fp32: the same row-wise maths, only the matmul blocking differs
 

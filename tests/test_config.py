@@ -181,6 +181,7 @@ def _config_classes_and_leaves():
     return classes, leaves
 
 
+@pytest.mark.slow
 def test_every_config_field_is_read_by_the_code_it_configures(tmp_path, monkeypatch):
     """A short real run (2 iterations, checkpoint, sanity metric, TensorBoard) plus the branches a run takes only
     for other settings (each data source kind, multi-process runtime, Sinkhorn centering, pathology

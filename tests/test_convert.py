@@ -18,6 +18,8 @@ from gpfm_jax.convert.torch_io import CheckpointError, load_torch_file
 from tools.convert_from_pytorch import main as from_pytorch
 from tools.convert_to_pytorch import main as to_pytorch
 
+pytestmark = pytest.mark.slow  # the quick tier (-m "not slow") leaves this file out; CI runs it
+
 timm = require("timm")
 SMALL = dict(img_size=56, patch_size=14, embed_dim=384, depth=8, num_heads=6, init_values=1e-5, num_classes=0)
 

@@ -82,6 +82,7 @@ def _read_h5(path: Path) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_tile_folder_features_equal_direct_forward(bundle, tmp_path, capsys):
     tiles = tmp_path / "tiles"
     files = _cut_tiles(tiles)
@@ -113,6 +114,7 @@ def test_tile_folder_features_equal_direct_forward(bundle, tmp_path, capsys):
     np.testing.assert_allclose(by_index["features"], got["features"], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_slide_features_and_coords_equal_direct_reads(bundle, tmp_path, capsys):
     import openslide
 

@@ -24,6 +24,8 @@ from gpfm_jax.extract.encoder import load_feature_encoder
 from gpfm_jax.extract.share import Share, balanced_split, part_path, tile_range
 from test_extract import CFG, _cut_tiles, make_bundle
 
+pytestmark = pytest.mark.slow  # the quick tier (-m "not slow") leaves this file out; CI runs it
+
 SLIDE = DATA_DIR / "cmu_small_region.svs"
 REPO = Path(__file__).resolve().parents[1]
 TILING = runner.SlideOptions(tile_size=256, magnification=20.0)

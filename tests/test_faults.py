@@ -27,7 +27,7 @@ from gpfm_jax.train.metrics_writer import read_metrics
 sys.path.insert(0, str(REPO / "tools"))
 import soak  # noqa: E402
 
-pytestmark = pytest.mark.serial  # timing-sensitive: runs with no other test file (conftest.py)
+pytestmark = pytest.mark.slow  # the quick tier (-m "not slow") leaves this file out; CI runs it
 
 
 
@@ -162,6 +162,7 @@ def test_full_disk_in_retry_mode_saves_again_at_the_next_interval(tmp_path, cach
 # Deadlines
 
 
+@pytest.mark.serial  # races a deadline / measures time: alone under xdist (conftest.py)
 def test_a_blocked_data_read_is_reported_and_the_run_stops(tmp_path, cache_dir):
     """The data source never returns batch 5 (counted from 0): with deadline.data_s=3 the process reports the
     iteration, process and phase and the last committed checkpoint within a few seconds, and exits 4 (the blocked
@@ -180,6 +181,7 @@ def test_a_blocked_data_read_is_reported_and_the_run_stops(tmp_path, cache_dir):
     print(f"blocked data read: exit 4 after {wall:.1f} s in all (start-up and compile included)")
 
 
+@pytest.mark.serial  # races a deadline / measures time: alone under xdist (conftest.py)
 def test_a_hung_step_is_reported_and_the_run_stops(tmp_path, cache_dir):
     """From iteration 3 on a step never finishes (a host callback inside it waits forever): with deadline.step_s=2
     the process reports iteration 3 in phase 'step' and exits 4, whether the main thread is left waiting for the
@@ -258,6 +260,7 @@ def _kill_when(procs, victim: int, ready) -> tuple[float, str, int]:
     return elapsed, out, survivor.returncode
 
 
+@pytest.mark.serial  # races a deadline / measures time: alone under xdist (conftest.py)
 def test_a_killed_peer_is_reported_and_the_rerun_resumes_bitwise(tmp_path, cache_dir):
     """Two processes (4 CPU devices each) train together. Process 1 is SIGKILLed while checkpoint 4 is being
     written (async): process 0 exits with status 5 within seconds (deadline.peer_s=3), naming process 1 and the last
@@ -305,6 +308,7 @@ def test_a_killed_peer_is_reported_and_the_rerun_resumes_bitwise(tmp_path, cache
     print("killed peer:", "; ".join(figures))
 
 
+@pytest.mark.serial  # races a deadline / measures time: alone under xdist (conftest.py)
 def test_a_failed_collective_waits_for_the_heartbeat_to_name_the_lost_peer(monkeypatch):
     """The survivor's step fails (gloo: "Connection reset by peer") before the heartbeat calls the peer lost. In
     the worst case that takes peer_s + one heartbeat interval (the last beat was seen up to an interval after the
@@ -359,6 +363,7 @@ def test_the_peer_heartbeat_thread_is_stopped_and_joined_before_exit():
 # Soak (short: the full one is `python tools/soak.py --seed 0`)
 
 
+@pytest.mark.serial  # races a deadline / measures time: alone under xdist (conftest.py)
 def test_short_soak_sigkill_and_sigterm_resume_bitwise(tmp_path, cache_dir, reference):
     """tools/soak.py at small size against the same uninterrupted 8-iteration run: SIGKILL twice (one aimed at a
     checkpoint write), SIGTERM once; every loss and the final state bitwise equal."""

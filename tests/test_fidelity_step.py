@@ -17,6 +17,8 @@ import pytest
 import dinov2_oracle as O
 import fidelity_bridge as FB
 
+pytestmark = pytest.mark.slow  # the quick tier (-m "not slow") leaves this file out; CI runs it
+
 B = 8
 
 

@@ -17,7 +17,7 @@ from gpfm_jax.train import loop
 from gpfm_jax.train.faults import committed_steps
 from gpfm_jax.train.metrics_writer import read_metrics
 
-pytestmark = pytest.mark.serial  # timing-sensitive: runs with no other test file (conftest.py)
+pytestmark = pytest.mark.slow  # the quick tier (-m "not slow") leaves this file out; CI runs it
 
 PERF = ("perf/data_wait_s", "perf/data_s", "perf/h2d_s", "perf/step_s", "perf/iteration_s", "perf/images_per_s")
 
@@ -34,6 +34,7 @@ def _tiny(**changes):
     return tiny(one_device=True, **changes)
 
 
+@pytest.mark.serial  # races a deadline / measures time: alone under xdist (conftest.py)
 def test_slow_data_and_slow_step_overlap(tmp_path, monkeypatch):
     delay = 0.4
     release = fault_injection.install(monkeypatch.setattr, slow_data_s=delay, slow_step_s=delay)

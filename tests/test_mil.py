@@ -14,6 +14,8 @@ from gpfm_jax.evaluation import bags, metrics
 from gpfm_jax.evaluation.mil_models import MILConfig, build_model
 from gpfm_jax.evaluation.mil_train import Targets, TrainConfig, shared_compiles, train_mil
 
+pytestmark = pytest.mark.slow  # the quick tier (-m "not slow") leaves this file out; CI runs it
+
 D = 24
 
 

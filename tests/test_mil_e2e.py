@@ -142,6 +142,7 @@ def _run(feats, labels, out, *extra):
     return cli.main(["mil", "--features", str(feats), "--labels", str(labels), "--out", str(out), *SMALL, *extra])
 
 
+@pytest.mark.slow
 def test_mil_bad_inputs_name_the_slide(tmp_path, capsys):
     feats = _cohort(tmp_path, [20] * 12)
     out = tmp_path / "results.json"

@@ -302,6 +302,7 @@ def test_per_shard_drop_path_keeps_collectives_within_3x_the_parameter_bytes(cpu
     assert not any("scatter-add" in op["op_name"] for op in plan["collectives"]["top"])
 
 
+@pytest.mark.slow
 def test_search_runs_a_global_batch_that_does_not_fit_in_microbatches():
     """gpfm-plan's accumulation search: at 8 images/device on 8 fake CPU devices, with the usable memory set just
     under the one-microbatch peak, it answers with the fewest microbatches whose chunk fits (confirmed by a compile)
@@ -377,6 +378,7 @@ def _cli_plan(target: str, tmp_path) -> tuple[dict, str]:
 
 @pytest.mark.skipif(not targets.available(targets.get_target("v5e-8")),
                     reason=EXTRA_REASON.format(extra="tpu") + ": libtpu not installed")
+@pytest.mark.slow
 def test_tpu_deviceless_compile_of_a_small_config(tmp_path):
     plan, hlo = _cli_plan("v5e-8", tmp_path)
     assert plan["memory"]["fits"] and plan["compute_dtype"] == "bfloat16" and plan["attention_impl"] == "xla"

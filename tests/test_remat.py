@@ -34,6 +34,7 @@ def _saved(policy: str, impl: str) -> str:
     return buf.getvalue()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl,scan", [("loop", False), ("xla", True)])
 def test_dots_and_attention_saveable_gradients_equal_no_remat(impl, scan):
     loss, params = _loss_and_params("none", impl, scan)

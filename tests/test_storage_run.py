@@ -25,7 +25,7 @@ from gpfm_jax import storage
 from gpfm_jax.train.faults import COMMIT_MARKER, EXIT_CONFIG, EXIT_SAVE_FAILED, EXIT_STALLED, committed_steps
 from gpfm_jax.train.metrics_writer import read_metrics
 
-pytestmark = pytest.mark.serial  # timing-sensitive: runs with no other test file (conftest.py)
+pytestmark = pytest.mark.slow  # the quick tier (-m "not slow") leaves this file out; CI runs it
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +132,7 @@ def _finish(procs, timeout=400):
     return outs
 
 
+@pytest.mark.serial  # races a deadline / measures time: alone under xdist (conftest.py)
 def test_two_hosts_without_a_shared_disk_resume_bitwise_after_a_sigkill(gcs, xla_cache, tmp_path):
     """Two processes, each with only its own scratch folder, checkpoints in the bucket: an uninterrupted run to 4
     iterations; a second run whose process 1 is SIGKILLed once step 2 is committed, then both restarted: the
@@ -164,6 +165,7 @@ def test_two_hosts_without_a_shared_disk_resume_bitwise_after_a_sigkill(gcs, xla
     _assert_trees_equal(_raw_state(f"{url}/checkpoints", 4), _raw_state(f"{bucket}/reference/checkpoints", 4))
 
 
+@pytest.mark.serial  # races a deadline / measures time: alone under xdist (conftest.py)
 def test_the_store_going_away_mid_save_is_one_line_and_the_rerun_resumes(gcs, xla_cache, tmp_path):
     """The emulator is stopped while step 4 is being written (its first object is in the bucket, the commit marker
     is not): gpfm-train says on one line which step and URL failed, exits non-zero, step 2 stays committed, and

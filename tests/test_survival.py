@@ -123,6 +123,7 @@ def _survival_bags(num: int, dim: int, seed: int):
     return xs, np.minimum(t, c), t <= c, lh
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["nll_surv", "cox"])
 def test_survival_learning_reaches_cindex(loss):
     xs, time, event, true_lh = _survival_bags(400, 16, seed=3)

@@ -24,6 +24,8 @@ from gpfm_jax.encoders import load_encoder
 from gpfm_jax.encoders.teachers import load_teacher
 from gpfm_jax.models.teachers import teacher_targets
 
+pytestmark = pytest.mark.slow  # the quick tier (-m "not slow") leaves this file out; CI runs it
+
 timm = require("timm")
 transformers = require("transformers")
 ATOL = 1e-4

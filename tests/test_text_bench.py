@@ -15,6 +15,8 @@ from gpfm_jax.bench.run import run_suite
 from gpfm_jax.bench.suite import SuiteError, load_suite
 from gpfm_jax.text import metrics as text_metrics
 
+pytestmark = pytest.mark.slow  # the quick tier (-m "not slow") leaves this file out; CI runs it
+
 TINY = """epochs = {epochs}
 lr = 3e-3
 lr_decay = 0.95

@@ -17,6 +17,8 @@ from gpfm_jax.text.models import Attention, TextModel, init_params
 from gpfm_jax.text.train import model_stepper
 from test_text_models import D, _brute_force, _cfg, _toy_logits_fn
 
+pytestmark = pytest.mark.slow  # the quick tier (-m "not slow") leaves this file out; CI runs it
+
 # float32 logits of magnitude ~1: the two paths differ only in matmul shapes (one query row against the cache vs.
 # all rows), so the rounding differs; measured max |diff| ~1e-6.
 ATOL = 1e-5

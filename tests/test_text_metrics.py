@@ -147,6 +147,7 @@ def test_vqa_accuracy_and_normalisation():
     assert acc_w["accuracy"][1] == pytest.approx(0.6)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("java") is None, reason="METEOR needs Java (pycocoevalcap's METEOR 1.5 jar)")
 def test_meteor_through_the_jar():
     require("pycocoevalcap")

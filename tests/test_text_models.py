@@ -14,6 +14,8 @@ import pytest
 from gpfm_jax.text import decode
 from gpfm_jax.text.models import TextModel, TextModelConfig, init_params
 
+pytestmark = pytest.mark.slow  # the quick tier (-m "not slow") leaves this file out; CI runs it
+
 D = 12
 
 

@@ -14,6 +14,8 @@ from gpfm_jax.evaluation import cli
 from gpfm_jax.text import metrics, synthetic
 from gpfm_jax.text.tokenize import clean_report
 
+pytestmark = pytest.mark.slow  # the quick tier (-m "not slow") leaves this file out; CI runs it
+
 SMALL = ["--width", "32", "--heads", "2", "--layers", "1", "--encoder-layers", "1", "--dropout", "0",
          "--lr", "3e-3", "--lr-decay", "0.95", "--clip-value", "1.0", "--batch-size", "8", "--beam", "2",
          "--min-count", "1", "--eval-batch", "16", "--bootstrap", "200", "--smallest-bucket", "16"]

@@ -81,6 +81,7 @@ TINY = ["--width", "16", "--heads", "2", "--layers", "1", "--encoder-layers", "1
         "--batch-size", "8", "--eval-batch", "16", "--bootstrap", "0", "--max-length", "6", "--max-question", "10"]
 
 
+@pytest.mark.slow
 def test_pathvqa_run_trains_on_the_training_split_saves_and_reuses(tmp_path, capsys):
     p = synthetic.make_tile_vqa_task(tmp_path, num_images=40, signal=4.0)
     test = json.loads(open(p["test"]).read())

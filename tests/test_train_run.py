@@ -28,6 +28,8 @@ from gpfm_jax.train import encoder_meta, loop
 from gpfm_jax.train.config_schema import CheckpointConfig, replace_fields
 from gpfm_jax.train.metrics_writer import read_metrics
 
+pytestmark = pytest.mark.slow  # the quick tier (-m "not slow") leaves this file out; CI runs it
+
 
 
 

@@ -18,6 +18,8 @@ from gpfm_jax.step.optim import OptimConfig, make_optimizer
 from gpfm_jax.step.schedules import ScheduleConfig, make_schedules
 from gpfm_jax.step.train_step import StepConfig, init_state, jit_train_step, make_train_step
 
+pytestmark = pytest.mark.slow  # the quick tier (-m "not slow") leaves this file out; CI runs it
+
 B = 8
 
 

@@ -70,6 +70,7 @@ def test_batch_subset_drop_path_computes_the_branch_on_a_subset_and_rescales():
     np.testing.assert_array_equal(np.delete(delta, changed, axis=0), 0.0)
 
 
+@pytest.mark.slow
 def test_drop_path_in_the_model_is_train_only_and_rng_driven():
     cfg = TINY.replace(drop_path_rate=0.4, layerscale_init=1.0)  # > 0.1: batch-subset ("auto"); LS 1 makes it visible
     model, params = _init(cfg)
@@ -83,6 +84,7 @@ def test_drop_path_in_the_model_is_train_only_and_rng_driven():
         model.apply({"params": params}, x, train=True)
 
 
+@pytest.mark.slow
 def test_scan_keeps_the_program_size_independent_of_depth():
     def program_size(depth: int, scan: bool) -> int:
         cfg = TINY.replace(depth=depth, scan_layers=scan, remat_policy="full" if scan else "none")

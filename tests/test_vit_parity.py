@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from conftest import normalised_batch, require
 from gpfm_jax.encoders import load_encoder
 
+pytestmark = pytest.mark.slow  # the quick tier (-m "not slow") leaves this file out; CI runs it
+
 timm = require("timm")
 ATOL = 1e-4
 
