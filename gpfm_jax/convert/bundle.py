@@ -18,16 +18,14 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from gpfm_jax import storage
-
 from gpfm_jax.convert.layout import unstack_blocks
 from gpfm_jax.convert.torch_io import CheckpointError
+from gpfm_jax.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 
 BUNDLE_FORMAT = "gpfm_jax.encoder_bundle"
 BUNDLE_VERSION = 1
 META_FILE = "encoder.json"
 PARAMS_DIR = "params"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def preprocessing(input_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation: str = "bicubic") -> dict:
