@@ -33,6 +33,11 @@ def preprocessing(input_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpo
     return {"input_size": input_size, "interpolation": interpolation, "mean": list(mean), "std": list(std)}
 
 
+def with_format(meta: dict[str, Any]) -> dict[str, Any]:
+    """The meta as written to encoder.json: the bundle format and version first."""
+    return {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, **meta}
+
+
 def is_bundle(directory: storage.PathLike) -> bool:
     return (storage.resolve(directory) / META_FILE).is_file()
 
@@ -47,7 +52,7 @@ def save_bundle(directory: storage.PathLike, params: dict[str, Any], meta: dict[
     for field in ("encoder", "preprocessing"):
         if field not in meta:
             raise ValueError(f"bundle meta lacks the field {field!r}")
-    full_meta = {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, **meta}
+    full_meta = with_format(meta)
     host_params = jax.tree_util.tree_map(np.asarray, unstack_blocks(params))
     if storage.is_url(directory):
         with ocp.StandardCheckpointer() as checkpointer:
