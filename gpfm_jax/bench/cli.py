@@ -13,6 +13,8 @@ import argparse
 import logging
 import sys
 
+from gpfm_jax.cli_logging import log_to_stderr
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpfm-bench", description=__doc__,
@@ -33,23 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _log_to_stderr() -> None:
-    for name, prefix in (("gpfm_jax.bench", "gpfm-bench: "), ("gpfm_jax.evaluate", "gpfm-bench: "),
-                         ("gpfm_jax.extract", "gpfm-bench: ")):
-        log = logging.getLogger(name)
-        if not any(getattr(h, "_gpfm_bench", False) for h in log.handlers):
-            handler = logging.StreamHandler(sys.stderr)
-            handler.setFormatter(logging.Formatter(prefix + "%(message)s"))
-            handler.setLevel(logging.WARNING)
-            handler._gpfm_bench = True
-            log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _log_to_stderr()
+    log_to_stderr("gpfm-bench: %(message)s", "gpfm_jax.bench", "gpfm_jax.evaluate", "gpfm_jax.extract",
+                  level=logging.WARNING)
     from gpfm_jax.convert.torch_io import CheckpointError
 
     try:
