@@ -14,8 +14,8 @@ import json
 import numpy as np
 import pytest
 
-from gpfm_jax.bench import report as report_lib
-from gpfm_jax.bench.run import run_suite
+from gpfm_jax.encoder_bench import report as report_lib
+from gpfm_jax.encoder_bench.run import run_suite
 
 SIGNALS = {"s08": (0.8, 1), "s14": (1.4, 2), "s20": (2.0, 3), "s30": (3.0, 4), "s30copy": (3.0, 4)}
 # true average rank (the copies share their places)
@@ -91,7 +91,7 @@ def test_graded_encoders_are_separated(ranked):
 def test_replicates_are_paired(ranked):
     """The copies have bitwise equal metrics in every replicate: all encoders were scored on the same resamples."""
     root, _, _ = ranked
-    from gpfm_jax.bench.bootstrap import bootstrap_metrics
+    from gpfm_jax.encoder_bench.bootstrap import bootstrap_metrics
 
     run, cells = report_lib.load_run(root / "out")
     encoders = list(run["encoders"])
