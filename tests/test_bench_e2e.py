@@ -31,8 +31,8 @@ import numpy as np
 import pytest
 
 from conftest import DATA_DIR, require
-from gpfm_jax.bench import report as report_lib
-from gpfm_jax.bench.run import run_suite
+from gpfm_jax.encoder_bench import report as report_lib
+from gpfm_jax.encoder_bench.run import run_suite
 
 pytestmark = pytest.mark.slow  # the quick tier (-m "not slow") leaves this file out; CI runs it
 
@@ -202,9 +202,9 @@ def test_real_slides_are_keyed_by_content(benchmark, tmp_path):
     labelled slide."""
     import h5py
 
-    from gpfm_jax.bench import datasets, features
-    from gpfm_jax.bench.cache import Store
-    from gpfm_jax.bench.suite import DatasetSpec, EncoderSpec
+    from gpfm_jax.encoder_bench import datasets, features
+    from gpfm_jax.encoder_bench.cache import Store
+    from gpfm_jax.encoder_bench.suite import DatasetSpec, EncoderSpec
 
     root, _, _ = benchmark
     slides = tmp_path / "slides"

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import require
-from gpfm_jax.bench import bootstrap as bs
-from gpfm_jax.bench import ranking, stats, weighted
+from gpfm_jax.encoder_bench import bootstrap as bs
+from gpfm_jax.encoder_bench import ranking, stats, weighted
 from gpfm_jax.evaluation import metrics as eval_metrics
 from gpfm_jax.evaluation import survival as eval_survival
 

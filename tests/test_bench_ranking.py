@@ -14,8 +14,8 @@ import json
 import numpy as np
 import pytest
 
-from gpfm_jax.bench import report as report_lib
-from gpfm_jax.bench.run import run_suite
+from gpfm_jax.encoder_bench import report as report_lib
+from gpfm_jax.encoder_bench.run import run_suite
 
 pytestmark = pytest.mark.slow  # the quick tier (-m "not slow") leaves this file out; CI runs it
 
@@ -93,7 +93,7 @@ def test_graded_encoders_are_separated(ranked):
 def test_replicates_are_paired(ranked):
     """The copies have bitwise equal metrics in every replicate: all encoders were scored on the same resamples."""
     root, _, _ = ranked
-    from gpfm_jax.bench.bootstrap import bootstrap_metrics
+    from gpfm_jax.encoder_bench.bootstrap import bootstrap_metrics
 
     run, cells = report_lib.load_run(root / "out")
     encoders = list(run["encoders"])

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpfm_jax.bench import report as report_lib
-from gpfm_jax.bench.cli import main as bench_main
-from gpfm_jax.bench.run import run_suite
-from gpfm_jax.bench.suite import SuiteError, load_suite
+from gpfm_jax.encoder_bench import report as report_lib
+from gpfm_jax.encoder_bench.cli import main as bench_main
+from gpfm_jax.encoder_bench.run import run_suite
+from gpfm_jax.encoder_bench.suite import SuiteError, load_suite
 
 ROOT = Path(__file__).resolve().parents[1]
 ENCODERS = """
@@ -165,7 +165,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(reference, tmp_path):
     out = tmp_path / "killed"
     cells_dir = out / "cache" / "cells"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.Popen([sys.executable, "-m", "gpfm_jax.bench", "run", str(suite), "--out", str(out),
+    proc = subprocess.Popen([sys.executable, "-m", "gpfm_jax.encoder_bench", "run", str(suite), "--out", str(out),
                              "--no-progress"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:

@@ -173,7 +173,7 @@ def test_resize_matches_torchvision_on_pil():
 def test_uint8_crops_match_the_float_path():
     """crop dtype uint8: crops no colour op touches are exactly their pixels (normalised: the float path to float
     rounding); touched crops are the float path's values rounded to the nearest grey level."""
-    from gpfm_jax.data.normalize import normalize_numpy
+    from gpfm_jax.data.normalize import normalize_pixels
 
     img = np.asarray(Image.open("tests/data/tiatoolbox_target_image.png").convert("RGB"))[:300, :300]
     cfg = dataclasses.replace(CFG, global_size=56, local_size=28)
@@ -189,7 +189,7 @@ def test_uint8_crops_match_the_float_path():
         l_plan = A.draw_color_plan(rng, np.full(8, cfg.blur_p_local), np.zeros(8), cfg)
         for key, plan in (("global_crops", g_plan), ("local_crops", l_plan)):
             assert u[key].dtype == np.uint8 and u[key].shape == f[key].shape
-            diff = np.abs(normalize_numpy(u[key]) - f[key]).max(axis=(1, 2, 3))
+            diff = np.abs(normalize_pixels(u[key]) - f[key]).max(axis=(1, 2, 3))
             touched = A.touched(plan)
             n_untouched += int((~touched).sum())
             worst_untouched = max(worst_untouched, float(diff[~touched].max(initial=0)))
@@ -201,7 +201,7 @@ def test_uint8_crops_match_the_float_path():
 def test_device_normalisation():
     import jax.numpy as jnp
 
-    from gpfm_jax.data.normalize import input_dtype, normalize_batch, normalize_numpy
+    from gpfm_jax.data.normalize import input_dtype, normalize_batch, normalize_pixels
 
     x = np.random.default_rng(0).integers(0, 256, (2, 3, 8, 8, 3), dtype=np.uint8)
     want = (x / 255.0 - np.array(A.IMAGENET_MEAN)) / np.array(A.IMAGENET_STD)
@@ -209,7 +209,7 @@ def test_device_normalisation():
                            "masks": jnp.ones((2, 2), bool)}, "bfloat16", "float32")
     assert out["global_crops"].dtype == jnp.float32 and out["masks"].dtype == jnp.bool_
     assert np.abs(np.asarray(out["global_crops"]) - want).max() < 1e-6
-    assert np.abs(normalize_numpy(x) - want).max() < 1e-6
+    assert np.abs(normalize_pixels(x) - want).max() < 1e-6
     bf = normalize_batch({"global_crops": jnp.asarray(x)}, "bfloat16")["global_crops"]
     assert bf.dtype == jnp.bfloat16 and np.abs(np.asarray(bf, np.float32) - want).max() < 0.02
     floats = np.float32(want)  # already normalised (the float32 path): only cast

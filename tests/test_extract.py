@@ -19,7 +19,7 @@ from gpfm_jax.convert.bundle import preprocessing, save_bundle
 from gpfm_jax.extract import cli, runner
 from gpfm_jax.extract.encoder import load_feature_encoder
 from gpfm_jax.extract.h5out import partial_path
-from gpfm_jax.extract.preprocess import normalise, resize_tile
+from gpfm_jax.extract.preprocess import resize_tile
 from gpfm_jax.models.vit import ViTConfig, VisionTransformer
 
 SLIDE = DATA_DIR / "cmu_small_region.svs"
@@ -62,8 +62,8 @@ def encoder(bundle):
 
 def _direct(params: dict, tiles_uint8: list[np.ndarray]) -> np.ndarray:
     """Reference: PIL bicubic resize, NumPy normalisation, the module's own apply, one tile at a time (no padding)."""
-    x = normalise(np.stack([resize_tile(t, SIZE, "bicubic") for t in tiles_uint8]), (0.485, 0.456, 0.406),
-                  (0.229, 0.224, 0.225))
+    x = np.stack([resize_tile(t, SIZE, "bicubic") for t in tiles_uint8]).astype(np.float32) / np.float32(255.0)
+    x = (x - np.float32([0.485, 0.456, 0.406])) / np.float32([0.229, 0.224, 0.225])
     module = VisionTransformer(CFG)
     return np.concatenate([np.asarray(module.apply({"params": params}, x[i : i + 1])["cls"]) for i in range(len(x))])
 

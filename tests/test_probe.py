@@ -11,6 +11,7 @@ import pytest
 
 from conftest import DATA_DIR
 from gpfm_jax.data.augment import MultiCropConfig
+from gpfm_jax.data.normalize import normalize_pixels
 from gpfm_jax.models.vit import ViTConfig, VisionTransformer
 from gpfm_jax.train import probe
 
@@ -43,7 +44,7 @@ def test_augmented_queries_are_augmented_views_of_their_tiles(tiles):
     views, sources = probe.augmented_queries(tiles, 20, crops, seed=0)
     assert views.shape == (20, 64, 64, 3) and views.dtype == np.float32
     assert len(set(sources.tolist())) == 20
-    plain = probe.normalise(tiles[sources], crops.mean, crops.std)
+    plain = normalize_pixels(tiles[sources], crops.mean, crops.std)
     assert not np.allclose(views, plain, atol=0.05)  # cropped and colour-jittered
     again, _ = probe.augmented_queries(tiles, 20, crops, seed=0)
     np.testing.assert_array_equal(views, again)  # deterministic in the seed

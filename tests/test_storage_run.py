@@ -260,9 +260,9 @@ def test_the_checkpoint_consumers_read_from_the_bucket(gcs, bucket_run, tmp_path
     np.testing.assert_array_equal(feats["workdir"], feats["local"])
     assert feats["local"].shape == (8, 32) and np.ptp(feats["local"]) > 0
     # gpfm-bench: an encoder given as `bundle = "gs://..."` resolves, hashes and loads like the local copy
-    from gpfm_jax.bench.cache import Store
-    from gpfm_jax.bench.features import resolve_encoder
-    from gpfm_jax.bench.suite import EncoderSpec
+    from gpfm_jax.encoder_bench.cache import Store
+    from gpfm_jax.encoder_bench.features import resolve_encoder
+    from gpfm_jax.encoder_bench.suite import EncoderSpec
 
     store = Store(tmp_path / "store")
     remote = resolve_encoder(EncoderSpec("remote", bundle=bundle, batch_size=8), store, lambda *a, **k: None)

@@ -10,9 +10,9 @@ import json
 import numpy as np
 import pytest
 
-from gpfm_jax.bench.report import build_report
-from gpfm_jax.bench.run import run_suite
-from gpfm_jax.bench.suite import SuiteError, load_suite
+from gpfm_jax.encoder_bench.report import build_report
+from gpfm_jax.encoder_bench.run import run_suite
+from gpfm_jax.encoder_bench.suite import SuiteError, load_suite
 from gpfm_jax.text import metrics as text_metrics
 
 pytestmark = pytest.mark.slow  # the quick tier (-m "not slow") leaves this file out; CI runs it

@@ -96,7 +96,7 @@ def test_text_package_sits_below_evaluation_and_bench():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1] / "gpfm_jax" / "text"
-    above = ("gpfm_jax.evaluation", "gpfm_jax.bench", "gpfm_jax.train", "gpfm_jax.plan", "gpfm_jax.extract")
+    above = ("gpfm_jax.evaluation", "gpfm_jax.encoder_bench", "gpfm_jax.train", "gpfm_jax.plan", "gpfm_jax.extract")
     for path in root.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (

@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from gpfm_jax.bench.bootstrap import TaskPredictions, bootstrap_metrics, replicate_counts  # noqa: E402
-from gpfm_jax.bench.ranking import rank_encoders  # noqa: E402
+from gpfm_jax.encoder_bench.bootstrap import TaskPredictions, bootstrap_metrics, replicate_counts  # noqa: E402
+from gpfm_jax.encoder_bench.ranking import rank_encoders  # noqa: E402
 
 TYPES = ("linear", "knn", "fewshot", "retrieval", "mil", "survival")
 
@@ -167,7 +167,7 @@ def profile(tasks: list[TaskPredictions], batch: int) -> None:
     import jax
     import jax.numpy as jnp
 
-    from gpfm_jax.bench import bootstrap as bs
+    from gpfm_jax.encoder_bench import bootstrap as bs
 
     fams, _, dummy = bs._columns(tasks)
     counts = jnp.asarray(np.random.default_rng(0).poisson(1.0, (dummy + 1, batch)).astype(np.float32))

@@ -37,18 +37,17 @@ def _timm_model(tiny: bool):
 def _jax_encoder(model_t, tiny: bool, dtype: str):
     from gpfm_jax.convert.torch_io import tensor_to_numpy
     from gpfm_jax.convert.vit_keys import canonical_keys, vit_params_from_torch
+    from gpfm_jax.data.normalize import normalize_pixels
     from gpfm_jax.models.vit import ViTConfig, VisionTransformer
 
     state, _ = canonical_keys({k: tensor_to_numpy(v) for k, v in model_t.state_dict().items()}, "timm")
     cfg = ViTConfig(**(TINY_VIT if tiny else {}), dtype=dtype)
     params = jax.device_put(vit_params_from_torch(state, cfg, "timm"))
     module = VisionTransformer(cfg)
-    mean = jnp.asarray((0.485, 0.456, 0.406), jnp.float32)
-    std = jnp.asarray((0.229, 0.224, 0.225), jnp.float32)
 
     @jax.jit
-    def forward(p, tiles_uint8):  # what gpfm-extract runs: uint8 in, normalisation on device
-        x = (tiles_uint8.astype(jnp.float32) / 255.0 - mean) / std
+    def forward(p, tiles_uint8):  # what gpfm-extract runs: uint8 in, normalisation on device (ImageNet mean/std)
+        x = normalize_pixels(tiles_uint8, xp=jnp)
         return module.apply({"params": p}, x.astype(dtype))["cls"].astype(jnp.float32)
 
     return lambda tiles: forward(params, tiles), cfg.img_size

@@ -18,21 +18,24 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from gpfm_jax import storage
-
 from gpfm_jax.convert.layout import unstack_blocks
 from gpfm_jax.convert.torch_io import CheckpointError
+from gpfm_jax.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 
 BUNDLE_FORMAT = "gpfm_jax.encoder_bundle"
 BUNDLE_VERSION = 1
 META_FILE = "encoder.json"
 PARAMS_DIR = "params"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def preprocessing(input_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation: str = "bicubic") -> dict:
     """How raw RGB tiles are turned into model input: resize to input_size, scale to [0, 1], normalise."""
     return {"input_size": input_size, "interpolation": interpolation, "mean": list(mean), "std": list(std)}
+
+
+def with_format(meta: dict[str, Any]) -> dict[str, Any]:
+    """The meta as written to encoder.json: the bundle format and version first."""
+    return {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, **meta}
 
 
 def is_bundle(directory: storage.PathLike) -> bool:
@@ -49,7 +52,7 @@ def save_bundle(directory: storage.PathLike, params: dict[str, Any], meta: dict[
     for field in ("encoder", "preprocessing"):
         if field not in meta:
             raise ValueError(f"bundle meta lacks the field {field!r}")
-    full_meta = {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, **meta}
+    full_meta = with_format(meta)
     host_params = jax.tree_util.tree_map(np.asarray, unstack_blocks(params))
     if storage.is_url(directory):
         with ocp.StandardCheckpointer() as checkpointer:

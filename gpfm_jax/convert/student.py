@@ -9,8 +9,8 @@ import numpy as np
 from etils import epath
 
 from gpfm_jax import storage
-from gpfm_jax.convert import vit_keys
-from gpfm_jax.convert.bundle import load_bundle, load_meta, preprocessing, save_bundle
+from gpfm_jax.convert import checkpoint_layout, vit_keys
+from gpfm_jax.convert.bundle import META_FILE, load_bundle, load_meta, preprocessing, save_bundle
 from gpfm_jax.convert.layout import unstack_blocks
 from gpfm_jax.convert.torch_io import CheckpointError, file_sha256, load_torch_file, save_torch_file
 from gpfm_jax.models.vit import ViTConfig
@@ -46,35 +46,36 @@ def import_vit(torch_path: str | Path, arch: str | None = None, **overrides: Any
     return params, cfg, ignored
 
 
+def student_meta(vit: ViTConfig, input_size: int, provenance: dict[str, Any]) -> dict[str, Any]:
+    """The encoder bundle meta of a ViT student: what `convert_from_pytorch` writes next to converted weights and
+    gpfm-train writes as its checkpoints' encoder.json (train/encoder_meta.py), so both read back the same way."""
+    return {"encoder": "vit", "vit": vit.to_dict(), "outputs": {"cls": vit.embed_dim, "patch": vit.embed_dim},
+            "preprocessing": preprocessing(input_size), "provenance": provenance}
+
+
 def convert_from_pytorch(torch_path: str | Path, out_dir: str | Path, arch: str | None = None, **overrides) -> dict:
     """Writes an encoder bundle for a PyTorch ViT file; returns the bundle meta."""
     torch_path = Path(torch_path)
     params, cfg, ignored = import_vit(torch_path, arch, **overrides)
-    meta = {
-        "encoder": "vit",
-        "vit": cfg.to_dict(),
-        "outputs": {"cls": cfg.embed_dim, "patch": cfg.embed_dim},
-        "preprocessing": preprocessing(224),
-        "provenance": {
-            "source": torch_path.name,
-            "sha256": file_sha256(torch_path),
-            "ignored_keys": sorted({k.split(".")[0] + ".*" for k in ignored}),
-        },
-    }
+    meta = student_meta(cfg, 224, {
+        "source": torch_path.name,
+        "sha256": file_sha256(torch_path),
+        "ignored_keys": sorted({k.split(".")[0] + ".*" for k in ignored}),
+    })
     save_bundle(out_dir, params, meta)
     return meta
 
 
 def is_training_checkpoint(directory: epath.Path) -> bool:
     """A gpfm-train checkpoint folder: encoder.json next to numbered orbax step folders."""
-    return any(p.name.isdigit() and p.is_dir() for p in directory.iterdir()) and (directory / "encoder.json").is_file()
+    return any(p.name.isdigit() and p.is_dir() for p in directory.iterdir()) and (directory / META_FILE).is_file()
 
 
 def checkpoint_folder(path: storage.PathLike) -> epath.Path:
     """`path` itself, or `<path>/checkpoints` when `path` is a gpfm-train workdir (what users type: runs/demo)."""
     path = storage.resolve(path)
-    inner = path / "checkpoints"
-    if not (path / "encoder.json").is_file() and (inner / "encoder.json").is_file():
+    inner = path / checkpoint_layout.CHECKPOINT_DIR
+    if not (path / META_FILE).is_file() and (inner / META_FILE).is_file():
         return inner
     return path
 
@@ -83,8 +84,8 @@ def load_student_encoder(checkpoint: storage.PathLike, step: int | None = None) 
     """(unscanned params, config) from an encoder bundle, or from a training checkpoint's EMA teacher backbone.
 
     A training checkpoint is a `gpfm-train` workdir checkpoint folder: `encoder.json` (the student architecture) next
-    to orbax step folders `<step>/state` whose tree holds `teacher/backbone` (what the official release ships); the
-    workdir itself is accepted too. Any of them may be a gs:// URL.
+    to orbax step folders whose state tree holds the EMA teacher backbone (`checkpoint_layout`: what the official
+    release ships); the workdir itself is accepted too. Any of them may be a gs:// URL.
     """
     try:
         storage.check_reachable(checkpoint)
@@ -118,12 +119,14 @@ def _restore_teacher_backbone(directory: epath.Path, step: int | None) -> dict:
             raise CheckpointError(f"{directory}: no step {step}; available: {sorted(steps)}")
         # The writer's devices (8 GPUs, 2 hosts) are not this machine's: restore everything onto one local device.
         local = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        restored = manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(fallback_sharding=local)))
+        item = checkpoint_layout.STATE
+        restored = manager.restore(step, args=ocp.args.Composite(
+            **{item: ocp.args.StandardRestore(fallback_sharding=local)}))
     try:
-        return restored["state"]["teacher"]["backbone"]
+        return checkpoint_layout.teacher_backbone(restored[item])
     except KeyError as err:
-        raise CheckpointError(f"{directory}/{step}: the state has no teacher/backbone params") from err
+        where = "/".join(checkpoint_layout.TEACHER_BACKBONE)
+        raise CheckpointError(f"{directory}/{step}: the state has no {where} params") from err
 
 
 def export_state(params: dict, cfg: ViTConfig, fmt: str) -> dict[str, Any]:

@@ -19,9 +19,8 @@ import numpy as np
 from PIL import Image
 
 from gpfm_jax.data.batch import GLOBAL_CROPS, LOCAL_CROPS
+from gpfm_jax.data.normalize import IMAGENET_MEAN, IMAGENET_STD  # re-exported: `data.augment.IMAGENET_MEAN` stays
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _GRAY_W = np.array([0.2989, 0.587, 0.114], np.float32)  # torchvision rgb_to_grayscale weights
 # Ruifrok & Johnston H&E-DAB stain matrix (rows: H, E, DAB optical densities), as in skimage.color.rgb2hed.
 _HED_FROM_RGB_INV = np.array(

@@ -18,12 +18,12 @@ on bad input.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import Any
 
 import numpy as np
 
+from gpfm_jax.cli_logging import log_to_stderr
 from gpfm_jax.evaluation import data, metrics, text_cli
 from gpfm_jax.evaluation.results import write_json_atomic
 from gpfm_jax.evaluation.mil_models import MODELS
@@ -253,28 +253,9 @@ def _run_heatmap(args) -> dict[str, Any]:
     return {"command": "heatmap", "out": str(out)}
 
 
-class _StderrHandler(logging.StreamHandler):
-    """Writes to the current sys.stderr (looked up per record, so redirections made later are honoured)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.stream = sys.stderr
-        super().emit(record)
-
-
-def _log_to_stderr() -> None:
-    """Warnings naming slides / folds go to stderr (our own handler: absl may own the root logger)."""
-    log = logging.getLogger("gpfm_jax.evaluate")
-    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("gpfm-eval: warning: %(message)s"))
-        log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _log_to_stderr()
+    log_to_stderr("gpfm-eval: warning: %(message)s", "gpfm_jax.evaluate")  # warnings naming slides / folds
     try:
         run(args)
     except (FileNotFoundError, ValueError, OSError) as e:

@@ -13,6 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
+from gpfm_jax.cli_logging import log_to_stderr
 from gpfm_jax.extract.encoder import DTYPES
 from gpfm_jax.extract.inputs import INPUT_KINDS
 
@@ -65,20 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _log_to_stderr() -> None:
-    """Our own handler: libraries imported before us (absl via orbax) may already own the root logger."""
-    if not any(getattr(h, "_gpfm_extract", False) for h in log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        handler._gpfm_extract = True
-        log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _log_to_stderr()
+    log_to_stderr("%(message)s", log.name)
     from gpfm_jax.convert.torch_io import CheckpointError
     from gpfm_jax.extract import runner
     from gpfm_jax.extract.encoder import load_feature_encoder

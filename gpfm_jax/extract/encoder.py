@@ -22,10 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from gpfm_jax.convert.bundle import IMAGENET_MEAN, IMAGENET_STD, load_meta, preprocessing
 from gpfm_jax import storage
+from gpfm_jax.convert.bundle import load_meta, preprocessing
 from gpfm_jax.convert.student import checkpoint_folder, is_training_checkpoint
 from gpfm_jax.convert.torch_io import CheckpointError
+from gpfm_jax.data.normalize import IMAGENET_MEAN, IMAGENET_STD, normalize_pixels
 
 DTYPES = ("float32", "bfloat16")
 DATA_AXIS = "data"
@@ -137,10 +138,9 @@ def load_feature_encoder(path: str | Path, *, batch_size: int = 64, dtype: str =
     replicated = NamedSharding(mesh, P())
     split = NamedSharding(mesh, P(DATA_AXIS))
     params = jax.device_put(params, replicated)
-    mean_a, std_a = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
 
     def forward(p, tiles_uint8):
-        x = (tiles_uint8.astype(jnp.float32) / 255.0 - mean_a) / std_a
+        x = normalize_pixels(tiles_uint8, mean, std, jnp)
         out = module.apply({"params": p}, x.astype(dtype))
         if output not in out:
             raise KeyError(f"encoder {path.name} has no output {output!r}; it has {sorted(out)}")

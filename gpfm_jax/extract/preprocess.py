@@ -1,5 +1,6 @@
 """Tile preprocessing as an encoder bundle's JSON says: resize on the host (PIL, as torchvision on PIL images does in
-the official pipelines), normalise on the device (inside the jitted encoder, so only uint8 crosses to it).
+the official pipelines), normalise on the device (`data.normalize.normalize_pixels` inside the jitted encoder, so
+only uint8 crosses to it).
 """
 
 from __future__ import annotations
@@ -29,8 +30,3 @@ def resize_tile(tile: np.ndarray, size: int, interpolation: str = "bicubic") -> 
         return np.ascontiguousarray(tile)
     return np.asarray(Image.fromarray(tile).resize((size, size), pil_filter(interpolation)))
 
-
-def normalise(tiles_uint8: np.ndarray, mean, std) -> np.ndarray:
-    """NumPy reference of what the encoder does on the device: [0, 255] -> [0, 1] -> (x - mean) / std, float32."""
-    x = tiles_uint8.astype(np.float32) / np.float32(255.0)
-    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)

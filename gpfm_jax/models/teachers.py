@@ -24,11 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gpfm_jax.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from gpfm_jax.models.pooling import PooledViT, PoolerConfig
 from gpfm_jax.models.vit import COMPUTE_FIELDS, ViTConfig, VisionTransformer
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # conch.open_clip_custom.constants
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Outputs of `PooledViT` whose width is the pooler's (not the trunk's).

@@ -36,12 +36,12 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, EveryNSteps, LatestN
 
 from gpfm_jax import storage
+from gpfm_jax.convert.checkpoint_layout import DATA, STATE  # the layout's names, shared with its readers (convert)
 from gpfm_jax.train.config_schema import CheckpointConfig, ConfigError
 from gpfm_jax.train.faults import committed_steps
 from gpfm_jax.step.train_step import TrainState
 
 log = logging.getLogger("gpfm_jax.train")
-STATE, DATA = "state", "data"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -60,7 +60,7 @@ def state_to_tree(state: TrainState) -> dict[str, Any]:
     return {
         "step": state.step,
         "params": state.params,
-        "teacher": state.teacher,
+        "teacher": state.teacher,  # its "backbone" is what convert reads (checkpoint_layout.TEACHER_BACKBONE)
         "opt_state": serialization.to_state_dict(state.opt_state),
         "centers": state.centers,
         "rng": _key_data(state.rng),

@@ -12,8 +12,10 @@ import numpy as np
 from etils import epath
 
 from gpfm_jax import storage
-from gpfm_jax.convert.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, META_FILE, load_bundle, preprocessing
+from gpfm_jax.convert import checkpoint_layout
+from gpfm_jax.convert.bundle import META_FILE, load_bundle, with_format
 from gpfm_jax.convert.layout import to_layout
+from gpfm_jax.convert.student import student_meta
 from gpfm_jax.models.vit import COMPUTE_FIELDS, ViTConfig
 
 
@@ -21,10 +23,8 @@ def encoder_meta(vit: ViTConfig, source: str = "gpfm-train") -> dict[str, Any]:
     """The bundle meta of the student encoder (inference settings: fp32, unscanned, no stochastic depth)."""
     arch = vit.replace(drop_path_rate=0.0, scan_layers=False, remat_policy="none", dtype="float32",
                        param_dtype="float32")
-    return {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "encoder": "vit", "vit": arch.to_dict(),
-            "outputs": {"cls": vit.embed_dim, "patch": vit.embed_dim},
-            "preprocessing": preprocessing(vit.img_size),
-            "provenance": {"source": source, "params": "state/teacher/backbone (EMA teacher)"}}
+    params = f"{checkpoint_layout.teacher_backbone_path()} (EMA teacher)"
+    return with_format(student_meta(arch, vit.img_size, {"source": source, "params": params}))
 
 
 def write_encoder_meta(directory: storage.PathLike, vit: ViTConfig) -> epath.Path:

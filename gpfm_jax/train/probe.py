@@ -25,6 +25,7 @@ import numpy as np
 
 from gpfm_jax.data.augment import MultiCropConfig, multi_crop
 from gpfm_jax.data.batch import GLOBAL_CROPS
+from gpfm_jax.data.normalize import normalize_pixels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,10 +73,6 @@ def cls_features(backbone: Any, params: Any, images: np.ndarray, batch_size: int
     return feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
 
 
-def normalise(tiles: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    return (tiles.astype(np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-
-
 def retrieval_accuracy(query_feats: np.ndarray, db_feats: np.ndarray, sources: np.ndarray) -> dict[str, float]:
     """Top-1 / top-5: the query's source tile among the database's most similar (ties count as misses)."""
     sim = query_feats @ db_feats.T
@@ -88,7 +85,7 @@ def run_probe(cfg: ProbeConfig, backbone: Any, trained: Any, init: Any, tiles: n
               ) -> dict[str, float]:
     """{"probe/top1/pretrained", "probe/top1/init", "probe/top5/...", "probe/tiles", "probe/chance"}."""
     queries, sources = augmented_queries(tiles, cfg.queries, crops, cfg.seed)
-    db = normalise(tiles, crops.mean, crops.std)
+    db = normalize_pixels(tiles, crops.mean, crops.std)
     out = {"probe/tiles": float(len(tiles)), "probe/queries": float(len(queries)), "probe/chance": 1.0 / len(tiles)}
     for name, params in (("pretrained", trained), ("init", init)):
         acc = retrieval_accuracy(cls_features(backbone, params, queries, cfg.batch_size),

@@ -19,12 +19,12 @@ import tempfile
 from etils import epath
 
 from gpfm_jax import storage
+from gpfm_jax.convert.checkpoint_layout import CHECKPOINT_DIR
 from gpfm_jax.train import checkpoint as ckpt
 from gpfm_jax.train import faults
 from gpfm_jax.train.config_schema import ConfigError
 from gpfm_jax.train.metrics_writer import METRICS_FILE
 
-CHECKPOINT_DIR = "checkpoints"
 TENSORBOARD_DIR = "tensorboard"
 
 

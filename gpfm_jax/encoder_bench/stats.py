@@ -19,7 +19,7 @@ import dataclasses
 import numpy as np
 from scipy import stats as sps
 
-from gpfm_jax.bench.ranking import average_rank
+from gpfm_jax.encoder_bench.ranking import average_rank
 
 
 @dataclasses.dataclass

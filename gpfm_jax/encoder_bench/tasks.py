@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from gpfm_jax.bench.datasets import SlideSet, TileSet
-from gpfm_jax.bench.suite import TaskSpec
+from gpfm_jax.encoder_bench.datasets import SlideSet, TileSet
+from gpfm_jax.encoder_bench.suite import TaskSpec
 from gpfm_jax.evaluation import bags, data
 
-log = logging.getLogger("gpfm_jax.bench")
+log = logging.getLogger("gpfm_jax.encoder_bench")
 
 
 def tile_splits(task: TaskSpec, y: np.ndarray, units: list[str], splits: list[str] | None,
@@ -178,7 +178,7 @@ def run_text_task(task: TaskSpec, seed: int, view: Path, items: SlideSet | TileS
     ROUGE-L; answer correctness)."""
     import tempfile
 
-    from gpfm_jax.bench import synthetic
+    from gpfm_jax.encoder_bench import synthetic
     from gpfm_jax.evaluation.report_task import ReportRun, run_report
     from gpfm_jax.evaluation.vqa_task import VQARun, run_vqa
     from gpfm_jax.text import metrics as text_metrics

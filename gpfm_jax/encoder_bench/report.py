@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from gpfm_jax.bench.bootstrap import TaskPredictions, bootstrap_metrics, percentile_ci
-from gpfm_jax.bench.cache import read_json
-from gpfm_jax.bench.ranking import Ranking, rank_encoders
-from gpfm_jax.bench.run import RUN_FILE
-from gpfm_jax.bench.stats import Nemenyi, nemenyi
+from gpfm_jax.encoder_bench.bootstrap import TaskPredictions, bootstrap_metrics, percentile_ci
+from gpfm_jax.encoder_bench.cache import read_json
+from gpfm_jax.encoder_bench.ranking import Ranking, rank_encoders
+from gpfm_jax.encoder_bench.run import RUN_FILE
+from gpfm_jax.encoder_bench.stats import Nemenyi, nemenyi
 from gpfm_jax.evaluation.results import write_json_atomic
 
 TYPE_ORDER = ("knn", "linear", "fewshot", "retrieval", "mil", "survival", "report", "slide_vqa", "vqa")
@@ -219,7 +219,7 @@ def write_report(run_dir: str | os.PathLike, replicates: int = 1000, seed: int =
     _write_text(out / "metrics.csv", buf.getvalue())
     write_json_atomic(out / "report.json", {k: v for k, v in rep.items() if not k.startswith("_")})
     if plots:
-        from gpfm_jax.bench import plots as plot
+        from gpfm_jax.encoder_bench import plots as plot
 
         plot.ranking_plot(rep["_ranking"], out / "ranking.png")
         plot.cd_diagram(rep["_nemenyi"], rep["encoders"], out / "cd_diagram.png")

@@ -21,7 +21,7 @@ import dataclasses
 
 import numpy as np
 
-from gpfm_jax.bench.bootstrap import percentile_ci
+from gpfm_jax.encoder_bench.bootstrap import percentile_ci
 
 
 def task_ranks(values: np.ndarray) -> np.ndarray:

@@ -15,13 +15,13 @@ import logging
 import os
 from pathlib import Path
 
-from gpfm_jax.bench import synthetic
-from gpfm_jax.bench.cache import HashCache, Store, digest
-from gpfm_jax.bench.suite import DatasetSpec
+from gpfm_jax.encoder_bench import synthetic
+from gpfm_jax.encoder_bench.cache import HashCache, Store, digest
+from gpfm_jax.encoder_bench.suite import DatasetSpec
 from gpfm_jax.evaluation.bags import PATIENT_COLUMNS, SPLITS
 from gpfm_jax.evaluation.data import read_table
 
-log = logging.getLogger("gpfm_jax.bench")
+log = logging.getLogger("gpfm_jax.encoder_bench")
 
 
 @dataclasses.dataclass

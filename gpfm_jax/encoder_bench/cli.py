@@ -1,4 +1,4 @@
-"""gpfm-bench: the benchmark as one command (also `python -m gpfm_jax.bench`).
+"""gpfm-bench: the benchmark as one command (also `python -m gpfm_jax.encoder_bench`).
 
     gpfm-bench run SUITE.toml --out DIR [--cache DIR]     extract what is missing, evaluate every encoder x task
     gpfm-bench report DIR [--replicates 1000] [--seed 0]  per-task metrics with CIs, the ranking with its
@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+
+from gpfm_jax.cli_logging import log_to_stderr
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,35 +35,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _log_to_stderr() -> None:
-    for name, prefix in (("gpfm_jax.bench", "gpfm-bench: "), ("gpfm_jax.evaluate", "gpfm-bench: "),
-                         ("gpfm_jax.extract", "gpfm-bench: ")):
-        log = logging.getLogger(name)
-        if not any(getattr(h, "_gpfm_bench", False) for h in log.handlers):
-            handler = logging.StreamHandler(sys.stderr)
-            handler.setFormatter(logging.Formatter(prefix + "%(message)s"))
-            handler.setLevel(logging.WARNING)
-            handler._gpfm_bench = True
-            log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _log_to_stderr()
+    log_to_stderr("gpfm-bench: %(message)s", "gpfm_jax.encoder_bench", "gpfm_jax.evaluate", "gpfm_jax.extract",
+                  level=logging.WARNING)
     from gpfm_jax.convert.torch_io import CheckpointError
 
     try:
         if args.command == "run":
-            from gpfm_jax.bench.run import run_suite
+            from gpfm_jax.encoder_bench.run import run_suite
 
             stats = run_suite(args.suite, args.out, args.cache, progress=not args.no_progress)
             print(f"{stats.cells} cells: {stats.evaluated} evaluated, {stats.cached_cells} cached; feature sets: "
                   f"{stats.extracted} extracted, {stats.cached_features} cached; {stats.converted} converted; "
                   f"{stats.seconds:.1f} s -> {args.out}")
         else:
-            from gpfm_jax.bench.report import write_report
+            from gpfm_jax.encoder_bench.report import write_report
 
             rep = write_report(args.run_dir, args.replicates, args.seed, args.level, args.alpha,
                                plots=not args.no_plots)

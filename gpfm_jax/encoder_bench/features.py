@@ -22,12 +22,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from gpfm_jax.bench import synthetic
-from gpfm_jax.bench.cache import Store, digest, tree_sha
-from gpfm_jax.bench.datasets import SlideSet, TileSet
-from gpfm_jax.bench.suite import DatasetSpec, EncoderSpec
+from gpfm_jax.encoder_bench import synthetic
+from gpfm_jax.encoder_bench.cache import Store, digest, tree_sha
+from gpfm_jax.encoder_bench.datasets import SlideSet, TileSet
+from gpfm_jax.encoder_bench.suite import DatasetSpec, EncoderSpec
 
-log = logging.getLogger("gpfm_jax.bench")
+log = logging.getLogger("gpfm_jax.encoder_bench")
 Events = Callable[..., None]
 _NOT_ARCH = ("provenance", "format", "version", "preprocessing", "training_input", "reference")
 

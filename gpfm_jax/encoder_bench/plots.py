@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gpfm_jax.bench.ranking import Ranking
-from gpfm_jax.bench.stats import Nemenyi, cliques
+from gpfm_jax.encoder_bench.ranking import Ranking
+from gpfm_jax.encoder_bench.stats import Nemenyi, cliques
 
 
 def _plt():

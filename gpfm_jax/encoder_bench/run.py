@@ -23,15 +23,15 @@ from typing import Any
 
 from tqdm import tqdm
 
-from gpfm_jax.bench import features as feats
-from gpfm_jax.bench import tasks as task_runner
-from gpfm_jax.bench.cache import Store, digest, read_json
-from gpfm_jax.bench.datasets import slide_set, tile_set
-from gpfm_jax.bench.suite import TEXT_TASKS, TILE_TASKS, Suite, TaskSpec, load_suite
+from gpfm_jax.encoder_bench import features as feats
+from gpfm_jax.encoder_bench import tasks as task_runner
+from gpfm_jax.encoder_bench.cache import Store, digest, read_json
+from gpfm_jax.encoder_bench.datasets import slide_set, tile_set
+from gpfm_jax.encoder_bench.suite import TEXT_TASKS, TILE_TASKS, Suite, TaskSpec, load_suite
 from gpfm_jax.evaluation.results import write_json_atomic
 
-log = logging.getLogger("gpfm_jax.bench")
-CELL_FORMAT = "gpfm_jax.bench.cell"
+log = logging.getLogger("gpfm_jax.encoder_bench")
+CELL_FORMAT = "gpfm_jax.bench.cell"  # a stored format id (the package was gpfm_jax.bench): kept, caches stay valid
 CELL_VERSION = 1
 RUN_FILE = "run.json"
 LOG_FILE = "log.jsonl"

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpfm_jax.bench import weighted
+from gpfm_jax.encoder_bench import weighted
 
 CLASS_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
 SURVIVAL_METRICS = ("c_index",)

@@ -1,7 +1,0 @@
-"""python -m gpfm_jax.bench"""
-
-import sys
-
-from gpfm_jax.bench.cli import main
-
-sys.exit(main())
