@@ -177,9 +177,12 @@ def cache_dir(tmp_path_factory):
     the two-process mesh, ...) compiles once for all test files, not once per file."""
     import jax
 
-    # one per pytest-xdist worker: jax writes an entry in place (not renamed into place), so a worker must not read
-    # an entry the other is still writing
-    path = tmp_path_factory.mktemp("xla_cache")
+    # Under pytest-xdist the workers share it (their common parent folder): a program one worker's runs compiled is
+    # a hit for the other's. jax writes an entry in place; an entry read while still being written fails to load,
+    # which jax reports as a warning and answers by compiling (jax/_src/compiler.py), so sharing costs nothing.
+    base = tmp_path_factory.getbasetemp()
+    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "xla_cache"
+    path.mkdir(exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -12,7 +12,6 @@ from tools.device_check import BUDGET_S, main
 pytestmark = pytest.mark.slow  # the quick tier (-m "not slow") leaves this file out; CI runs it
 
 
-@pytest.mark.serial  # races a deadline / measures time: alone under xdist (conftest.py)
 def test_device_check_tiny_writes_every_section(tmp_path):
     """The device command (--all, issue 27) at toy sizes, plus the encoder sections: one process, the step compiled
     once (step, profile and the levers' inputs), two levers (one remat policy, one crop layout) to keep it short."""
@@ -83,7 +82,6 @@ def test_lever_variants_change_one_field_of_the_official_config():
     assert step_config(True, 1, VARIANTS["remat_none"]) == step_config(True, 1)
 
 
-@pytest.mark.serial  # races a deadline / measures time: alone under xdist (conftest.py)
 def test_deadline_skips_sections_whose_budget_exceeds_the_time_left(tmp_path):
     out = tmp_path / "check.json"
     assert main(["--tiny", "--devices", "1", "--sections", "env,step", "--deadline-s", "60", "--out", str(out)]) == 0

@@ -132,7 +132,6 @@ def _finish(procs, timeout=400):
     return outs
 
 
-@pytest.mark.serial  # races a deadline / measures time: alone under xdist (conftest.py)
 def test_two_hosts_without_a_shared_disk_resume_bitwise_after_a_sigkill(gcs, xla_cache, tmp_path):
     """Two processes, each with only its own scratch folder, checkpoints in the bucket: an uninterrupted run to 4
     iterations; a second run whose process 1 is SIGKILLed once step 2 is committed, then both restarted: the
