@@ -1,5 +1,5 @@
-"""The official GPFM ViT-L/14 recipe (../shared/SPEC.md): 1,536 images per iteration, 500k-iteration schedules,
-UNI + Phikon + CONCH expert teachers from encoder bundles made by tools/port_teacher.py.
+"""The official GPFM ViT-L/14 recipe (docs/training.md, docs/objective.md): 1,536 images per iteration,
+500k-iteration schedules, UNI + Phikon + CONCH expert teachers from encoder bundles made by tools/port_teacher.py.
 
     gpfm-index build --json /data/tiles/index.json --out /data/tiles/index     # once: ~190M tiles, minutes
     gpfm-train --config configs/gpfm_vitl14.py --workdir runs/gpfm \

@@ -191,7 +191,7 @@ def register_tiny_arch(mods, **dims) -> str:
 def gpfm_cfg(mods, *, batch_per_gpu=8, img=112, local=56, n_local=8, patch=14, out_dim=256, hidden=64,
              bottleneck=32, epoch_len=10, epochs=10, warmup_epochs=1, freeze_epochs=1, temp_warmup_epochs=3,
              centering="centering", drop_path=0.0, layerscale=1e-5, base_lr=4e-4, **arch):
-    """The oracle's OmegaConf config carrying GPFM's settings (shared/SPEC.md) at a CPU size."""
+    """The oracle's OmegaConf config carrying GPFM's settings (docs/objective.md) at a CPU size."""
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.create(mods.default_config)

@@ -218,7 +218,7 @@ def run_dynamics(mods, trainer, twin: JaxTwin, batches: list[dict], experts=None
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# GPFM on top of the oracle: expert distillation (shared/SPEC.md, "Heads" and "Losses"), which DINOv2 lacks
+# GPFM on top of the oracle: expert distillation (docs/objective.md, heads and losses), which DINOv2 lacks
 
 
 DISTILL_CLS = {"uni": 1.0, "phikon": 0.5, "conch": 1.0}

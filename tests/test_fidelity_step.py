@@ -5,7 +5,7 @@ collated crops and the same masks.
 
 Targets (issue 10): losses <= 1e-5 relative and params after one step <= 1e-5; per-iteration loss terms within
 1e-3 relative over >= 50 iterations. GPFM's distillation terms (not in the oracle) are added on both sides as
-shared/SPEC.md writes them.
+docs/objective.md writes them.
 """
 
 from __future__ import annotations

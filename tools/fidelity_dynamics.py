@@ -8,7 +8,7 @@ batches and masks, from identical weights, and plot every loss term of both per 
   (the test suite runs the same for 60 iterations from a randomised start).
 --setting demo [--override schedule.teacher_temp=0.07 ...]: the demo run's model, heads, schedules, batch, crops and tiles (cut from the bundled sample slide),
   at the weights both systems start from in `gpfm-train --workdir runs/demo` (the oracle's init).
-Both add GPFM's distillation terms (stand-in experts) on top of the oracle exactly as shared/SPEC.md writes them.
+Both add GPFM's distillation terms (stand-in experts) on top of the oracle exactly as docs/objective.md writes them.
 Writes OUT.json (per-iteration terms of both, the worst relative difference per term) and OUT.png.
 Needs the test extra (torch, dinov2==0.0.1.dev2 installed with --no-deps, omegaconf, fvcore) and matplotlib.
 """
