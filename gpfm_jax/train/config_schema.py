@@ -5,7 +5,8 @@ and `--config.<field>=` overrides work on is generated from them (`base_config()
 `MaskingConfig`) appears in every config with its default and reaches the code that reads it, with nothing else to edit.
 
 Defaults are the official GPFM ViT-L/14 recipe (docs/objective.md, docs/training.md); `configs/gpfm_vitl14.py`
-points it at real data and teacher bundles, `configs/demo.py` shrinks it for a laptop CPU. Field meanings: comments here, docs/training.md.
+points it at real data and teacher bundles, `configs/demo.py` shrinks it for a laptop CPU. Field meanings: comments
+here, docs/training.md.
 Fields a section's library dataclass has but the config sets elsewhere are listed in `DERIVED` (e.g. the ViT's
 compute dtype comes from `compute`, the mask grid from the crop and patch sizes).
 """
