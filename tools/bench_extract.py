@@ -41,6 +41,16 @@ TIMM_ARCHS = {"small": "vit_small_patch14_dinov2", "base": "vit_base_patch14_din
               "large": "vit_large_patch14_dinov2"}
 
 
+def _slide_copies(work: Path, copies: int) -> list[Path]:
+    """`copies` copies of the sample slide under work/slides (distinct paths: one output each)."""
+    folder = work / "slides"
+    folder.mkdir(parents=True, exist_ok=True)
+    slides = [folder / f"slide{i}.svs" for i in range(copies)]
+    for slide in slides:
+        shutil.copy(REPO / "tests/data/cmu_small_region.svs", slide)
+    return slides
+
+
 def _timm_model(arch: str):
     import timm
     import torch
@@ -250,11 +260,7 @@ def scaling(args) -> None:
     counts = [int(c) for c in args.devices.split(",")]
     work = Path(tempfile.mkdtemp(prefix="bench_extract_"))
     try:
-        slides = []
-        for i in range(args.copies):
-            slides.append(work / "slides" / f"slide{i}.svs")
-            slides[-1].parent.mkdir(exist_ok=True)
-            shutil.copy(REPO / "tests/data/cmu_small_region.svs", slides[-1])
+        slides = _slide_copies(work, args.copies)
         bundle = _random_bundle(args.arch, work)
         host = _host_costs(slides[0], work)
         print(f"jax {jax.__version__}, {len(jax.local_devices())} {jax.local_devices()[0].platform} devices, "
@@ -310,11 +316,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench_extract_"))
     try:
-        slides = []
-        for i in range(args.copies):
-            slides.append(work / "slides" / f"slide{i}.svs")
-            slides[-1].parent.mkdir(exist_ok=True)
-            shutil.copy(REPO / "tests/data/cmu_small_region.svs", slides[-1])
+        slides = _slide_copies(work, args.copies)
         model = _timm_model(args.arch)
         start = time.perf_counter()
         encoder = load_feature_encoder(_bundle(model, work), batch_size=args.batch_size)

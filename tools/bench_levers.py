@@ -41,8 +41,8 @@ def run_variant(name: str, batch: int, iters: int, warmup: int, devices: list) -
     from gpfm_jax.plan import analysis, roofline
     from gpfm_jax.plan import compile as compile_lib
     from gpfm_jax.plan.cli import load_config
-    from gpfm_jax.plan.targets import Target, peak_bf16_for
     from gpfm_jax.train.config_schema import parse
+    from tools.device_common import local_target, time_step
 
     remat, overrides = VARIANTS[name]
     raw = load_config(REPO / "configs" / "gpfm_vitl14.py")
@@ -51,34 +51,23 @@ def run_variant(name: str, batch: int, iters: int, warmup: int, devices: list) -
         section, field = key.split(".")
         raw[section][field] = value
     cfg = parse(raw)
-    d = devices[0]
-    stats = d.memory_stats() or {}
-    target = Target(name=f"local-{len(devices)}x", platform=d.platform, chips=len(devices), hosts=1,
-                    hbm_bytes=int(stats.get("bytes_limit", 0)), peak_bf16_flops=peak_bf16_for(d.device_kind),
-                    link_bytes_per_s=450e9, island_size=len(devices))
+    target = local_target(devices)
     built = compile_lib.build(cfg, target, batch, remat, devices=devices)
-    state, data, experts = compile_lib.materialize(built)
+    inputs = compile_lib.materialize(built)
     t0 = time.perf_counter()
     with jax.set_mesh(built.step.mesh):
-        traced = built.step.jitted.trace(state, data, experts)
+        traced = built.step.jitted.trace(*inputs)
         compiled = traced.lower().compile()
     compile_s = time.perf_counter() - t0
     model_flops = analysis.traced_flops(cfg, target, batch, "none", False, devices)
-    for _ in range(warmup):
-        state, metrics = compiled(state, data, experts)
-    jax.block_until_ready(state)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        state, metrics = compiled(state, data, experts)
-    jax.block_until_ready((state, metrics))
-    step_s = (time.perf_counter() - t0) / iters
+    step_s, metrics, _ = time_step(compiled, inputs, warmup, iters)
     return {"variant": name, "remat": remat, **{k: v for k, v in overrides.items()}, "per_device_batch": batch,
             "devices": len(devices), "compile_s": round(compile_s, 1), "step_s": step_s,
             "img_per_s_per_device": batch / step_s, "executed_flops": roofline.jaxpr_flops(traced.jaxpr),
             "mfu": model_flops / len(devices) / step_s / target.peak_bf16_flops,
             "predicted_peak_bytes": analysis.memory_of(compiled, target, 0.0).peak,
             # the process's high-water mark so far: this variant's own peak only when it is the largest yet
-            "measured_peak_bytes_so_far": (d.memory_stats() or {}).get("peak_bytes_in_use"),
+            "measured_peak_bytes_so_far": (devices[0].memory_stats() or {}).get("peak_bytes_in_use"),
             "loss": float(metrics["loss/total"])}
 
 

@@ -50,7 +50,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from tools import device_encoder, device_levers, device_official  # noqa: E402
-from tools.device_common import Report, Skip, local_target, median_time, peak, step_config  # noqa: E402
+from tools.device_common import Report, Skip, local_target, median_time, peak, step_config, time_step  # noqa: E402
 
 
 def _devices(n: int | None) -> list:
@@ -117,15 +117,8 @@ def step_section(devices: list, args: argparse.Namespace) -> dict[str, Any]:
     model_flops = flops if built.cfg.compute.remat_policy == "none" else analysis.traced_flops(
         cfg, target, batch, "none", args.tiny, devices)
     predicted_peak = analysis.memory_of(compiled, target, 0.0).peak
-    for _ in range(args.warmup):
-        state, metrics = compiled(state, data, experts)
-    jax.block_until_ready(state)
-    t0 = time.perf_counter()
-    for _ in range(args.iters):
-        state, metrics = compiled(state, data, experts)
-    jax.block_until_ready((state, metrics))
-    step_s = (time.perf_counter() - t0) / args.iters
-    _keep_inputs(devices, args, (state, data, experts))
+    step_s, metrics, latest = time_step(compiled, (state, data, experts), args.warmup, args.iters)
+    _keep_inputs(devices, args, latest)
     n = len(devices)
     img_s = batch / step_s
     mfu = model_flops / n / step_s / target.peak_bf16_flops

@@ -103,6 +103,22 @@ def step_config(tiny: bool, num_devices: int, changes: dict[str, Any] | None = N
     return replace_fields(parse(cfg), changes or {})
 
 
+def time_step(compiled: Callable, inputs: tuple, warmup: int, iters: int) -> tuple[float, Any, tuple]:
+    """Seconds per call of a compiled train step that donates its state: `warmup` calls, then the mean of `iters`
+    (>= 1). Returns (step_s, the last step's metrics, the latest (state, batch, experts) to hand on)."""
+    import jax
+
+    state, data, experts = inputs
+    for _ in range(warmup):
+        state, metrics = compiled(state, data, experts)
+    jax.block_until_ready(state)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        state, metrics = compiled(state, data, experts)
+    jax.block_until_ready((state, metrics))
+    return (time.perf_counter() - t0) / iters, metrics, (state, data, experts)
+
+
 def median_time(fn: Callable[[], Any], repeats: int) -> float:
     fn()  # warm-up / compile
     times = []

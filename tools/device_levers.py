@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import jax
 
-from tools.device_common import local_target, step_config
+from tools.device_common import local_target, step_config, time_step
 
 VARIANTS = {
     "remat_none": {"compute.remat_policy": "none"},
@@ -46,28 +46,20 @@ def run_variant(devices: list, args: argparse.Namespace, changes: dict[str, Any]
     target = local_target(devices)
     batch = args.per_device_batch or (2 if args.tiny else 96)
     built = compile_lib.build(cfg, target, batch, standin_teachers=args.tiny, devices=devices)
-    state, data, experts = inputs
     t0 = time.perf_counter()
     with jax.set_mesh(built.step.mesh):
-        compiled = built.step.jitted.trace(state, data, experts).lower().compile()
+        compiled = built.step.jitted.trace(*inputs).lower().compile()
     compile_s = time.perf_counter() - t0
     if model_flops is None:  # the same for every variant: the step's matmul FLOPs without recomputation
         model_flops = analysis.traced_flops(cfg, target, batch, "none", args.tiny, devices)
-    for _ in range(max(1, args.warmup)):
-        state, metrics = compiled(state, data, experts)
-    jax.block_until_ready(state)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        state, metrics = compiled(state, data, experts)
-    jax.block_until_ready((state, metrics))
-    step_s = (time.perf_counter() - t0) / iters
+    step_s, metrics, latest = time_step(compiled, inputs, max(1, args.warmup), iters)
     return {"changes": changes, "remat": built.cfg.compute.remat_policy, "concat_crops": built.cfg.compute.concat_crops,
             "attention_impl": built.resolved.vit.attention_impl,
             "per_device_batch": batch, "compile_s": round(compile_s, 2), "iters": iters, "step_s": step_s,
             "img_per_s_per_device": batch / step_s, "model_flops_per_step": model_flops,
             "mfu": model_flops / len(devices) / step_s / target.peak_bf16_flops,
             "program_peak_bytes": analysis.memory_of(compiled, target, 0.0).peak,
-            "loss": float(metrics["loss/total"])}, (state, data, experts)
+            "loss": float(metrics["loss/total"])}, latest
 
 
 def section(devices: list, args: argparse.Namespace, baseline: dict[str, Any] | None,
