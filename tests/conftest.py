@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
+import time
 from pathlib import Path
 
 # The suite runs on the CPU. With the tpu / gpu extras installed JAX would otherwise probe libtpu and CUDA in this
@@ -89,6 +91,14 @@ def required_extras() -> list[str]:
     return [e.strip() for e in os.environ.get("GPFM_REQUIRE_EXTRAS", "").split(",") if e.strip()]
 
 
+def pytest_terminal_summary(terminalreporter):
+    """Under pytest-xdist: how long tests waited, in all, for a test (or part of one) that had to run alone."""
+    waits = Path(str(terminalreporter.config._tmp_path_factory.getbasetemp())) / "serial.waits"
+    if waits.exists():
+        total = sum(float(x) for x in waits.read_text().split())
+        terminalreporter.write_line(f"serial: tests waited {total:.0f} s in all for a test running alone (conftest.py)")
+
+
 def pytest_sessionfinish(session, exitstatus):
     """With GPFM_REQUIRE_EXTRAS set, a test skipped for one of those extras fails the session."""
     needed = [EXTRA_REASON.format(extra=e) for e in required_extras()]
@@ -119,26 +129,73 @@ def vitl(tmp_path_factory):
     return model, tmp / "bundle", pth
 
 
-@pytest.fixture(autouse=True)
-def _serial_tests(request, tmp_path_factory):
-    """Under pytest-xdist (the suite runs on every core, a file per worker), a test marked `serial` (it measures time
-    or races a short deadline) runs alone: it holds an exclusive lock that every other test takes shared. A
-    turnstile taken first gives the exclusive lock priority, so a serial test waits for at most the test the other
-    worker is in. Module and session fixtures are set up before this one, outside the lock. Without xdist nothing
-    is locked (every test runs alone anyway)."""
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        yield
-        return
-    shared = tmp_path_factory.getbasetemp().parent  # the run's folder, common to all workers
-    exclusive = request.node.get_closest_marker("serial") is not None
-    with open(shared / "serial.turnstile", "a") as turnstile, open(shared / "serial.lock", "a") as lock:
+class _Turn:
+    """This test's place beside the other xdist workers' tests: every test holds `serial.lock` shared; a part that
+    must run alone (it measures time or races a short deadline) holds it exclusive. A turnstile taken before the lock
+    gives exclusive requests priority: a test that wants to be alone waits for at most the test the other worker is
+    in, and no new test starts meanwhile. Without xdist every test runs alone anyway and nothing is locked."""
+
+    def __init__(self, shared: Path | None):
+        names = ("turnstile", "lock")
+        self._files = None if shared is None else tuple(open(shared / f"serial.{n}", "a") for n in names)
+        self.exclusive = False
+
+    def take(self, exclusive: bool) -> None:
+        """Takes the lock through the turnstile. A held shared lock is let go first: a test waiting at the turnstile
+        to be alone must not keep the other worker's test from getting there."""
+        if self._files is None:
+            return
+        turnstile, lock = self._files
+        start = time.monotonic()
+        fcntl.flock(lock, fcntl.LOCK_UN)
         fcntl.flock(turnstile, fcntl.LOCK_EX)
-        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        fcntl.flock(turnstile, fcntl.LOCK_UN)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+        self.exclusive = exclusive
+        with open(Path(lock.name).with_suffix(".waits"), "a") as log:  # for the run's summary line
+            log.write(f"{time.monotonic() - start:.3f}\n")
+
+    def release(self) -> None:
+        if self._files is not None:
+            fcntl.flock(self._files[1], fcntl.LOCK_UN)
+            for f in self._files:
+                f.close()
+
+    @contextlib.contextmanager
+    def alone(self):
+        """Runs the block with no other test running (the part of a test that races a deadline)."""
+        if self.exclusive:
+            yield
+            return
+        self.take(True)
         try:
             yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+        finally:  # back to shared without the turnstile, where a test waiting to be alone may stand
+            if self._files is not None:
+                fcntl.flock(self._files[1], fcntl.LOCK_SH)
+            self.exclusive = False
+
+
+@pytest.fixture(autouse=True)
+def _serial_tests(request, tmp_path_factory):
+    """A test marked `serial` runs alone from start to end; any other test can run just its timing-critical part
+    alone through the `alone` fixture. Module and session fixtures are set up before this one, outside the lock."""
+    shared = tmp_path_factory.getbasetemp().parent if os.environ.get("PYTEST_XDIST_WORKER") else None
+    turn = _Turn(shared)  # shared: the run's folder, common to all workers
+    turn.take(request.node.get_closest_marker("serial") is not None)
+    try:
+        yield turn
+    finally:
+        turn.release()
+
+
+@pytest.fixture
+def alone(_serial_tests):
+    """`with alone():` runs a block with no other test running beside it (under pytest-xdist; see `_Turn`): for the
+    part of a test that races a short deadline, while its reference runs and its reruns share the machine."""
+    return _serial_tests.alone
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -193,3 +250,26 @@ def cache_dir(tmp_path_factory):
     except Exception:  # noqa: BLE001 - only a speed-up
         pass
     return path
+
+
+@pytest.fixture(scope="session")
+def pair_reference(tmp_path_factory, cache_dir):
+    """The workdir of the uninterrupted two-process run (helpers_train.PAIR_REFERENCE) the two-process fault tests
+    resume to. Made once per test run: under pytest-xdist the first worker to ask makes it in the run's common folder
+    while a second one waits for it; a failed run fails every test that asks."""
+    from helpers_train import PAIR_REFERENCE, PAIR_REFERENCE_STEPS, finish, start_two_processes
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    workdir, done = shared / "pair_reference", shared / "pair_reference.done"
+    with open(shared / "pair_reference.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            outs = finish(start_two_processes(workdir, str(PAIR_REFERENCE_STEPS), cache_dir, *PAIR_REFERENCE))
+            ok = f"done: iterations 0 -> {PAIR_REFERENCE_STEPS}" in outs[0]
+            done.write_text("ok" if ok else "\n".join(out[-3000:] for out in outs))
+    if done.read_text() != "ok":
+        pytest.fail(f"the two-process reference run in {workdir} failed; the end of each process's output:\n"
+                    f"{done.read_text()}")
+    return workdir
+

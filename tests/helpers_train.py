@@ -71,6 +71,43 @@ def run_cli(workdir, *overrides: str, devices: int = 1, config: str | Path = __f
                           timeout=timeout)
 
 
+def start_two_processes(workdir, phases: str, cache, *overrides: str, envs=({}, {})) -> list[subprocess.Popen]:
+    """Two processes on localhost (127.0.0.1 coordinator, gloo, 4 CPU devices each, data 2 x fsdp 4) train the tiny
+    config together (`run_phases`): `overrides` are key=value config changes or inject.*, `envs` each process's
+    extra environment."""
+    from emulators import free_port
+
+    port = free_port()
+    common = ["mesh.fsdp=4", "runtime.cpu_devices=4", "runtime.cpu_collectives=gloo",
+              f"runtime.coordinator_address=127.0.0.1:{port}", "runtime.num_processes=2",
+              f"runtime.compile_cache_dir={cache}"]
+    return [subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "helpers_train.py"), str(workdir), phases, *common,
+         f"runtime.process_id={i}", *overrides],
+        cwd=REPO, env=dict(os.environ, XLA_FLAGS=FAST_COMPILE, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu",
+                           **envs[i]),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
+
+
+def finish(procs, timeout: float = 400) -> list[str]:
+    """Each process's output once it ended (any still running after `timeout` is killed)."""
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return outs
+
+
+# The uninterrupted two-process run that test_faults' killed peer and test_storage_run's two hosts without a shared
+# disk resume to (conftest.py: `pair_reference`, made once per test run): 10 iterations, every second one kept.
+PAIR_REFERENCE_STEPS = 10
+PAIR_REFERENCE = ("checkpoint.every=2", "checkpoint.keep=5")
+
+
 def saved_state(checkpoints, step: int) -> dict:
     """The saved state tree of a step as numpy, restored without a target from a checkpoint folder (local or gs://).
     A checkpoint written by another topology (8 devices, 2 processes) comes back on one device."""

@@ -19,7 +19,8 @@ import jax
 import numpy as np
 import pytest
 
-from helpers_train import FAST_COMPILE, REPO, run_cli, tiny
+from helpers_train import FAST_COMPILE, PAIR_REFERENCE, PAIR_REFERENCE_STEPS, REPO, finish, run_cli
+from helpers_train import start_two_processes, tiny
 from gpfm_jax.train import loop
 from gpfm_jax.train.faults import committed_steps
 from gpfm_jax.train.metrics_writer import read_metrics
@@ -204,36 +205,10 @@ def test_a_hung_step_is_reported_and_the_run_stops(tmp_path, cache_dir):
 # Dead peer (two processes on localhost, gloo)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_pair(workdir: Path, steps: int, cache: Path, *extra: str):
-    port = _free_port()
-    env = dict(os.environ, XLA_FLAGS=FAST_COMPILE, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
-    return [subprocess.Popen(
-        [sys.executable, str(REPO / "tests" / "helpers_train.py"), str(workdir), str(steps), "mesh.fsdp=4",
-         "checkpoint.every=2", "runtime.cpu_devices=4", "runtime.cpu_collectives=gloo",
-         f"runtime.coordinator_address=127.0.0.1:{port}", "runtime.num_processes=2", f"runtime.process_id={i}",
-         f"runtime.compile_cache_dir={cache}", "runtime.heartbeat_timeout_s=20", "deadline.peer_s=3",
-         "deadline.poll_s=0.25", *extra],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
-
-
-def _finish(procs, timeout=400) -> list[str]:
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=timeout)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    return outs
+    """The tiny config on two processes (helpers_train.start_two_processes) with a 3 s peer deadline."""
+    return start_two_processes(workdir, str(steps), cache, *PAIR_REFERENCE, "runtime.heartbeat_timeout_s=20",
+                               "deadline.peer_s=3", "deadline.poll_s=0.25", *extra)
 
 
 def _story(out: str) -> str:
@@ -247,7 +222,7 @@ def _kill_when(procs, victim: int, ready) -> tuple[float, str, int]:
     survivor's output, its exit status)."""
     deadline = time.time() + 300
     while not ready():
-        assert all(p.poll() is None for p in procs), _finish(procs)[0][-3000:]
+        assert all(p.poll() is None for p in procs), finish(procs)[0][-3000:]
         assert time.time() < deadline, "the kill point never came"
         time.sleep(0.005)
     procs[victim].kill()
@@ -260,46 +235,45 @@ def _kill_when(procs, victim: int, ready) -> tuple[float, str, int]:
     return elapsed, out, survivor.returncode
 
 
-@pytest.mark.serial  # races a deadline / measures time: alone under xdist (conftest.py)
-def test_a_killed_peer_is_reported_and_the_rerun_resumes_bitwise(tmp_path, cache_dir):
+def test_a_killed_peer_is_reported_and_the_rerun_resumes_bitwise(tmp_path, cache_dir, alone, pair_reference):
     """Two processes (4 CPU devices each) train together. Process 1 is SIGKILLed while checkpoint 4 is being
     written (async): process 0 exits with status 5 within seconds (deadline.peer_s=3), naming process 1 and the last
     committed checkpoint. After the rerun restored it, the coordinator (process 0) is SIGKILLed between checkpoints:
     JAX aborts process 1 at once (no Python code runs), and its death-notice watcher prints the line with the last
-    committed checkpoint. Rerunning both processes then resumes and ends bitwise equal to an uninterrupted run."""
-    steps = 10
-    reference = tmp_path / "reference"
-    outs = _finish(_start_pair(reference, steps, cache_dir))
-    assert "done: iterations 0 -> 10" in outs[0], outs[0][-3000:]
+    committed checkpoint. Rerunning both processes then resumes and ends bitwise equal to an uninterrupted run. The
+    two runs that are killed run alone (conftest.py: `alone`): their reports race seconds-long deadlines."""
+    steps, reference = PAIR_REFERENCE_STEPS, pair_reference
 
     workdir = tmp_path / "killed"
     ckpts = workdir / "checkpoints"
     figures = []
-    # 1: process 1, during the async write of checkpoint 4
-    procs = _start_pair(workdir, steps, cache_dir, "runtime.step_sleep_s=0.2")
-    writing = lambda: ckpts.is_dir() and any(p.name.startswith("4.orbax-checkpoint-tmp") for p in ckpts.iterdir())
-    elapsed, out, status = _kill_when(procs, 1, writing)
-    assert status == 5, _story(out)
-    committed = committed_steps(ckpts)
-    line = _report_line(out, "gpfm-train: lost process 1")
-    assert f"the last committed checkpoint is step {committed[-1]} in {ckpts}" in line, (line, committed)
-    assert "rerun the same command on every host" in line and elapsed < 15, (elapsed, line)
-    assert "ended without a clean exit" not in out  # its own report came first
-    figures.append(f"process 1 during checkpoint 4's write: process 0 exit 5 after {elapsed:.1f} s, committed "
-                   f"{committed}")
+    with alone():
+        # 1: process 1, during the async write of checkpoint 4
+        procs = _start_pair(workdir, steps, cache_dir, "runtime.step_sleep_s=0.2")
+        writing = lambda: ckpts.is_dir() and any(p.name.startswith("4.orbax-checkpoint-tmp") for p in ckpts.iterdir())
+        elapsed, out, status = _kill_when(procs, 1, writing)
+        assert status == 5, _story(out)
+        committed = committed_steps(ckpts)
+        line = _report_line(out, "gpfm-train: lost process 1")
+        assert f"the last committed checkpoint is step {committed[-1]} in {ckpts}" in line, (line, committed)
+        assert "rerun the same command on every host" in line and elapsed < 15, (elapsed, line)
+        assert "ended without a clean exit" not in out  # its own report came first
+        figures.append(f"process 1 during checkpoint 4's write: process 0 exit 5 after {elapsed:.1f} s, committed "
+                       f"{committed}")
 
-    # 2: the coordinator, between checkpoints, after the rerun restored and went past the next checkpoint
-    procs = _start_pair(workdir, steps, cache_dir, "runtime.step_sleep_s=0.2")
-    past = committed[-1] + 3
-    elapsed, out, status = _kill_when(procs, 0, lambda: max(read_metrics(workdir), default=-1) >= past)
-    assert status != 0, out[-3000:]
-    committed = committed_steps(ckpts)
-    line = _report_line(out, "gpfm-train: process 1 of 2 ended without a clean exit")
-    assert f"the last committed checkpoint is step {committed[-1]} in {ckpts}" in line and elapsed < 15, (elapsed, line)
-    figures.append(f"process 0 (coordinator) at iteration >= {past}: process 1 aborted by JAX (status {status}) "
-                   f"after {elapsed:.1f} s, committed {committed}")
+        # 2: the coordinator, between checkpoints, after the rerun restored and went past the next checkpoint
+        procs = _start_pair(workdir, steps, cache_dir, "runtime.step_sleep_s=0.2")
+        past = committed[-1] + 3
+        elapsed, out, status = _kill_when(procs, 0, lambda: max(read_metrics(workdir), default=-1) >= past)
+        assert status != 0, out[-3000:]
+        committed = committed_steps(ckpts)
+        line = _report_line(out, "gpfm-train: process 1 of 2 ended without a clean exit")
+        assert f"the last committed checkpoint is step {committed[-1]} in {ckpts}" in line, (line, committed)
+        assert elapsed < 15, (elapsed, line)
+        figures.append(f"process 0 (coordinator) at iteration >= {past}: process 1 aborted by JAX (status {status}) "
+                       f"after {elapsed:.1f} s, committed {committed}")
 
-    outs = _finish(_start_pair(workdir, steps, cache_dir))
+    outs = finish(_start_pair(workdir, steps, cache_dir))
     assert f"restored step {committed[-1]}" in outs[0] and "done: iterations" in outs[0], outs[0][-3000:]
     assert sorted(read_metrics(workdir)) == list(range(steps))
     _assert_states_equal(_state(workdir, steps), _state(reference, steps))

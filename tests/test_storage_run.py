@@ -6,11 +6,8 @@ loading) read it from the bucket."""
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import jax
@@ -18,8 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import require
-from emulators import free_port
-from helpers_train import FAST_COMPILE, REPO, run_cli, saved_state as _raw_state
+from helpers_train import finish, run_cli, saved_state as _raw_state, start_two_processes
 from helpers_train import assert_trees_equal as _assert_trees_equal
 from gpfm_jax import storage
 from gpfm_jax.train.faults import COMMIT_MARKER, EXIT_CONFIG, EXIT_SAVE_FAILED, EXIT_STALLED, committed_steps
@@ -104,88 +100,64 @@ def test_s3_checkpoints_are_refused_on_one_line_and_nothing_is_written(s3, xla_c
 
 
 def _two_processes(url: str, steps: int, cache, scratch_root, sleep: float = 0.0):
-    """Two processes (4 CPU devices each, gloo), each with its own local scratch folder (GPFM_SCRATCH) and no other
-    folder in common: the checkpoints are in the bucket."""
-    port = free_port()
-    procs = []
-    for i in (0, 1):
-        env = dict(os.environ, XLA_FLAGS=FAST_COMPILE, TF_CPP_MIN_LOG_LEVEL="2",
-                   GPFM_SCRATCH=str(scratch_root / f"host{i}"))
-        procs.append(subprocess.Popen(
-            [sys.executable, str(REPO / "tests" / "helpers_train.py"), url, str(steps), "mesh.fsdp=4",
-             "checkpoint.every=1", f"runtime.step_sleep_s={sleep}", "deadline.peer_s=10",
-             "runtime.cpu_devices=4", "runtime.cpu_collectives=gloo", f"runtime.coordinator_address=127.0.0.1:{port}",
-             "runtime.num_processes=2", f"runtime.process_id={i}", f"runtime.compile_cache_dir={cache}"],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    return procs
+    """Two processes (helpers_train.start_two_processes), each with its own local scratch folder (GPFM_SCRATCH) and
+    no other folder in common: the checkpoints are in the bucket."""
+    return start_two_processes(url, str(steps), cache, "checkpoint.every=1", f"runtime.step_sleep_s={sleep}",
+                               "deadline.peer_s=10", envs=[{"GPFM_SCRATCH": str(scratch_root / f"host{i}")}
+                                                           for i in (0, 1)])
 
 
-def _finish(procs, timeout=400):
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=timeout)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    return outs
-
-
-def test_two_hosts_without_a_shared_disk_resume_bitwise_after_a_sigkill(gcs, xla_cache, tmp_path):
-    """Two processes, each with only its own scratch folder, checkpoints in the bucket: an uninterrupted run to 4
-    iterations; a second run whose process 1 is SIGKILLed once step 2 is committed, then both restarted: the
-    resumed run's step 4 equals the uninterrupted one bitwise."""
+def test_two_hosts_without_a_shared_disk_resume_bitwise_after_a_sigkill(gcs, xla_cache, tmp_path, pair_reference):
+    """Two processes, each with only its own scratch folder, checkpoints in the bucket: a run whose process 1 is
+    SIGKILLed once step 2 is committed, then both restarted: the resumed run's step 4 equals bitwise the step 4 of
+    the uninterrupted two-process run (conftest.py: `pair_reference`; where a checkpoint is kept does not change a
+    bit of the training)."""
     bucket = gcs.bucket("pods")
-    procs = _two_processes(f"{bucket}/reference", 4, xla_cache, tmp_path / "ref")
-    outs = _finish(procs)
-    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
-    assert committed_steps(f"{bucket}/reference/checkpoints")[-1] == 4
-
     url = f"{bucket}/killed"
     procs = _two_processes(url, 4, xla_cache, tmp_path / "run", sleep=1.0)
     marker = gcs.path(f"{url}/checkpoints/2/{COMMIT_MARKER}")
     deadline = time.time() + 300
     while not marker.exists():
-        assert all(p.poll() is None for p in procs), _finish(procs, 5)
+        assert all(p.poll() is None for p in procs), finish(procs, 5)
         assert time.time() < deadline, "step 2 never committed"
         time.sleep(0.05)
     procs[1].send_signal(signal.SIGKILL)
-    outs = _finish(procs, 120)
+    outs = finish(procs, 120)
     assert procs[1].returncode == -signal.SIGKILL and procs[0].returncode != 0, outs[0][-3000:]
     assert 4 not in committed_steps(f"{url}/checkpoints")
 
     procs = _two_processes(url, 4, xla_cache, tmp_path / "rerun")
-    outs = _finish(procs)
+    outs = finish(procs)
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     assert re.search(r"restored step [23] from", outs[0]), outs[0][-3000:]
     data = sorted(p.name for p in storage.resolve(f"{url}/checkpoints/4/data").iterdir() if p.suffix == ".json")
     assert data == ["shard_0-of-2.json", "shard_1-of-2.json"]  # each host wrote its own data position there
-    _assert_trees_equal(_raw_state(f"{url}/checkpoints", 4), _raw_state(f"{bucket}/reference/checkpoints", 4))
+    _assert_trees_equal(_raw_state(f"{url}/checkpoints", 4), _raw_state(pair_reference / "checkpoints", 4))
 
 
-@pytest.mark.serial  # races a deadline / measures time: alone under xdist (conftest.py)
-def test_the_store_going_away_mid_save_is_one_line_and_the_rerun_resumes(gcs, xla_cache, tmp_path):
+def test_the_store_going_away_mid_save_is_one_line_and_the_rerun_resumes(gcs, xla_cache, tmp_path, alone):
     """The emulator is stopped while step 4 is being written (its first object is in the bucket, the commit marker
     is not): gpfm-train says on one line which step and URL failed, exits non-zero, step 2 stays committed, and
-    after the store is back the rerun resumes from step 2 and never restores the unfinished step 4."""
+    after the store is back the rerun resumes from step 2 and never restores the unfinished step 4. The run that
+    loses its store runs alone (conftest.py: `alone`): its report races the checkpoint deadline."""
     url = gcs.bucket("flaky") + "/run"
-    proc = _cli(url, "--config.steps=6", "--config.runtime.step_sleep_s=0.5", "--config.deadline.checkpoint_s=10",
-                "--config.deadline.grace_s=10",
-                cache=xla_cache, scratch=tmp_path / "s", wait=False)
-    step4 = gcs.path(f"{url}/checkpoints/4")
-    deadline = time.time() + 300
-    try:
-        while not step4.exists():
-            assert proc.poll() is None, proc.stdout.read()[-4000:]
-            assert time.time() < deadline, "step 4 never started"
-            time.sleep(0.01)
-        gcs.stop()
-        out = proc.communicate(timeout=240)[0]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        gcs.start()
+    with alone():
+        proc = _cli(url, "--config.steps=6", "--config.runtime.step_sleep_s=0.5", "--config.deadline.checkpoint_s=10",
+                    "--config.deadline.grace_s=10",
+                    cache=xla_cache, scratch=tmp_path / "s", wait=False)
+        step4 = gcs.path(f"{url}/checkpoints/4")
+        deadline = time.time() + 300
+        try:
+            while not step4.exists():
+                assert proc.poll() is None, proc.stdout.read()[-4000:]
+                assert time.time() < deadline, "step 4 never started"
+                time.sleep(0.01)
+            gcs.stop()
+            out = proc.communicate(timeout=240)[0]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            gcs.start()
     assert proc.returncode in (EXIT_SAVE_FAILED, EXIT_STALLED), out[-4000:]
     reports = [line for line in out.splitlines() if line.startswith("gpfm-train: ") and
                ("checkpoint save of step 4" in line or "stalled: " in line)]

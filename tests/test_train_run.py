@@ -6,12 +6,8 @@ per (config, mesh)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import sys
 import signal
-import socket
-import subprocess
 import time
 from pathlib import Path
 
@@ -20,10 +16,9 @@ import numpy as np
 import pytest
 from conftest import require
 
-from helpers_train import FAST_COMPILE, REPO, run_cli, saved_state, tiny
+from helpers_train import REPO, finish, run_cli, saved_state, start_two_processes, tiny
 from helpers_train import assert_trees_equal as _assert_trees_equal
 from gpfm_jax.train import checkpoint as ckpt
-from gpfm_jax.step import sharding
 from gpfm_jax.train import encoder_meta, loop
 from gpfm_jax.train.config_schema import CheckpointConfig, replace_fields
 from gpfm_jax.train.metrics_writer import read_metrics
@@ -173,33 +168,11 @@ def reference8(tmp_path_factory, cache_dir):
     return workdir
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_processes(workdir, phases: str, cache):
-    """Two processes (4 CPU devices each, gloo) train the tiny config together, to each step count in `phases`."""
-    port = _free_port()
-    env = dict(os.environ, XLA_FLAGS=FAST_COMPILE, TF_CPP_MIN_LOG_LEVEL="2")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(REPO / "tests" / "helpers_train.py"), str(workdir), phases, "mesh.fsdp=4",
-             "checkpoint.every=1",
-             "runtime.cpu_devices=4", "runtime.cpu_collectives=gloo", f"runtime.coordinator_address=127.0.0.1:{port}",
-             "runtime.num_processes=2", f"runtime.process_id={i}", f"runtime.compile_cache_dir={cache}"],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for i in (0, 1)
-    ]
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=400)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    """Two processes (helpers_train.start_two_processes) train the tiny config together, to each step count in
+    `phases`, saving every iteration."""
+    procs = start_two_processes(workdir, phases, cache, "checkpoint.every=1")
+    outs = finish(procs)
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-4000:]
     return outs
