@@ -15,6 +15,24 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Eight fake CPU devices for the sharding tests; must be set before jax initialises its backend.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
+# Under pytest-xdist each worker keeps to its own share of the cores (and so do the processes its tests start), so
+# the thread pools of XLA and PyTorch in two workers do not compete for the same cores; a test part that runs alone
+# gets every core (`_Turn`). GPFM_TEST_PIN=0 turns this off (to measure what it saves).
+_CPUS = sorted(os.sched_getaffinity(0))
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+
+
+def _pin(alone: bool) -> None:
+    """This thread (and the threads and processes it starts from now on) on all cores, or on this worker's share."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not _WORKER or workers < 2 or os.environ.get("GPFM_TEST_PIN", "1") != "1":
+        return
+    share = _CPUS[int(_WORKER[2:]) % workers :: workers] or _CPUS
+    os.sched_setaffinity(0, _CPUS if alone else share)
+
+
+_pin(alone=False)  # before jax and torch size their thread pools
+
 import numpy as np
 import pytest
 
@@ -91,6 +109,13 @@ def required_extras() -> list[str]:
     return [e.strip() for e in os.environ.get("GPFM_REQUIRE_EXTRAS", "").split(",") if e.strip()]
 
 
+def pytest_collection_modifyitems(items):
+    """Files with `slow` tests first (in their usual order), then the rest: pytest-xdist hands out whole files in
+    this order, so the many short files fill the end of the run instead of a long file starting last."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: each file's tests keep their order
+
+
 def pytest_terminal_summary(terminalreporter):
     """Under pytest-xdist: how long tests waited, in all, for a test (or part of one) that had to run alone."""
     waits = Path(str(terminalreporter.config._tmp_path_factory.getbasetemp())) / "serial.waits"
@@ -154,6 +179,7 @@ class _Turn:
         finally:
             fcntl.flock(turnstile, fcntl.LOCK_UN)
         self.exclusive = exclusive
+        _pin(alone=exclusive)
         with open(Path(lock.name).with_suffix(".waits"), "a") as log:  # for the run's summary line
             log.write(f"{time.monotonic() - start:.3f}\n")
 
@@ -162,6 +188,8 @@ class _Turn:
             fcntl.flock(self._files[1], fcntl.LOCK_UN)
             for f in self._files:
                 f.close()
+        if self.exclusive:
+            _pin(alone=False)
 
     @contextlib.contextmanager
     def alone(self):
@@ -176,6 +204,7 @@ class _Turn:
             if self._files is not None:
                 fcntl.flock(self._files[1], fcntl.LOCK_SH)
             self.exclusive = False
+            _pin(alone=False)
 
 
 @pytest.fixture(autouse=True)
