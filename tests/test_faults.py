@@ -337,17 +337,17 @@ def test_the_peer_heartbeat_thread_is_stopped_and_joined_before_exit():
 # Soak (short: the full one is `python tools/soak.py --seed 0`)
 
 
-@pytest.mark.serial  # races a deadline / measures time: alone under xdist (conftest.py)
-def test_short_soak_sigkill_and_sigterm_resume_bitwise(tmp_path, cache_dir, reference):
+def test_short_soak_sigkill_and_sigterm_resume_bitwise(tmp_path, cache_dir, reference, alone):
     """tools/soak.py at small size against the same uninterrupted 8-iteration run: SIGKILL twice (one aimed at a
-    checkpoint write), SIGTERM once; every loss and the final state bitwise equal."""
+    checkpoint write), SIGTERM once; every loss and the final state bitwise equal. The runs that are killed run
+    alone (conftest.py: `alone`): they race the run's progress; the final resumes share the machine."""
     lines = []
     kills, problems = soak.soak(3, 8, 2, 2, "KILL", tmp_path, str(REPO / "tests" / "helpers_train.py"), 0.5,
-                                cache_dir, reference=reference, log=lines.append)
+                                cache_dir, reference=reference, log=lines.append, kill_phase=alone)
     assert not problems, problems
     assert len(kills) == 2 and all(k.exit_status == -9 for k in kills), lines
     kills, problems = soak.soak(3, 8, 2, 1, "TERM", tmp_path, str(REPO / "tests" / "helpers_train.py"), 0.0,
-                                cache_dir, reference=reference, log=lines.append)
+                                cache_dir, reference=reference, log=lines.append, kill_phase=alone)
     assert not problems, problems
     assert len(kills) == 1 and kills[0].exit_status == 0, lines
     print("\n".join(lines))

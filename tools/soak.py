@@ -16,6 +16,7 @@ Each kill point is drawn from the seed: an iteration after the last committed ch
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -147,9 +148,11 @@ def compare(reference: Path, faulted: Path, steps: int) -> list[str]:
 
 
 def soak(seed: int, steps: int, every: int, kills: int, sig: str, workdir: Path, config: str,
-         during_write: float, cache: Path, reference: Path | None = None, log=print) -> tuple[list[Kill], list[str]]:
+         during_write: float, cache: Path, reference: Path | None = None, log=print,
+         kill_phase=contextlib.nullcontext) -> tuple[list[Kill], list[str]]:
     """Kills a run `kills` times with `sig` and resumes it; returns the kills and the differences to `reference`
-    (an uninterrupted run to `steps`, made here if None)."""
+    (an uninterrupted run to `steps`, made here if None). The kills run inside `kill_phase()` (the test suite runs
+    them alone: they race the run's progress), the reference and the final resume outside it."""
     rng = random.Random(f"{seed}-{sig}")
     if reference is None:
         reference = workdir / "reference"
@@ -159,24 +162,25 @@ def soak(seed: int, steps: int, every: int, kills: int, sig: str, workdir: Path,
     faulted = workdir / f"killed_{sig}"
     done: list[Kill] = []
     extra = ["--config.runtime.step_sleep_s=0.02"]
-    while len(done) < kills:
-        committed, _ = checkpoint_folders(faulted)
-        start = (last_iteration(faulted) or 0) if sig == "TERM" else (committed[-1] if committed else 0)
-        if start >= steps - 2:
-            log(f"  run reached iteration {start}: fewer kill points left than asked ({len(done)} done)")
-            break
-        write = rng.random() < during_write
-        span = max(1, (steps - 2 - start) // (kills - len(done)))  # leave room for the kills still to come
-        target = None if write else start + 1 + rng.randrange(span)
-        proc = launch(config, faulted, steps, every, cache, extra)
-        kill = kill_once(proc, faulted, sig, target)
-        if kill is None:
-            log("  the run finished before the kill point")
-            break
-        done.append(kill)
-        log(f"  kill {len(done)}: SIG{sig} at {kill.target}: last logged iteration {kill.at_iteration}, committed "
-            f"checkpoints {kill.committed}, being written {kill.writing or 'none'}, exit status {kill.exit_status} "
-            f"({kill.launch_s:.0f} s after the launch, exited {kill.exit_s:.1f} s after the signal)")
+    with kill_phase():
+        while len(done) < kills:
+            committed, _ = checkpoint_folders(faulted)
+            start = (last_iteration(faulted) or 0) if sig == "TERM" else (committed[-1] if committed else 0)
+            if start >= steps - 2:
+                log(f"  run reached iteration {start}: fewer kill points left than asked ({len(done)} done)")
+                break
+            write = rng.random() < during_write
+            span = max(1, (steps - 2 - start) // (kills - len(done)))  # leave room for the kills still to come
+            target = None if write else start + 1 + rng.randrange(span)
+            proc = launch(config, faulted, steps, every, cache, extra)
+            kill = kill_once(proc, faulted, sig, target)
+            if kill is None:
+                log("  the run finished before the kill point")
+                break
+            done.append(kill)
+            log(f"  kill {len(done)}: SIG{sig} at {kill.target}: last logged iteration {kill.at_iteration}, committed "
+                f"checkpoints {kill.committed}, being written {kill.writing or 'none'}, exit status {kill.exit_status} "
+                f"({kill.launch_s:.0f} s after the launch, exited {kill.exit_s:.1f} s after the signal)")
     status = launch(config, faulted, steps, every, cache, []).wait()
     committed, writing = checkpoint_folders(faulted)
     log(f"  final resume: exit {status}; checkpoints {committed}; leftover temporary folders {writing or 'none'}")
