@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import os
 import time
+import types
 from pathlib import Path
 
 # The suite runs on the CPU. With the tpu / gpu extras installed JAX would otherwise probe libtpu and CUDA in this
@@ -283,9 +284,10 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def pair_reference(tmp_path_factory, cache_dir):
-    """The workdir of the uninterrupted two-process run (helpers_train.PAIR_REFERENCE) the two-process fault tests
-    resume to. Made once per test run: under pytest-xdist the first worker to ask makes it in the run's common folder
-    while a second one waits for it; a failed run fails every test that asks."""
+    """The uninterrupted two-process run (helpers_train.PAIR_REFERENCE): `.workdir`, and `.output` of process 0.
+    test_train_run compares it with one process, the two-process fault tests resume to it. Made once per test run:
+    under pytest-xdist the first worker to ask makes it in the run's common folder while a second one waits for
+    it; a failed run fails every test that asks."""
     from helpers_train import PAIR_REFERENCE, PAIR_REFERENCE_STEPS, finish, start_two_processes
 
     base = tmp_path_factory.getbasetemp()
@@ -296,9 +298,10 @@ def pair_reference(tmp_path_factory, cache_dir):
         if not done.exists():
             outs = finish(start_two_processes(workdir, str(PAIR_REFERENCE_STEPS), cache_dir, *PAIR_REFERENCE))
             ok = f"done: iterations 0 -> {PAIR_REFERENCE_STEPS}" in outs[0]
-            done.write_text("ok" if ok else "\n".join(out[-3000:] for out in outs))
-    if done.read_text() != "ok":
+            done.write_text(outs[0] if ok else "failed\n" + "\n".join(out[-3000:] for out in outs))
+    output = done.read_text()
+    if output.startswith("failed\n"):
         pytest.fail(f"the two-process reference run in {workdir} failed; the end of each process's output:\n"
-                    f"{done.read_text()}")
-    return workdir
+                    f"{output}")
+    return types.SimpleNamespace(workdir=workdir, output=output)
 

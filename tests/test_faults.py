@@ -242,7 +242,7 @@ def test_a_killed_peer_is_reported_and_the_rerun_resumes_bitwise(tmp_path, cache
     JAX aborts process 1 at once (no Python code runs), and its death-notice watcher prints the line with the last
     committed checkpoint. Rerunning both processes then resumes and ends bitwise equal to an uninterrupted run. The
     two runs that are killed run alone (conftest.py: `alone`): their reports race seconds-long deadlines."""
-    steps, reference = PAIR_REFERENCE_STEPS, pair_reference
+    steps, reference = PAIR_REFERENCE_STEPS, pair_reference.workdir
 
     workdir = tmp_path / "killed"
     ckpts = workdir / "checkpoints"

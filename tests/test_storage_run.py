@@ -132,7 +132,7 @@ def test_two_hosts_without_a_shared_disk_resume_bitwise_after_a_sigkill(gcs, xla
     assert re.search(r"restored step [23] from", outs[0]), outs[0][-3000:]
     data = sorted(p.name for p in storage.resolve(f"{url}/checkpoints/4/data").iterdir() if p.suffix == ".json")
     assert data == ["shard_0-of-2.json", "shard_1-of-2.json"]  # each host wrote its own data position there
-    _assert_trees_equal(_raw_state(f"{url}/checkpoints", 4), _raw_state(pair_reference / "checkpoints", 4))
+    _assert_trees_equal(_raw_state(f"{url}/checkpoints", 4), _raw_state(pair_reference.workdir / "checkpoints", 4))
 
 
 def test_the_store_going_away_mid_save_is_one_line_and_the_rerun_resumes(gcs, xla_cache, tmp_path, alone):
