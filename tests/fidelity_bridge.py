@@ -251,13 +251,21 @@ def torch_distill_heads(mods, in_dim: int, experts, bottleneck: int = 32, seed: 
                                 for name, dim in teacher_dims(experts).items()})
 
 
+_TARGETS: dict[tuple, tuple] = {}  # (experts' ids, grid) -> (the experts, kept alive so ids stay theirs; jitted fn)
+
+
 def expert_targets(experts, expert_params, batch: dict, grid) -> dict[str, dict[str, np.ndarray]]:
-    """The experts' targets for a gpfm_jax batch, reordered to the oracle's view-major crop order."""
+    """The experts' targets for a gpfm_jax batch, reordered to the oracle's view-major crop order. `teacher_targets`
+    is written to run inside jit (as the step runs it); called eagerly, its modules' inner jits compiled again at
+    every call (most of the 60-iteration test's time), so it is jitted once per set of experts and grid."""
     from gpfm_jax.models.teachers import teacher_targets
 
+    key = (tuple((name, id(t)) for name, t in experts.items()), tuple(grid))
+    if key not in _TARGETS:
+        _TARGETS[key] = (experts, jax.jit(lambda p, x: teacher_targets(experts, p, x, student_grid=tuple(grid))))
     g = batch["global_crops"]
     b, v = g.shape[:2]
-    out = teacher_targets(experts, expert_params, g.reshape((b * v,) + g.shape[2:]), student_grid=grid)
+    out = _TARGETS[key][1](expert_params, g.reshape((b * v,) + g.shape[2:]))
     to_view_major = lambda x: np.swapaxes(np.asarray(x).reshape((b, v) + x.shape[1:]), 0, 1).reshape(x.shape)  # noqa
     return {name: {k: to_view_major(x) for k, x in t.items()} for name, t in out.items()}
 

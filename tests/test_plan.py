@@ -256,13 +256,13 @@ def test_target_table_and_peak_lookup():
         targets.get_target("v5p-9")
 
 
-SMALLER = ["--config.mesh.fsdp=8", "--config.model.vit.drop_path_rate=0.4", "--config.model.vit.depth=2",
+SMALLER = ["--config.mesh.fsdp=8", "--config.model.vit.drop_path_rate=0.4", "--config.model.vit.depth=1",
            "--config.data.multicrop.num_local_crops=2"]
 
 
 @pytest.fixture(scope="module")
 def cpu_plan(tmp_path_factory):
-    """gpfm-plan on 8 fake CPU devices: the demo config (2 blocks, 2 local crops) with the official stochastic depth
+    """gpfm-plan on 8 fake CPU devices: the demo config (1 block, 2 local crops) with the official stochastic depth
     (0.4: batch subsets) and FSDP over all 8 devices, 2 images per device."""
     import contextlib
     import io
