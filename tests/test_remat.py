@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from gpfm_jax.models import remat
+from helpers_train import FAST_JIT
 from gpfm_jax.models.vit import ViTConfig, VisionTransformer
 
 TINY = dict(img_size=28, patch_size=14, embed_dim=32, depth=2, num_heads=2)
@@ -20,7 +21,8 @@ def _params(scan: bool):
     """Initial params of TINY, one init per layout: neither the remat policy, the attention implementation nor the
     drop path rate changes the params (their shapes, initialisers and init key are the same)."""
     cfg = ViTConfig(**TINY, scan_layers=scan)
-    return jax.jit(VisionTransformer(cfg).init)(jax.random.key(1), jnp.zeros((4, 28, 28, 3)))
+    init = jax.jit(VisionTransformer(cfg).init, compiler_options=FAST_JIT)
+    return init(jax.random.key(1), jnp.zeros((4, 28, 28, 3)))
 
 
 def _loss_and_params(policy: str, impl: str, scan: bool = False):
@@ -48,9 +50,10 @@ def _saved(policy: str, impl: str) -> str:
 @pytest.mark.parametrize("impl,scan", [("loop", False), ("xla", True)])
 def test_dots_and_attention_saveable_gradients_equal_no_remat(impl, scan):
     loss, params = _loss_and_params("none", impl, scan)
-    ref = jax.jit(jax.grad(loss))(params)  # jitted: one compile, not one per op (and as the train step runs it)
+    # jitted: one compile, not one per op (and as the train step runs it)
+    ref = jax.jit(jax.grad(loss), compiler_options=FAST_JIT)(params)
     loss_r, _ = _loss_and_params(remat.DOTS_AND_ATTENTION, impl, scan)
-    got = jax.jit(jax.grad(loss_r))(params)
+    got = jax.jit(jax.grad(loss_r), compiler_options=FAST_JIT)(params)
     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)
 
