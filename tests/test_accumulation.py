@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import normalised_batch
-from helpers_train import tiny
+from helpers_train import FAST_JIT, tiny
 from gpfm_jax.data.masking import batch_masks
 from gpfm_jax.step import microbatch, sharding
 from gpfm_jax.step.optim import make_optimizer
@@ -107,7 +107,7 @@ def full_batch(setup):
 def _grads(s, k: int, rate_cfg=None):
     cfg = rate_cfg or s["cfg"]
     step_cfg = _step_cfg(cfg, k)
-    fn = jax.jit(make_grad_fn(s["model"], s["sched"], step_cfg))
+    fn = jax.jit(make_grad_fn(s["model"], s["sched"], step_cfg), compiler_options=FAST_JIT)
     return fn(s["state"], s["batch"], s["experts"]), step_cfg
 
 
@@ -206,7 +206,8 @@ def test_two_microbatches_on_a_2x4_mesh_equal_one_device_full_batch(setup):
 
     state_sh, expert_sh = sharding.state_shardings(s["state"], mesh), sharding.state_shardings(s["experts"], mesh)
     with jax.set_mesh(mesh):
-        jitted = jax.jit(in_mesh, in_shardings=(state_sh, sharding.batch_sharding(mesh), expert_sh))
+        jitted = jax.jit(in_mesh, in_shardings=(state_sh, sharding.batch_sharding(mesh), expert_sh),
+                         compiler_options=FAST_JIT)
         batch = {n: jax.device_put(v, sharding.batch_sharding(mesh)) for n, v in s["batch"].items()}
         g2, m2, c2 = jitted(sharding.place(s["state"], mesh), batch, sharding.place(s["experts"], mesh))
     assert batch["global_crops"].sharding.num_devices == 8
