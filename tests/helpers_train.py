@@ -61,6 +61,18 @@ FAST_COMPILE = "--xla_llvm_disable_expensive_passes=true"
 FAST_JIT = {"xla_backend_optimization_level": 0}
 
 
+def jit_train_step_fast(train_step, mesh, state, expert_params):
+    """`jit_train_step` with FAST_JIT on the CPU: its per-platform options (step/xla_options.py, none for the CPU)
+    patched for this one jit only; shardings, donation and everything else as gpfm-train's."""
+    from unittest import mock
+
+    from gpfm_jax.step import xla_options
+    from gpfm_jax.step.train_step import jit_train_step
+
+    with mock.patch.dict(xla_options.OPTIONS, {"cpu": FAST_JIT}):
+        return jit_train_step(train_step, mesh, state, expert_params)
+
+
 def run_cli(workdir, *overrides: str, devices: int = 1, config: str | Path = __file__, wait: bool = True,
             timeout: float = 300, extra_env: dict | None = None):
     """`python -m gpfm_jax.train.main` in a fresh process with `devices` XLA CPU devices."""

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 
 from conftest import normalised_batch
-from helpers_train import FAST_JIT, tiny
+from helpers_train import FAST_JIT, jit_train_step_fast, tiny
 from gpfm_jax.data.masking import batch_masks
 from gpfm_jax.step import microbatch, sharding
 from gpfm_jax.step.optim import make_optimizer
 from gpfm_jax.step.schedules import make_schedules
-from gpfm_jax.step.train_step import init_state, jit_train_step, make_grad_fn, make_train_step
+from gpfm_jax.step.train_step import init_state, make_grad_fn, make_train_step
 from gpfm_jax.train import config as config_lib
 from gpfm_jax.train.config_schema import ConfigError
 
@@ -141,7 +141,7 @@ def test_one_accumulated_update_equals_the_full_batch_update(setup, full_batch):
     s = setup
     mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
     batch = {n: jnp.asarray(v) for n, v in s["batch"].items()}
-    steps = {k: jit_train_step(make_train_step(s["model"], s["sched"], s["tx"], _step_cfg(s["cfg"], k)), mesh,
+    steps = {k: jit_train_step_fast(make_train_step(s["model"], s["sched"], s["tx"], _step_cfg(s["cfg"], k)), mesh,
                                s["state"], s["experts"]) for k in (1, 2)}
     # one full-batch step first: AdamW's moments are then those of a run, not zero (with zero moments the first
     # update is sign(g) elementwise, and a gradient entry near 0 turns fp32 rounding into a whole step)
