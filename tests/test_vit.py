@@ -108,8 +108,8 @@ def test_bf16_compute_keeps_fp32_params_and_tracks_fp32():
     model, params = _init(cfg)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(params))
     x = jnp.asarray(normalised_batch(56, count=2))
-    out = model.apply({"params": params}, x)
-    ref = VisionTransformer(TINY).apply({"params": params}, x)
+    out = jax.jit(lambda p: model.apply({"params": p}, x), compiler_options=FAST_JIT)(params)
+    ref = jax.jit(lambda p: VisionTransformer(TINY).apply({"params": p}, x), compiler_options=FAST_JIT)(params)
     assert out["cls"].dtype == jnp.bfloat16
     err = np.max(np.abs(np.asarray(out["cls"], np.float32) - np.asarray(ref["cls"])))
     assert 0 < err < 0.1, err
@@ -143,13 +143,13 @@ def test_logical_axes_shard_params_and_activations_without_changing_results():
 
     assert len(jax.devices()) == 8
     model = VisionTransformer(TINY)
-    boxed = model.init(jax.random.key(0), jnp.zeros((8, 56, 56, 3)))
+    boxed = jax.jit(model.init, compiler_options=FAST_JIT)(jax.random.key(0), jnp.zeros((8, 56, 56, 3)))
     specs = nn.get_partition_spec(boxed)["params"]
     assert specs["blocks_0"]["mlp"]["fc1"]["kernel"] == P("embed", "mlp")
     assert specs["blocks_0"]["attn"]["qkv"]["kernel"] == P("embed", "qkv")
     params = nn.meta.unbox(boxed)["params"]
     x = jnp.asarray(np.tile(normalised_batch(56, count=4), (2, 1, 1, 1)))
-    want = model.apply({"params": params}, x)["patch"]
+    want = jax.jit(lambda p: model.apply({"params": p}, x)["patch"], compiler_options=FAST_JIT)(params)
 
     mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
     rules = (("batch", "data"), ("embed", "fsdp"), ("mlp", None), ("qkv", None), ("heads", None), ("tokens", None))
@@ -224,8 +224,11 @@ def test_padded_attention_with_key_mask_is_exact_to_xla_attention():
     q, k, v, g = (jax.random.normal(kk, (3, 257, 4, 16), jnp.float32) for kk in keys)
 
     def with_grads(fn):
-        out, vjp = jax.vjp(fn, q, k, v)
-        return (out, *vjp(g))
+        def run(q, k, v, g):
+            out, vjp = jax.vjp(fn, q, k, v)
+            return (out, *vjp(g))
+
+        return jax.jit(run, compiler_options=FAST_JIT)(q, k, v, g)  # one compile, not one per op
 
     padded = with_grads(lambda q, k, v: attention.padded_attention(q, k, v, "xla"))
     plain = with_grads(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"))
