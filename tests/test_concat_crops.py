@@ -1,11 +1,14 @@
 """Crop sets through one ViT forward (gpfm_jax/models/crops.py) equal the separate forwards, drop path included."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from gpfm_jax.models.vit import ViTConfig, VisionTransformer
+from helpers_train import FAST_JIT
 
 pytestmark = pytest.mark.slow  # the quick tier (-m "not slow") leaves this file out; CI runs it
 
@@ -21,43 +24,55 @@ def _inputs(b_global=4, b_local=8):
     return global_crops, local_crops, masks
 
 
-def _both(cfg, params, kw, key_global, key_local, grads=False):
+@functools.cache
+def _params(scan: bool):
+    """Initial params of TINY, one init per layout (the drop path settings and remat policy change no param)."""
+    init = jax.jit(VisionTransformer(ViTConfig(**TINY, scan_layers=scan)).init, compiler_options=FAST_JIT)
+    return init(jax.random.key(1), jnp.zeros((4, 16, 16, 3)))
+
+
+def _both(cfg, kw, grads=False):
+    """(separate, together): jitted functions of (params, global key, local key) giving the outputs of the two
+    separate forwards and of the concatenated one (with grads: the gradients of a loss on their tokens)."""
     model = VisionTransformer(cfg)
     g, l, m = _inputs()
 
-    def separate(p):
+    def separate(p, key_global, key_local):
         sg = model.apply(p, g, m, rngs={"drop_path": key_global}, **kw)
         sl = model.apply(p, l, rngs={"drop_path": key_local}, **kw)
         return sg, sl
 
-    def together(p):
+    def together(p, key_global, key_local):
         return model.apply(p, (g, l), (m, None), rngs={"drop_path": key_global, "drop_path_1": key_local}, **kw)
 
     if grads:
-        loss = lambda f: lambda p: sum(jnp.sum(o["tokens"] ** 2) for o in f(p))  # noqa: E731
-        return jax.grad(loss(separate))(params), jax.grad(loss(together))(params)
-    return separate(params), together(params)
+        loss = lambda f: lambda *a: sum(jnp.sum(o["tokens"] ** 2) for o in f(*a))  # noqa: E731
+        return (jax.jit(jax.grad(loss(separate)), compiler_options=FAST_JIT),
+                jax.jit(jax.grad(loss(together)), compiler_options=FAST_JIT))
+    return jax.jit(separate, compiler_options=FAST_JIT), jax.jit(together, compiler_options=FAST_JIT)
 
 
 @pytest.mark.parametrize("scan,rate,mode,groups", [(False, 0.0, "auto", 1), (False, 0.2, "sample", 1),
                                                    (False, 0.4, "subset", 1), (True, 0.4, "subset", 2)])
 def test_concatenated_forward_equals_separate_forwards(scan, rate, mode, groups):
     cfg = ViTConfig(**TINY, scan_layers=scan, drop_path_rate=rate, drop_path_mode=mode)
-    params = VisionTransformer(cfg).init(jax.random.key(1), _inputs()[0])
-    kw = dict(train=True, drop_path_groups=groups)
-    (sg, sl), (cg, cl) = _both(cfg, params, kw, jax.random.key(2), jax.random.key(3))
+    params = _params(scan)
+    separate, together = _both(cfg, dict(train=True, drop_path_groups=groups))
+    keys = jax.random.key(2), jax.random.key(3)
+    (sg, sl), (cg, cl) = separate(params, *keys), together(params, *keys)
     for ref, got in ((sg, cg), (sl, cl)):
         for name in ("cls", "patch", "tokens"):
             np.testing.assert_allclose(np.asarray(got[name]), np.asarray(ref[name]), rtol=RTOL, atol=ATOL)
     if scan:  # the draws matter: another local key changes the local crops' output
-        _, (_, other) = _both(cfg, params, kw, jax.random.key(2), jax.random.key(4))
+        _, other = together(params, jax.random.key(2), jax.random.key(4))
         assert not np.allclose(np.asarray(other["tokens"]), np.asarray(sl["tokens"]), rtol=RTOL, atol=ATOL)
 
 
 def test_concatenated_gradients_equal_separate_with_microbatch_groups():
     cfg = ViTConfig(**TINY, drop_path_rate=0.4, remat_policy="dots_saveable")
-    params = VisionTransformer(cfg).init(jax.random.key(1), _inputs()[0])
     kw = dict(train=True, drop_path_groups=2, drop_path_group_ids=jnp.array([1, 3]), drop_path_total_groups=4)
-    ref, got = _both(cfg, params, kw, jax.random.key(2), jax.random.key(3), grads=True)
+    separate, together = _both(cfg, kw, grads=True)
+    args = _params(False), jax.random.key(2), jax.random.key(3)
+    ref, got = separate(*args), together(*args)
     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)

@@ -1,23 +1,35 @@
 """Remat policies (gpfm_jax/models/remat.py): the same gradients as no remat, and the attention output kept."""
 
 import contextlib
+import functools
 import io
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from gpfm_jax.models import remat
+from helpers_train import FAST_JIT
 from gpfm_jax.models.vit import ViTConfig, VisionTransformer
 
 TINY = dict(img_size=28, patch_size=14, embed_dim=32, depth=2, num_heads=2)
+
+
+@functools.cache
+def _params(scan: bool):
+    """Initial params of TINY, one init per layout: neither the remat policy, the attention implementation nor the
+    drop path rate changes the params (their shapes, initialisers and init key are the same)."""
+    cfg = ViTConfig(**TINY, scan_layers=scan)
+    init = jax.jit(VisionTransformer(cfg).init, compiler_options=FAST_JIT)
+    return init(jax.random.key(1), jnp.zeros((4, 28, 28, 3)))
 
 
 def _loss_and_params(policy: str, impl: str, scan: bool = False):
     cfg = ViTConfig(**TINY, remat_policy=policy, attention_impl=impl, scan_layers=scan, drop_path_rate=0.2)
     model = VisionTransformer(cfg)
     images = jax.random.normal(jax.random.key(0), (4, 28, 28, 3))
-    params = model.init(jax.random.key(1), images)
+    params = _params(scan)
 
     def loss(p):
         out = model.apply(p, images, train=True, rngs={"drop_path": jax.random.key(2)})
@@ -38,9 +50,10 @@ def _saved(policy: str, impl: str) -> str:
 @pytest.mark.parametrize("impl,scan", [("loop", False), ("xla", True)])
 def test_dots_and_attention_saveable_gradients_equal_no_remat(impl, scan):
     loss, params = _loss_and_params("none", impl, scan)
-    ref = jax.grad(loss)(params)
+    # jitted: one compile, not one per op (and as the train step runs it)
+    ref = jax.jit(jax.grad(loss), compiler_options=FAST_JIT)(params)
     loss_r, _ = _loss_and_params(remat.DOTS_AND_ATTENTION, impl, scan)
-    got = jax.grad(loss_r)(params)
+    got = jax.jit(jax.grad(loss_r), compiler_options=FAST_JIT)(params)
     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)
 

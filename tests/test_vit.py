@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import normalised_batch
+from helpers_train import FAST_JIT
 from gpfm_jax.models.pos_embed import resample_patch_pos_embed
 from gpfm_jax.models.vit import ViTConfig, VisionTransformer, add_residual
 
@@ -19,7 +20,8 @@ TINY = ViTConfig(img_size=56, patch_size=14, embed_dim=64, depth=3, num_heads=4)
 
 def _init(cfg: ViTConfig, shape=(2, 56, 56, 3)):
     model = VisionTransformer(cfg)
-    return model, nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros(shape)))["params"]
+    init = jax.jit(model.init, compiler_options=FAST_JIT)  # one compile, not one per op
+    return model, nn.meta.unbox(init(jax.random.key(0), jnp.zeros(shape)))["params"]
 
 
 @pytest.mark.parametrize("grid", [(20, 24), (8, 8), (37, 37), (16, 5)])
@@ -75,10 +77,12 @@ def test_drop_path_in_the_model_is_train_only_and_rng_driven():
     cfg = TINY.replace(drop_path_rate=0.4, layerscale_init=1.0)  # > 0.1: batch-subset ("auto"); LS 1 makes it visible
     model, params = _init(cfg)
     x = jnp.asarray(normalised_batch(56, count=5))
-    ev1, ev2 = model.apply({"params": params}, x)["cls"], model.apply({"params": params}, x)["cls"]
+    evaluate = jax.jit(lambda p: model.apply({"params": p}, x)["cls"], compiler_options=FAST_JIT)
+    train = jax.jit(lambda p, key: model.apply({"params": p}, x, train=True, rngs={"drop_path": key})["cls"],
+                    compiler_options=FAST_JIT)
+    ev1, ev2 = evaluate(params), evaluate(params)
     np.testing.assert_array_equal(ev1, ev2)
-    tr1 = model.apply({"params": params}, x, train=True, rngs={"drop_path": jax.random.key(1)})["cls"]
-    tr2 = model.apply({"params": params}, x, train=True, rngs={"drop_path": jax.random.key(2)})["cls"]
+    tr1, tr2 = train(params, jax.random.key(1)), train(params, jax.random.key(2))
     assert np.max(np.abs(tr1 - ev1)) > 1e-3 and np.max(np.abs(tr1 - tr2)) > 1e-3
     with pytest.raises(Exception, match="drop_path"):
         model.apply({"params": params}, x, train=True)
@@ -88,7 +92,8 @@ def test_drop_path_in_the_model_is_train_only_and_rng_driven():
 def test_scan_keeps_the_program_size_independent_of_depth():
     def program_size(depth: int, scan: bool) -> int:
         cfg = TINY.replace(depth=depth, scan_layers=scan, remat_policy="full" if scan else "none")
-        model, params = _init(cfg)
+        model = VisionTransformer(cfg)  # lowering needs the params' shapes only: no init is run
+        params = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((2, 56, 56, 3))))["params"]
         fwd = jax.jit(lambda p, x: model.apply({"params": p}, x)["cls"].sum())
         return len(jax.jit(jax.grad(fwd)).lower(params, jnp.zeros((2, 56, 56, 3))).as_text())
 
@@ -103,8 +108,8 @@ def test_bf16_compute_keeps_fp32_params_and_tracks_fp32():
     model, params = _init(cfg)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(params))
     x = jnp.asarray(normalised_batch(56, count=2))
-    out = model.apply({"params": params}, x)
-    ref = VisionTransformer(TINY).apply({"params": params}, x)
+    out = jax.jit(lambda p: model.apply({"params": p}, x), compiler_options=FAST_JIT)(params)
+    ref = jax.jit(lambda p: VisionTransformer(TINY).apply({"params": p}, x), compiler_options=FAST_JIT)(params)
     assert out["cls"].dtype == jnp.bfloat16
     err = np.max(np.abs(np.asarray(out["cls"], np.float32) - np.asarray(ref["cls"])))
     assert 0 < err < 0.1, err
@@ -138,13 +143,13 @@ def test_logical_axes_shard_params_and_activations_without_changing_results():
 
     assert len(jax.devices()) == 8
     model = VisionTransformer(TINY)
-    boxed = model.init(jax.random.key(0), jnp.zeros((8, 56, 56, 3)))
+    boxed = jax.jit(model.init, compiler_options=FAST_JIT)(jax.random.key(0), jnp.zeros((8, 56, 56, 3)))
     specs = nn.get_partition_spec(boxed)["params"]
     assert specs["blocks_0"]["mlp"]["fc1"]["kernel"] == P("embed", "mlp")
     assert specs["blocks_0"]["attn"]["qkv"]["kernel"] == P("embed", "qkv")
     params = nn.meta.unbox(boxed)["params"]
     x = jnp.asarray(np.tile(normalised_batch(56, count=4), (2, 1, 1, 1)))
-    want = model.apply({"params": params}, x)["patch"]
+    want = jax.jit(lambda p: model.apply({"params": p}, x)["patch"], compiler_options=FAST_JIT)(params)
 
     mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
     rules = (("batch", "data"), ("embed", "fsdp"), ("mlp", None), ("qkv", None), ("heads", None), ("tokens", None))
@@ -219,8 +224,11 @@ def test_padded_attention_with_key_mask_is_exact_to_xla_attention():
     q, k, v, g = (jax.random.normal(kk, (3, 257, 4, 16), jnp.float32) for kk in keys)
 
     def with_grads(fn):
-        out, vjp = jax.vjp(fn, q, k, v)
-        return (out, *vjp(g))
+        def run(q, k, v, g):
+            out, vjp = jax.vjp(fn, q, k, v)
+            return (out, *vjp(g))
+
+        return jax.jit(run, compiler_options=FAST_JIT)(q, k, v, g)  # one compile, not one per op
 
     padded = with_grads(lambda q, k, v: attention.padded_attention(q, k, v, "xla"))
     plain = with_grads(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"))
