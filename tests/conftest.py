@@ -13,8 +13,12 @@ from pathlib import Path
 # process and in every subprocess it starts (noise, and libtpu's lockfile between concurrent processes);
 # gpfm-plan's deviceless TPU/H100 compiles run with JAX_PLATFORMS=cpu too.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Eight fake CPU devices for the sharding tests; must be set before jax initialises its backend.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# Eight fake CPU devices for the sharding tests, and the suite's cheap LLVM compilation (xla_flags.py); both must be
+# set before jax initialises its backend.
+from xla_flags import FAST_COMPILE  # noqa: E402
+
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8",
+                                    FAST_COMPILE]).strip()
 
 # Under pytest-xdist each worker keeps to its own share of the cores (and so do the processes its tests start), so
 # the thread pools of XLA and PyTorch in two workers do not compete for the same cores; a test part that runs alone

@@ -12,6 +12,9 @@ import ml_collections
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # also when gpfm-train loads this file as its --config
+
+from xla_flags import FAST_COMPILE  # noqa: E402  (the suite's cheap LLVM compilation, for the processes started here)
 
 from gpfm_jax.train.config_schema import TrainConfig, parse, replace_fields, vit  # noqa: E402
 from configs.demo import get_config as demo_config  # noqa: E402
@@ -50,27 +53,6 @@ def tiny(one_device: bool = False, **changes) -> TrainConfig:
     """The tiny config, parsed, with dotted-field changes (`tiny(**{"mesh.fsdp": 4})`): what `loop.train` takes."""
     cfg = parse(get_config())
     return replace_fields(cfg, {**({"mesh.num_devices": 1} if one_device else {}), **changes})
-
-
-# Cheaper LLVM compilation in the test subprocesses (same results on the runs checked; compile time is most of the
-# cost of these tests).
-FAST_COMPILE = "--xla_llvm_disable_expensive_passes=true"
-# The same idea for the programs a test jits itself (`jax.jit(f, compiler_options=FAST_JIT)`): LLVM at -O0, the HLO
-# passes (fusion, layout, algebraic simplification) unchanged. Halves the CPU compile of a tiny ViT gradient (8.1 s
-# -> 3.6 s, test_concat_crops); the programs a test compares are compiled alike, and IEEE fp32 semantics are kept.
-FAST_JIT = {"xla_backend_optimization_level": 0}
-
-
-def jit_train_step_fast(train_step, mesh, state, expert_params):
-    """`jit_train_step` with FAST_JIT on the CPU: its per-platform options (step/xla_options.py, none for the CPU)
-    patched for this one jit only; shardings, donation and everything else as gpfm-train's."""
-    from unittest import mock
-
-    from gpfm_jax.step import xla_options
-    from gpfm_jax.step.train_step import jit_train_step
-
-    with mock.patch.dict(xla_options.OPTIONS, {"cpu": FAST_JIT}):
-        return jit_train_step(train_step, mesh, state, expert_params)
 
 
 def run_cli(workdir, *overrides: str, devices: int = 1, config: str | Path = __file__, wait: bool = True,

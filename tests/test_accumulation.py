@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 
 from conftest import normalised_batch
-from helpers_train import FAST_JIT, jit_train_step_fast, tiny
+from helpers_train import tiny
 from gpfm_jax.data.masking import batch_masks
 from gpfm_jax.step import microbatch, sharding
 from gpfm_jax.step.optim import make_optimizer
 from gpfm_jax.step.schedules import make_schedules
-from gpfm_jax.step.train_step import init_state, make_grad_fn, make_train_step
+from gpfm_jax.step.train_step import init_state, jit_train_step, make_grad_fn, make_train_step
 from gpfm_jax.train import config as config_lib
 from gpfm_jax.train.config_schema import ConfigError
 
@@ -107,7 +107,7 @@ def full_batch(setup):
 def _grads(s, k: int, rate_cfg=None):
     cfg = rate_cfg or s["cfg"]
     step_cfg = _step_cfg(cfg, k)
-    fn = jax.jit(make_grad_fn(s["model"], s["sched"], step_cfg), compiler_options=FAST_JIT)
+    fn = jax.jit(make_grad_fn(s["model"], s["sched"], step_cfg))
     return fn(s["state"], s["batch"], s["experts"]), step_cfg
 
 
@@ -141,7 +141,7 @@ def test_one_accumulated_update_equals_the_full_batch_update(setup, full_batch):
     s = setup
     mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
     batch = {n: jnp.asarray(v) for n, v in s["batch"].items()}
-    steps = {k: jit_train_step_fast(make_train_step(s["model"], s["sched"], s["tx"], _step_cfg(s["cfg"], k)), mesh,
+    steps = {k: jit_train_step(make_train_step(s["model"], s["sched"], s["tx"], _step_cfg(s["cfg"], k)), mesh,
                                s["state"], s["experts"]) for k in (1, 2)}
     # one full-batch step first: AdamW's moments are then those of a run, not zero (with zero moments the first
     # update is sign(g) elementwise, and a gradient entry near 0 turns fp32 rounding into a whole step)
@@ -206,8 +206,7 @@ def test_two_microbatches_on_a_2x4_mesh_equal_one_device_full_batch(setup):
 
     state_sh, expert_sh = sharding.state_shardings(s["state"], mesh), sharding.state_shardings(s["experts"], mesh)
     with jax.set_mesh(mesh):
-        jitted = jax.jit(in_mesh, in_shardings=(state_sh, sharding.batch_sharding(mesh), expert_sh),
-                         compiler_options=FAST_JIT)
+        jitted = jax.jit(in_mesh, in_shardings=(state_sh, sharding.batch_sharding(mesh), expert_sh))
         batch = {n: jax.device_put(v, sharding.batch_sharding(mesh)) for n, v in s["batch"].items()}
         g2, m2, c2 = jitted(sharding.place(s["state"], mesh), batch, sharding.place(s["experts"], mesh))
     assert batch["global_crops"].sharding.num_devices == 8

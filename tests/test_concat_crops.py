@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from gpfm_jax.models.vit import ViTConfig, VisionTransformer
-from helpers_train import FAST_JIT
 
 pytestmark = pytest.mark.slow  # the quick tier (-m "not slow") leaves this file out; CI runs it
 
@@ -27,7 +26,7 @@ def _inputs(b_global=4, b_local=8):
 @functools.cache
 def _params(scan: bool):
     """Initial params of TINY, one init per layout (the drop path settings and remat policy change no param)."""
-    init = jax.jit(VisionTransformer(ViTConfig(**TINY, scan_layers=scan)).init, compiler_options=FAST_JIT)
+    init = jax.jit(VisionTransformer(ViTConfig(**TINY, scan_layers=scan)).init)
     return init(jax.random.key(1), jnp.zeros((4, 16, 16, 3)))
 
 
@@ -47,9 +46,9 @@ def _both(cfg, kw, grads=False):
 
     if grads:
         loss = lambda f: lambda *a: sum(jnp.sum(o["tokens"] ** 2) for o in f(*a))  # noqa: E731
-        return (jax.jit(jax.grad(loss(separate)), compiler_options=FAST_JIT),
-                jax.jit(jax.grad(loss(together)), compiler_options=FAST_JIT))
-    return jax.jit(separate, compiler_options=FAST_JIT), jax.jit(together, compiler_options=FAST_JIT)
+        return (jax.jit(jax.grad(loss(separate))),
+                jax.jit(jax.grad(loss(together))))
+    return jax.jit(separate), jax.jit(together)
 
 
 @pytest.mark.parametrize("scan,rate,mode,groups", [(False, 0.0, "auto", 1), (False, 0.2, "sample", 1),

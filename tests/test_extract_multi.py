@@ -19,6 +19,7 @@ import pytest
 
 from conftest import DATA_DIR
 from emulators import free_port
+from xla_flags import FAST_COMPILE
 from gpfm_jax.extract import runner
 from gpfm_jax.extract.encoder import load_feature_encoder
 from gpfm_jax.extract.share import Share, balanced_split, part_path, tile_range
@@ -138,7 +139,7 @@ def _extract_cmd(bundle_path: Path, inp, out, *extra: str) -> list[str]:
 
 def _env(devices: int) -> dict:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} --xla_llvm_disable_expensive_passes=true"
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
     env["JAX_PLATFORMS"] = "cpu"
     return env
 

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from gpfm_jax.models import remat
-from helpers_train import FAST_JIT
 from gpfm_jax.models.vit import ViTConfig, VisionTransformer
 
 TINY = dict(img_size=28, patch_size=14, embed_dim=32, depth=2, num_heads=2)
@@ -21,7 +20,7 @@ def _params(scan: bool):
     """Initial params of TINY, one init per layout: neither the remat policy, the attention implementation nor the
     drop path rate changes the params (their shapes, initialisers and init key are the same)."""
     cfg = ViTConfig(**TINY, scan_layers=scan)
-    init = jax.jit(VisionTransformer(cfg).init, compiler_options=FAST_JIT)
+    init = jax.jit(VisionTransformer(cfg).init)
     return init(jax.random.key(1), jnp.zeros((4, 28, 28, 3)))
 
 
@@ -51,9 +50,9 @@ def _saved(policy: str, impl: str) -> str:
 def test_dots_and_attention_saveable_gradients_equal_no_remat(impl, scan):
     loss, params = _loss_and_params("none", impl, scan)
     # jitted: one compile, not one per op (and as the train step runs it)
-    ref = jax.jit(jax.grad(loss), compiler_options=FAST_JIT)(params)
+    ref = jax.jit(jax.grad(loss))(params)
     loss_r, _ = _loss_and_params(remat.DOTS_AND_ATTENTION, impl, scan)
-    got = jax.jit(jax.grad(loss_r), compiler_options=FAST_JIT)(params)
+    got = jax.jit(jax.grad(loss_r))(params)
     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)
 

@@ -10,14 +10,13 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from conftest import normalised_batch
-from helpers_train import FAST_JIT, jit_train_step_fast
 from gpfm_jax.models.vit import ViTConfig
 from gpfm_jax.encoders.teachers import load_teachers
 from gpfm_jax.step import sharding
 from gpfm_jax.step.model import GPFMModel, HeadConfig
 from gpfm_jax.step.optim import OptimConfig, make_optimizer
 from gpfm_jax.step.schedules import ScheduleConfig, make_schedules
-from gpfm_jax.step.train_step import StepConfig, init_state, make_grad_fn, make_train_step
+from gpfm_jax.step.train_step import StepConfig, init_state, jit_train_step, make_grad_fn, make_train_step
 
 pytestmark = pytest.mark.slow  # the quick tier (-m "not slow") leaves this file out; CI runs it
 
@@ -55,7 +54,7 @@ def setup():
     step = make_train_step(model, sched, tx, StepConfig(batch_groups=2, drop_path_groups=1))
     mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
     return dict(model=model, sched=sched, tx=tx, state=state, step=step, experts=expert_params,
-                single=jit_train_step_fast(step, mesh, state, expert_params), mesh=mesh, batch=_real_batch())
+                single=jit_train_step(step, mesh, state, expert_params), mesh=mesh, batch=_real_batch())
 
 
 def _run(fn, mesh, state, experts, batch):
@@ -68,7 +67,7 @@ def test_step_on_2x4_mesh_matches_one_device_and_shards_the_state(setup):
     s = setup
     one_state, one_metrics = _run(s["single"], s["mesh"], s["state"], s["experts"], s["batch"])
     mesh = sharding.make_mesh(2, 4)
-    many = jit_train_step_fast(s["step"], mesh, s["state"], s["experts"])
+    many = jit_train_step(s["step"], mesh, s["state"], s["experts"])
     new_state, metrics = _run(many, mesh, s["state"], s["experts"], s["batch"])
     for key, value in one_metrics.items():
         np.testing.assert_allclose(float(metrics[key]), float(value), rtol=1e-5, atol=1e-7, err_msg=key)
@@ -91,7 +90,7 @@ def test_concatenated_crops_step_on_2x4_mesh_matches_two_forwards_on_one_device(
     step = make_train_step(s["model"], s["sched"], s["tx"], StepConfig(batch_groups=2, drop_path_groups=1,
                                                                        concat_crops=True))
     mesh = sharding.make_mesh(2, 4)
-    new_state, metrics = _run(jit_train_step_fast(step, mesh, s["state"], s["experts"]), mesh, s["state"], s["experts"],
+    new_state, metrics = _run(jit_train_step(step, mesh, s["state"], s["experts"]), mesh, s["state"], s["experts"],
                               s["batch"])
     for key, value in one_metrics.items():
         np.testing.assert_allclose(float(metrics[key]), float(value), rtol=1e-5, atol=1e-7, err_msg=key)
@@ -155,7 +154,7 @@ def test_a_loss_weight_of_zero_switches_the_term_off(setup):
     off_cfg = dataclasses.replace(base_cfg, loss=dataclasses.replace(base_cfg.loss, koleo_weight=0.0))
     # the step's loss metrics are its gradient function's (make_train_step adds schedule values and grad norms only):
     # the objective alone is compiled for the switched-off term
-    off = jax.jit(make_grad_fn(s["model"], s["sched"], off_cfg), compiler_options=FAST_JIT)
+    off = jax.jit(make_grad_fn(s["model"], s["sched"], off_cfg))
     _, m_on = _run(s["single"], s["mesh"], s["state"], s["experts"], s["batch"])
     _, m_off, _ = off(s["state"], s["batch"], s["experts"])
     assert "loss/koleo" in m_on and "loss/koleo" not in m_off

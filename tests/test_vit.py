@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from conftest import normalised_batch
-from helpers_train import FAST_JIT
 from gpfm_jax.models.pos_embed import resample_patch_pos_embed
 from gpfm_jax.models.vit import ViTConfig, VisionTransformer, add_residual
 
@@ -20,7 +19,7 @@ TINY = ViTConfig(img_size=56, patch_size=14, embed_dim=64, depth=3, num_heads=4)
 
 def _init(cfg: ViTConfig, shape=(2, 56, 56, 3)):
     model = VisionTransformer(cfg)
-    init = jax.jit(model.init, compiler_options=FAST_JIT)  # one compile, not one per op
+    init = jax.jit(model.init)  # one compile, not one per op
     return model, nn.meta.unbox(init(jax.random.key(0), jnp.zeros(shape)))["params"]
 
 
@@ -77,9 +76,8 @@ def test_drop_path_in_the_model_is_train_only_and_rng_driven():
     cfg = TINY.replace(drop_path_rate=0.4, layerscale_init=1.0)  # > 0.1: batch-subset ("auto"); LS 1 makes it visible
     model, params = _init(cfg)
     x = jnp.asarray(normalised_batch(56, count=5))
-    evaluate = jax.jit(lambda p: model.apply({"params": p}, x)["cls"], compiler_options=FAST_JIT)
-    train = jax.jit(lambda p, key: model.apply({"params": p}, x, train=True, rngs={"drop_path": key})["cls"],
-                    compiler_options=FAST_JIT)
+    evaluate = jax.jit(lambda p: model.apply({"params": p}, x)["cls"])
+    train = jax.jit(lambda p, key: model.apply({"params": p}, x, train=True, rngs={"drop_path": key})["cls"])
     ev1, ev2 = evaluate(params), evaluate(params)
     np.testing.assert_array_equal(ev1, ev2)
     tr1, tr2 = train(params, jax.random.key(1)), train(params, jax.random.key(2))
@@ -108,8 +106,8 @@ def test_bf16_compute_keeps_fp32_params_and_tracks_fp32():
     model, params = _init(cfg)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(params))
     x = jnp.asarray(normalised_batch(56, count=2))
-    out = jax.jit(lambda p: model.apply({"params": p}, x), compiler_options=FAST_JIT)(params)
-    ref = jax.jit(lambda p: VisionTransformer(TINY).apply({"params": p}, x), compiler_options=FAST_JIT)(params)
+    out = jax.jit(lambda p: model.apply({"params": p}, x))(params)
+    ref = jax.jit(lambda p: VisionTransformer(TINY).apply({"params": p}, x))(params)
     assert out["cls"].dtype == jnp.bfloat16
     err = np.max(np.abs(np.asarray(out["cls"], np.float32) - np.asarray(ref["cls"])))
     assert 0 < err < 0.1, err
@@ -143,13 +141,13 @@ def test_logical_axes_shard_params_and_activations_without_changing_results():
 
     assert len(jax.devices()) == 8
     model = VisionTransformer(TINY)
-    boxed = jax.jit(model.init, compiler_options=FAST_JIT)(jax.random.key(0), jnp.zeros((8, 56, 56, 3)))
+    boxed = jax.jit(model.init)(jax.random.key(0), jnp.zeros((8, 56, 56, 3)))
     specs = nn.get_partition_spec(boxed)["params"]
     assert specs["blocks_0"]["mlp"]["fc1"]["kernel"] == P("embed", "mlp")
     assert specs["blocks_0"]["attn"]["qkv"]["kernel"] == P("embed", "qkv")
     params = nn.meta.unbox(boxed)["params"]
     x = jnp.asarray(np.tile(normalised_batch(56, count=4), (2, 1, 1, 1)))
-    want = jax.jit(lambda p: model.apply({"params": p}, x)["patch"], compiler_options=FAST_JIT)(params)
+    want = jax.jit(lambda p: model.apply({"params": p}, x)["patch"])(params)
 
     mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
     rules = (("batch", "data"), ("embed", "fsdp"), ("mlp", None), ("qkv", None), ("heads", None), ("tokens", None))
@@ -228,7 +226,7 @@ def test_padded_attention_with_key_mask_is_exact_to_xla_attention():
             out, vjp = jax.vjp(fn, q, k, v)
             return (out, *vjp(g))
 
-        return jax.jit(run, compiler_options=FAST_JIT)(q, k, v, g)  # one compile, not one per op
+        return jax.jit(run)(q, k, v, g)  # one compile, not one per op
 
     padded = with_grads(lambda q, k, v: attention.padded_attention(q, k, v, "xla"))
     plain = with_grads(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"))

@@ -51,8 +51,9 @@ def launch(config: str, workdir: Path, steps: int, every: int, cache: Path, extr
            f"--config.steps={steps}", f"--config.checkpoint.every={every}", "--config.checkpoint.keep=3",
            "--config.checkpoint.keep_period=0", f"--config.runtime.compile_cache_dir={cache}",
            "--config.log.progress=False", *extra]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu",  # one CPU device, cheap LLVM passes
-               XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_llvm_disable_expensive_passes=true")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu",  # one CPU device, cheap LLVM (-O0)
+               XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_llvm_disable_expensive_passes=true "
+                         "--xla_backend_optimization_level=0")
     out = subprocess.DEVNULL if quiet else None
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=out)
 
