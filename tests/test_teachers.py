@@ -160,7 +160,7 @@ def test_phikon_matches_transformers_on_real_tiles(phikon):
     meta = json.loads((tmp / "bundle" / "encoder.json").read_text())
     assert meta["teacher"] == "phikon" and meta["vit"]["ln_eps"] == 1e-12 and meta["vit"]["layerscale_init"] is None
     assert any(rule.startswith("pooler.") for rule in meta["provenance"]["ignored_keys"])
-    teacher, params = load_teacher("phikon", tmp / "bundle")
+    teacher, params = load_teacher("phikon", tmp / "bundle", scan_layers=True)  # as UNI (CONCH: unscanned)
     targets, outputs = _targets_and_outputs("phikon", teacher, params, images)
     errs = [
         _report("phikon cls target", targets["cls"], ref[:, 0]),

@@ -70,7 +70,7 @@ max_question = 8
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def run_dir(tmp_path_factory, cache_dir):  # cache_dir: test_text_synthetic compiles the same programs
     tmp = tmp_path_factory.mktemp("text_bench")
     (tmp / "suite.toml").write_text(SUITE)
     stats = run_suite(tmp / "suite.toml", tmp / "out", progress=False)

@@ -104,7 +104,7 @@ def test_cached_decoding_equals_full_buffer_decoding():
     assert (seqs[:, 1:] != 0).sum() > 4 and (seqs[0] != seqs[1]).any()
 
 
-def test_cached_beam_search_equals_brute_force(block=True, alpha=0.7):
+def test_cached_beam_search_equals_brute_force(cache_dir, block=True, alpha=0.7):
     """The existing brute-force check, with the beam search reading the key/value cache. (Here the best beam keeps
     row 0 throughout, so a missing cache reorder goes unseen: `test_cached_decoding_equals_full_buffer_decoding`
     compares every beam and catches it — checked by deleting the reorder.)"""

@@ -104,7 +104,7 @@ def _brute_force(fn, start, length, vocab, block, alpha):
 
 
 @pytest.mark.parametrize("block,alpha", [(False, 0.0), (True, 0.7)])
-def test_beam_search_equals_brute_force(block, alpha):
+def test_beam_search_equals_brute_force(block, alpha, cache_dir):  # cache_dir: test_text_kv_cache's brute force
     fn = _toy_logits_fn()
     length, vocab = 6, 3
     want, want_score = _brute_force(fn, 1, length, vocab, block, alpha)

@@ -42,7 +42,7 @@ def _vqa(tmp, shuffle):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, cache_dir):  # cache_dir: test_text_bench compiles the same programs
     tmp = tmp_path_factory.mktemp("synthetic_text")
     return {"report": _report(tmp, False), "report_shuffled": _report(tmp, True),
             "vqa": _vqa(tmp, False), "vqa_shuffled": _vqa(tmp, True)}
@@ -106,7 +106,7 @@ def test_bad_input_is_named(tmp_path, capsys):
     assert "q.json: entry 0 (qid 1) has no 'answer_type' field" in capsys.readouterr().err
 
 
-def test_tile_vqa_ranks_the_answer_list(tmp_path):
+def test_tile_vqa_ranks_the_answer_list(tmp_path, cache_dir):
     """PathVQA through MUMC's format: the answer list ranked by likelihood learns closed and open questions."""
     p = synthetic.make_tile_vqa_task(tmp_path, num_images=200, signal=4.0)
     out = tmp_path / "tile_vqa.json"

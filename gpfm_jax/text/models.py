@@ -267,11 +267,17 @@ class TextModel(nn.Module):
         return self.decode(memory, memory_mask, prefix, tokens, train)
 
 
+@functools.lru_cache(maxsize=32)
+def _jitted_init(cfg: TextModelConfig):
+    """One compiled program instead of hundreds of eager ops, and one per config (and input shapes) for the process:
+    a jit of a fresh model's `init` would compile again for every model built (every cell of a benchmark)."""
+    return jax.jit(TextModel(cfg).init)
+
+
 def init_params(cfg: TextModelConfig, feature_dim: int, key, tiles: int = 8, prefix: int = 0, question: int = 4):
     """Parameters of `TextModel(cfg)` for features of width `feature_dim` (shapes only matter through the dims)."""
-    model = TextModel(cfg)
     x = jnp.zeros((1, tiles, feature_dim))
     m = jnp.ones((1, tiles), bool)
     q = jnp.ones((1, question), jnp.int32) if cfg.kind == "tile_vqa" else None
-    init = jax.jit(model.init)  # one compiled program instead of hundreds of eager ops
+    init = _jitted_init(cfg)
     return init(key, x, m, jnp.zeros((1, prefix), jnp.int32), jnp.zeros((1, 4), jnp.int32), q)["params"]
