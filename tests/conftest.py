@@ -140,23 +140,32 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
-@pytest.fixture(scope="session")
-def vitl(tmp_path_factory):
-    """(timm model, bundle dir, .pth path) for a randomly initialised ViT-L/14 DINOv2."""
+def timm_vitl(folder: Path, depth: int = 24):
+    """(timm model, bundle dir, .pth path): timm's vit_large_patch14_dinov2 with `depth` blocks and random weights
+    (randomize_torch_params_), saved as a bare state dict and converted with the real tool."""
     import timm
     import torch
 
-    torch.manual_seed(0)
-    model = timm.create_model("vit_large_patch14_dinov2", img_size=224, init_values=1e-5, num_classes=0)
-    randomize_torch_params_(model, seed=0)
-    model.eval()
-    tmp = tmp_path_factory.mktemp("vitl")
-    pth = tmp / "timm_vitl.pth"
-    torch.save(model.state_dict(), pth)
     from tools.convert_from_pytorch import main as convert_main
 
-    assert convert_main(["--torch", str(pth), "--out", str(tmp / "bundle"), "--arch", "vit_large_patch14"]) == 0
-    return model, tmp / "bundle", pth
+    with torch.device("meta"):  # skip timm's own init: every parameter is set below
+        model = timm.create_model("vit_large_patch14_dinov2", img_size=224, init_values=1e-5, num_classes=0,
+                                  depth=depth)
+    model = model.to_empty(device="cpu")
+    assert not list(model.buffers())
+    randomize_torch_params_(model, seed=0)
+    model.eval()
+    pth = folder / "timm_vitl.pth"
+    torch.save(model.state_dict(), pth)
+    arch = ["--arch", "vit_large_patch14"] if depth == 24 else []  # else the config is read from the shapes
+    assert convert_main(["--torch", str(pth), "--out", str(folder / "bundle"), *arch]) == 0
+    return model, folder / "bundle", pth
+
+
+@pytest.fixture(scope="session")
+def vitl(tmp_path_factory):
+    """The full ViT-L/14 DINOv2 (timm_vitl)."""
+    return timm_vitl(tmp_path_factory.mktemp("vitl"))
 
 
 class _Turn:

@@ -3,9 +3,10 @@
 Reference: timm with random weights, saved as users have it (a bare state dict .pth), converted with the real tool.
 Inputs: real H&E tiles from tests/data. Tolerance: max abs error <= 1e-4 in fp32 (relative error printed).
 
-The model is ViT-L/14 DINOv2 (width 1024, 16 heads, patch 14, LayerScale, 224 grid) with 4 of its 24 blocks: every
-block is the same code, so the function is checked as well, at a sixth of the cost. The released 24-block layout
-(key names, shapes, strict loading into timm) is test_convert's, on the full ViT-L (conftest `vitl`).
+The model is ViT-L/14 DINOv2 (width 1024, 16 heads, patch 14, LayerScale, 224 grid) with 12 of its 24 blocks: every
+block is the same code, so the function is checked as well at half the cost, and the block indices run to two
+digits, so blocks taken in the order of their names as text ("blocks.10" before "blocks.2") would show. The released
+24-block layout (key names, shapes, strict loading into timm) is test_convert's, on the full ViT-L (conftest `vitl`).
 """
 
 from __future__ import annotations
@@ -18,33 +19,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import normalised_batch, randomize_torch_params_, require
+from conftest import normalised_batch, require, timm_vitl
 from gpfm_jax.encoders import load_encoder
 
 pytestmark = pytest.mark.slow  # the quick tier (-m "not slow") leaves this file out; CI runs it
 
 timm = require("timm")
 ATOL = 1e-4
-DEPTH = 4
+DEPTH = 12
 
 
 @pytest.fixture(scope="module")
 def vitl(tmp_path_factory):
-    """(timm model, bundle dir, .pth path): vit_large_patch14_dinov2 with DEPTH blocks and random weights."""
-    from tools.convert_from_pytorch import main as convert_main
-
-    with torch.device("meta"):  # skip timm's init: every parameter is set right below
-        model = timm.create_model("vit_large_patch14_dinov2", img_size=224, init_values=1e-5, num_classes=0,
-                                  depth=DEPTH)
-    model = model.to_empty(device="cpu")
-    assert not list(model.buffers())
-    randomize_torch_params_(model, seed=0)
-    model.eval()
-    tmp = tmp_path_factory.mktemp("vitl_blocks")
-    pth = tmp / "timm_vitl.pth"
-    torch.save(model.state_dict(), pth)
-    assert convert_main(["--torch", str(pth), "--out", str(tmp / "bundle")]) == 0  # the config read from the shapes
-    return model, tmp / "bundle", pth
+    """vit_large_patch14_dinov2 with DEPTH blocks (conftest.timm_vitl)."""
+    return timm_vitl(tmp_path_factory.mktemp("vitl_blocks"), depth=DEPTH)
 
 
 def _report(name: str, ours: np.ndarray, ref: np.ndarray) -> float:
