@@ -21,22 +21,22 @@ os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_forc
                                     FAST_COMPILE]).strip()
 
 # Under pytest-xdist each worker keeps to its own share of the cores (and so do the processes its tests start), so
-# the thread pools of XLA and PyTorch in two workers do not compete for the same cores; a test part that runs alone
-# gets every core (`_Turn`). GPFM_TEST_PIN=0 turns this off (to measure what it saves).
+# the thread pools of XLA and PyTorch in two workers do not compete for the same cores. A test part that runs alone
+# keeps to it too: the processes a worker starts all see the same cores, and runs compared bitwise stay equal (XLA's
+# CPU results depend on the core count: iteration 2 of the tiny run differs in the last bit on 1 and 2 cores).
+# GPFM_TEST_PIN=0 turns this off (to measure what it saves).
 _CPUS = sorted(os.sched_getaffinity(0))
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 
 
-def _pin(alone: bool) -> None:
-    """This thread (and the threads and processes it starts from now on) on all cores, or on this worker's share."""
+def _pin() -> None:
+    """This process (the threads and processes it starts from now on) on this worker's share of the cores."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if not _WORKER or workers < 2 or os.environ.get("GPFM_TEST_PIN", "1") != "1":
-        return
-    share = _CPUS[int(_WORKER[2:]) % workers :: workers] or _CPUS
-    os.sched_setaffinity(0, _CPUS if alone else share)
+    if _WORKER and workers > 1 and os.environ.get("GPFM_TEST_PIN", "1") == "1":
+        os.sched_setaffinity(0, _CPUS[int(_WORKER[2:]) % workers :: workers] or _CPUS)
 
 
-_pin(alone=False)  # before jax and torch size their thread pools
+_pin()  # before jax and torch size their thread pools
 
 import numpy as np
 import pytest
@@ -193,7 +193,6 @@ class _Turn:
         finally:
             fcntl.flock(turnstile, fcntl.LOCK_UN)
         self.exclusive = exclusive
-        _pin(alone=exclusive)
         with open(Path(lock.name).with_suffix(".waits"), "a") as log:  # for the run's summary line
             log.write(f"{time.monotonic() - start:.3f}\n")
 
@@ -202,8 +201,6 @@ class _Turn:
             fcntl.flock(self._files[1], fcntl.LOCK_UN)
             for f in self._files:
                 f.close()
-        if self.exclusive:
-            _pin(alone=False)
 
     @contextlib.contextmanager
     def alone(self):
@@ -218,7 +215,6 @@ class _Turn:
             if self._files is not None:
                 fcntl.flock(self._files[1], fcntl.LOCK_SH)
             self.exclusive = False
-            _pin(alone=False)
 
 
 @pytest.fixture(autouse=True)

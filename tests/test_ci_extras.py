@@ -37,7 +37,8 @@ def test_never_collected():
 
 
 def _run(tmp_path: Path, required: str | None, *args: str) -> subprocess.CompletedProcess:
-    shutil.copy(TESTS / "conftest.py", tmp_path / "conftest.py")
+    for name in ("conftest.py", "xla_flags.py"):  # the suite's conftest and what it imports at its top
+        shutil.copy(TESTS / name, tmp_path / name)
     (tmp_path / "test_probe_extra.py").write_text(PROBE)
     env = {k: v for k, v in os.environ.items() if k != "GPFM_REQUIRE_EXTRAS"}
     if required is not None:
