@@ -20,23 +20,31 @@ from xla_flags import FAST_COMPILE  # noqa: E402
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8",
                                     FAST_COMPILE]).strip()
 
-# Under pytest-xdist each worker keeps to its own share of the cores (and so do the processes its tests start), so
-# the thread pools of XLA and PyTorch in two workers do not compete for the same cores. A test part that runs alone
-# keeps to it too: the processes a worker starts all see the same cores, and runs compared bitwise stay equal (XLA's
-# CPU results depend on the core count: iteration 2 of the tiny run differs in the last bit on 1 and 2 cores).
-# GPFM_TEST_PIN=0 turns this off (to measure what it saves).
+# Under pytest-xdist each worker's XLA and PyTorch thread pools keep to its own share of the cores, so two workers'
+# pools do not compete for one core. The processes the tests start see every core, all of them alike: XLA's CPU
+# results depend on the core count (iteration 2 of the tiny run differs in the last bit on 1 and 2 cores), and runs
+# compared bitwise must see the same cores; a part running alone gets the whole machine. GPFM_TEST_PIN=0 turns the
+# pinning off (to measure what it saves).
 _CPUS = sorted(os.sched_getaffinity(0))
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 
 
 def _pin() -> None:
-    """This process (the threads and processes it starts from now on) on this worker's share of the cores."""
+    """This worker's XLA and PyTorch thread pools on its share of the cores: the pools are made while this thread is
+    pinned, then the thread is let go, so the processes the tests start see every core (all alike)."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if _WORKER and workers > 1 and os.environ.get("GPFM_TEST_PIN", "1") == "1":
         os.sched_setaffinity(0, _CPUS[int(_WORKER[2:]) % workers :: workers] or _CPUS)
+        import jax
+        import torch
+
+        jax.devices()  # XLA's CPU client and its thread pool
+        torch.set_num_threads(torch.get_num_threads())  # PyTorch's intra-op pool size
+        torch.zeros(4096).sum()
+        os.sched_setaffinity(0, _CPUS)
 
 
-_pin()  # before jax and torch size their thread pools
+_pin()
 
 import numpy as np
 import pytest
