@@ -343,11 +343,13 @@ def test_short_soak_sigkill_and_sigterm_resume_bitwise(tmp_path, cache_dir, refe
     alone (conftest.py: `alone`): they race the run's progress; the final resumes share the machine."""
     lines = []
     kills, problems = soak.soak(3, 8, 2, 2, "KILL", tmp_path, str(REPO / "tests" / "helpers_train.py"), 0.5,
-                                cache_dir, reference=reference, log=lines.append, kill_phase=alone)
+                                cache_dir, reference=reference, log=lines.append, kill_phase=alone,
+                                xla_flags=FAST_COMPILE)
     assert not problems, problems
     assert len(kills) == 2 and all(k.exit_status == -9 for k in kills), lines
     kills, problems = soak.soak(3, 8, 2, 1, "TERM", tmp_path, str(REPO / "tests" / "helpers_train.py"), 0.0,
-                                cache_dir, reference=reference, log=lines.append, kill_phase=alone)
+                                cache_dir, reference=reference, log=lines.append, kill_phase=alone,
+                                xla_flags=FAST_COMPILE)
     assert not problems, problems
     assert len(kills) == 1 and kills[0].exit_status == 0, lines
     print("\n".join(lines))

@@ -6,7 +6,7 @@ compares every logged loss and the final train state array by array, bitwise. Pr
 everything matched.
 
     python tools/soak.py --seed 0 [--steps 300] [--every 10] [--kills 5] [--signal KILL|TERM|both] [--workdir DIR]
-                         [--config tests/helpers_train.py] [--during-write 0.4]
+                         [--config tests/helpers_train.py] [--during-write 0.4] [--xla-flags FLAGS]
 
 Each kill point is drawn from the seed: an iteration after the last committed checkpoint, or (with probability
 `--during-write`) the next moment a checkpoint's temporary folder exists. SIGKILL is the pre-emption without notice
@@ -46,14 +46,18 @@ class Kill:
     exit_s: float = 0.0  # from the signal to the exit
 
 
-def launch(config: str, workdir: Path, steps: int, every: int, cache: Path, extra: list[str], quiet: bool = True):
+# What the soak's CPU processes compile with by default: LLVM without its expensive passes (many short runs).
+CHEAP_LLVM = "--xla_llvm_disable_expensive_passes=true --xla_backend_optimization_level=0"
+
+
+def launch(config: str, workdir: Path, steps: int, every: int, cache: Path, extra: list[str], quiet: bool = True,
+           xla_flags: str = CHEAP_LLVM):
     cmd = [sys.executable, "-m", "gpfm_jax.train.main", "--config", config, "--workdir", str(workdir),
            f"--config.steps={steps}", f"--config.checkpoint.every={every}", "--config.checkpoint.keep=3",
            "--config.checkpoint.keep_period=0", f"--config.runtime.compile_cache_dir={cache}",
            "--config.log.progress=False", *extra]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu",  # one CPU device, cheap LLVM (-O0)
-               XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_llvm_disable_expensive_passes=true "
-                         "--xla_backend_optimization_level=0")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu",  # one CPU device
+               XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {xla_flags}")
     out = subprocess.DEVNULL if quiet else None
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=out)
 
@@ -150,15 +154,16 @@ def compare(reference: Path, faulted: Path, steps: int) -> list[str]:
 
 def soak(seed: int, steps: int, every: int, kills: int, sig: str, workdir: Path, config: str,
          during_write: float, cache: Path, reference: Path | None = None, log=print,
-         kill_phase=contextlib.nullcontext) -> tuple[list[Kill], list[str]]:
+         kill_phase=contextlib.nullcontext, xla_flags: str = CHEAP_LLVM) -> tuple[list[Kill], list[str]]:
     """Kills a run `kills` times with `sig` and resumes it; returns the kills and the differences to `reference`
     (an uninterrupted run to `steps`, made here if None). The kills run inside `kill_phase()` (the test suite runs
-    them alone: they race the run's progress), the reference and the final resume outside it."""
+    them alone: they race the run's progress), the reference and the final resume outside it. Every run is compiled
+    with `xla_flags` (a given `reference` must have been too: XLA's flags can change the last bit)."""
     rng = random.Random(f"{seed}-{sig}")
     if reference is None:
         reference = workdir / "reference"
         t0 = time.time()
-        status = launch(config, reference, steps, every, cache, []).wait()
+        status = launch(config, reference, steps, every, cache, [], xla_flags=xla_flags).wait()
         log(f"reference: {steps} iterations uninterrupted, exit {status}, {time.time() - t0:.0f} s")
     faulted = workdir / f"killed_{sig}"
     done: list[Kill] = []
@@ -173,7 +178,7 @@ def soak(seed: int, steps: int, every: int, kills: int, sig: str, workdir: Path,
             write = rng.random() < during_write
             span = max(1, (steps - 2 - start) // (kills - len(done)))  # leave room for the kills still to come
             target = None if write else start + 1 + rng.randrange(span)
-            proc = launch(config, faulted, steps, every, cache, extra)
+            proc = launch(config, faulted, steps, every, cache, extra, xla_flags=xla_flags)
             kill = kill_once(proc, faulted, sig, target)
             if kill is None:
                 log("  the run finished before the kill point")
@@ -182,7 +187,7 @@ def soak(seed: int, steps: int, every: int, kills: int, sig: str, workdir: Path,
             log(f"  kill {len(done)}: SIG{sig} at {kill.target}: last logged iteration {kill.at_iteration}, committed "
                 f"checkpoints {kill.committed}, being written {kill.writing or 'none'}, exit status {kill.exit_status} "
                 f"({kill.launch_s:.0f} s after the launch, exited {kill.exit_s:.1f} s after the signal)")
-    status = launch(config, faulted, steps, every, cache, []).wait()
+    status = launch(config, faulted, steps, every, cache, [], xla_flags=xla_flags).wait()
     committed, writing = checkpoint_folders(faulted)
     log(f"  final resume: exit {status}; checkpoints {committed}; leftover temporary folders {writing or 'none'}")
     problems = compare(reference, faulted, steps)
@@ -199,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--during-write", type=float, default=0.4, help="share of kills aimed at a checkpoint write")
     p.add_argument("--config", default=str(REPO / "tests" / "helpers_train.py"))
     p.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder, removed at the end")
+    p.add_argument("--xla-flags", default=CHEAP_LLVM, help="XLA_FLAGS of every run (after the device count)")
     args = p.parse_args(argv)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="gpfm_soak_"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -207,14 +213,14 @@ def main(argv: list[str] | None = None) -> int:
           f"signal, config {args.config}, workdir {workdir}")
     t0 = time.time()
     reference = workdir / "reference"
-    launch(args.config, reference, args.steps, args.every, cache, []).wait()
+    launch(args.config, reference, args.steps, args.every, cache, [], xla_flags=args.xla_flags).wait()
     print(f"reference: {args.steps} iterations uninterrupted in {time.time() - t0:.0f} s")
     failed = False
     for sig in (("KILL", "TERM") if args.signal == "both" else (args.signal,)):
         t1 = time.time()
         print(f"SIG{sig}:")
         kills, problems = soak(args.seed, args.steps, args.every, args.kills, sig, workdir, args.config,
-                               args.during_write, cache, reference)
+                               args.during_write, cache, reference, xla_flags=args.xla_flags)
         verdict = "bitwise equal to the uninterrupted run" if not problems else "DIFFERENT: " + "; ".join(problems[:5])
         print(f"SIG{sig}: {len(kills)} kills ({sum(k.target == 'checkpoint write' for k in kills)} during a "
               f"checkpoint write), {time.time() - t1:.0f} s; final state and every loss: {verdict}")
