@@ -10,7 +10,6 @@ docs/objective.md writes them.
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 import pytest
 

@@ -262,7 +262,8 @@ def conch(tmp_path_factory):
                 "pooled": captured["pooled"].numpy(),  # = encode_image(proj_contrast=False, normalize=False)
                 "tokens": captured["tokens"].numpy(),  # trunk.forward_features: all tokens after the final norm
             }
-    del model, captured
+    del model
+    captured.clear()  # the hooks die with the model
     gc.collect()
     assert _port("conch", path, tmp / "bundle") == 0
     path.unlink()

@@ -250,8 +250,8 @@ def check_numbers(cfg: TrainConfig, num_devices: int, process_count: int) -> Non
     # uint8 crops are normalised inside the step with ImageNet's mean/std (data.normalize); other values need the
     # host to normalise
     _require(d.crop_dtype == "float32" or (tuple(mc.mean), tuple(mc.std)) == (IMAGENET_MEAN, IMAGENET_STD),
-             f"config.data.multicrop.mean/std differ from ImageNet's, which the step applies to uint8 crops: set "
-             f"config.data.crop_dtype=float32 to normalise with them on the host")
+             "config.data.multicrop.mean/std differ from ImageNet's, which the step applies to uint8 crops: set "
+             "config.data.crop_dtype=float32 to normalise with them on the host")
     _require(d.slide_handles >= 1, f"config.data.slide_handles={d.slide_handles} must be >= 1")
     _require(d.slide_cache_mb > 0, f"config.data.slide_cache_mb={d.slide_cache_mb} must be > 0 (the shared openslide "
              "tile cache in MiB)")
