@@ -2,9 +2,9 @@
 tests start (helpers_train.py, test_extract_multi.py, tools/soak.py through its `xla_flags`): compiling is most of
 what the suite does, so it is made cheap, and IEEE fp32 is kept (no fast math).
 - LLVM at -O0 without its expensive passes: a cold tiny gpfm-train run 16 s instead of 28 s.
-- XLA's classic elemental emitters instead of the MLIR fusion emitters, and one LLVM module per program (the
-  processes keep to one core each): the tiny config's 1-device step compiles in 5.4 s instead of 10.6 s, and runs
-  0.78 s instead of 0.64 s (tools/bench_compile_flags.py).
+- XLA's classic elemental emitters instead of the MLIR fusion emitters, and one LLVM module per program (no split
+  for parallel codegen: 5.7 -> 5.1 s for one step program on one core): the demo step compiles in 3.1 s instead of
+  8.2 s and runs 0.235 s instead of 0.207 s, with the same loss (tools/bench_compile_flags.py, docs/performance.md).
 XLA's HLO passes (fusion, layout, algebraic simplification) are unchanged. No imports: conftest.py reads it before
 jax starts. Runs that are compared bitwise must be compiled alike."""
 
