@@ -32,6 +32,10 @@ from pathlib import Path
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a CPU soak: this process only reads checkpoints back
 REPO = Path(__file__).resolve().parents[1]
 TMP_MARK = ".orbax-checkpoint-tmp"
+# What the soak's CPU processes compile with by default: LLVM without its expensive passes (many short runs), as
+# the test suite's runs (tests/xla_flags.py, the flags' one home; like --config, the soak's defaults live in tests/).
+sys.path.insert(0, str(REPO / "tests"))
+from xla_flags import CHEAP_LLVM  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -44,10 +48,6 @@ class Kill:
     exit_status: int | None
     launch_s: float = 0.0  # from the launch to the signal
     exit_s: float = 0.0  # from the signal to the exit
-
-
-# What the soak's CPU processes compile with by default: LLVM without its expensive passes (many short runs).
-CHEAP_LLVM = "--xla_llvm_disable_expensive_passes=true --xla_backend_optimization_level=0"
 
 
 def launch(config: str, workdir: Path, steps: int, every: int, cache: Path, extra: list[str], quiet: bool = True,
